@@ -1,0 +1,1 @@
+//! Placement and metadata stores (being written).
