@@ -94,13 +94,23 @@ impl FromStr for Digest {
         let algorithm = match alg {
             "sha256" => Algorithm::Sha256,
             "sha512" => Algorithm::Sha512,
-            _ => return Err(ParseError::unsupported("digest", s, "unsupported algorithm")),
+            _ => {
+                return Err(ParseError::unsupported(
+                    "digest",
+                    s,
+                    "unsupported algorithm",
+                ))
+            }
         };
         if hex.len() != algorithm.hex_len() {
             return Err(ParseError::new("digest", s, "wrong encoded length"));
         }
         if !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-            return Err(ParseError::new("digest", s, "encoded part must be lowercase hex"));
+            return Err(ParseError::new(
+                "digest",
+                s,
+                "encoded part must be lowercase hex",
+            ));
         }
         Ok(Digest {
             algorithm,
@@ -192,7 +202,9 @@ mod tests {
 
     #[test]
     fn unsupported_algorithm_is_distinguished() {
-        let e = format!("sha384:{}", "a".repeat(96)).parse::<Digest>().unwrap_err();
+        let e = format!("sha384:{}", "a".repeat(96))
+            .parse::<Digest>()
+            .unwrap_err();
         assert!(e.is_unsupported());
         let e = "sha256:zz".parse::<Digest>().unwrap_err();
         assert!(!e.is_unsupported());

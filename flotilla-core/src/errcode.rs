@@ -19,7 +19,6 @@ pub enum ErrorCode {
     Denied,
     Unsupported,
     TooManyRequests,
-    RangeInvalid,
     Unavailable,
     InternalError,
 }
@@ -45,19 +44,34 @@ impl ErrorCode {
         match self {
             BlobUnknown => ("BLOB_UNKNOWN", "blob unknown to registry", 404),
             BlobUploadInvalid => ("BLOB_UPLOAD_INVALID", "blob upload invalid", 400),
-            BlobUploadUnknown => ("BLOB_UPLOAD_UNKNOWN", "blob upload unknown to registry", 404),
-            DigestInvalid => ("DIGEST_INVALID", "provided digest did not match uploaded content", 400),
-            ManifestBlobUnknown => ("MANIFEST_BLOB_UNKNOWN", "manifest references a manifest or blob unknown to registry", 400),
+            BlobUploadUnknown => (
+                "BLOB_UPLOAD_UNKNOWN",
+                "blob upload unknown to registry",
+                404,
+            ),
+            DigestInvalid => (
+                "DIGEST_INVALID",
+                "provided digest did not match uploaded content",
+                400,
+            ),
+            ManifestBlobUnknown => (
+                "MANIFEST_BLOB_UNKNOWN",
+                "manifest references a manifest or blob unknown to registry",
+                400,
+            ),
             ManifestInvalid => ("MANIFEST_INVALID", "manifest invalid", 400),
             ManifestUnknown => ("MANIFEST_UNKNOWN", "manifest unknown to registry", 404),
             NameInvalid => ("NAME_INVALID", "invalid repository name", 400),
             NameUnknown => ("NAME_UNKNOWN", "repository name not known to registry", 404),
-            SizeInvalid => ("SIZE_INVALID", "provided length did not match content length", 400),
+            SizeInvalid => (
+                "SIZE_INVALID",
+                "provided length did not match content length",
+                400,
+            ),
             Unauthorized => ("UNAUTHORIZED", "authentication required", 401),
             Denied => ("DENIED", "requested access to the resource is denied", 403),
             Unsupported => ("UNSUPPORTED", "the operation is unsupported", 405),
             TooManyRequests => ("TOOMANYREQUESTS", "too many requests", 429),
-            RangeInvalid => ("RANGE_INVALID", "requested range not satisfiable", 416),
             Unavailable => ("UNAVAILABLE", "service unavailable", 503),
             InternalError => ("INTERNAL_ERROR", "internal server error", 500),
         }

@@ -71,7 +71,11 @@ pub fn local_tag(name: &RepoName, tag: &Tag) -> String {
 }
 
 pub fn local_manifest_link(name: &RepoName, d: &Digest) -> String {
-    format!("repos/{name}/_manifests/revisions/{}/{}", d.algorithm(), d.hex())
+    format!(
+        "repos/{name}/_manifests/revisions/{}/{}",
+        d.algorithm(),
+        d.hex()
+    )
 }
 
 pub fn local_layer_link(name: &RepoName, d: &Digest) -> String {
@@ -129,12 +133,18 @@ mod tests {
         let cases = [
             (local_blob(&d), format!("blobs/sha256/ab/{h}")),
             (local_upload(&u), "uploads/u-1".to_owned()),
-            (local_tag(&n, &t), "repos/billing/api/_manifests/tags/v1".to_owned()),
+            (
+                local_tag(&n, &t),
+                "repos/billing/api/_manifests/tags/v1".to_owned(),
+            ),
             (
                 local_manifest_link(&n, &d),
                 format!("repos/billing/api/_manifests/revisions/sha256/{h}"),
             ),
-            (local_layer_link(&n, &d), format!("repos/billing/api/_layers/sha256/{h}")),
+            (
+                local_layer_link(&n, &d),
+                format!("repos/billing/api/_layers/sha256/{h}"),
+            ),
             (
                 local_referrer(&n, &d, &d),
                 format!("repos/billing/api/_referrers/sha256/{h}/sha256-{h}"),
@@ -145,7 +155,10 @@ mod tests {
                 remote_manifest_link(&n, &d),
                 format!("repos/billing/api/manifests/sha256/{h}"),
             ),
-            (remote_blob_link(&n, &d), format!("repos/billing/api/blobs/sha256/{h}")),
+            (
+                remote_blob_link(&n, &d),
+                format!("repos/billing/api/blobs/sha256/{h}"),
+            ),
         ];
         for (got, want) in cases {
             assert_eq!(got, want);

@@ -7,7 +7,10 @@ pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.mani
 
 /// Whether `mt` is one of the manifest types whose references we check on push.
 pub fn is_known_manifest(mt: &str) -> bool {
-    matches!(mt, OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_MANIFEST_LIST)
+    matches!(
+        mt,
+        OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_MANIFEST_LIST
+    )
 }
 
 /// Whether `mt` lists other manifests (rather than a config and layers).

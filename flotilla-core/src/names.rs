@@ -156,7 +156,11 @@ impl FromStr for RepoName {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, ParseError> {
         if s.len() > Self::MAX_LEN {
-            return Err(ParseError::new("repository name", s, "longer than 255 bytes"));
+            return Err(ParseError::new(
+                "repository name",
+                s,
+                "longer than 255 bytes",
+            ));
         }
         if !s.split('/').all(is_path_component) {
             return Err(ParseError::new(
@@ -186,7 +190,11 @@ impl FromStr for Tag {
             .iter()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
         if !first_ok || !rest_ok || b.len() > 128 {
-            return Err(ParseError::new("tag", s, "does not match the OCI tag grammar"));
+            return Err(ParseError::new(
+                "tag",
+                s,
+                "does not match the OCI tag grammar",
+            ));
         }
         Ok(Tag(s.to_owned()))
     }
@@ -250,8 +258,7 @@ fn is_label(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= 63
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_'))
 }
 
@@ -266,7 +273,11 @@ impl FromStr for NodeId {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, ParseError> {
         if !is_label(s) {
-            return Err(ParseError::new("node id", s, "must match [a-z0-9][a-z0-9_-]{0,62}"));
+            return Err(ParseError::new(
+                "node id",
+                s,
+                "must match [a-z0-9][a-z0-9_-]{0,62}",
+            ));
         }
         Ok(NodeId(s.to_owned()))
     }
@@ -282,7 +293,11 @@ impl FromStr for RackId {
     type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, ParseError> {
         if !is_label(s) {
-            return Err(ParseError::new("rack id", s, "must match [a-z0-9][a-z0-9_-]{0,62}"));
+            return Err(ParseError::new(
+                "rack id",
+                s,
+                "must match [a-z0-9][a-z0-9_-]{0,62}",
+            ));
         }
         Ok(RackId(s.to_owned()))
     }
@@ -300,11 +315,14 @@ impl FromStr for UploadId {
     fn from_str(s: &str) -> Result<Self, ParseError> {
         let ok = !s.is_empty()
             && s.len() <= 128
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'));
         if !ok {
-            return Err(ParseError::new("upload id", s, "must match [A-Za-z0-9_-]{1,128}"));
+            return Err(ParseError::new(
+                "upload id",
+                s,
+                "must match [A-Za-z0-9_-]{1,128}",
+            ));
         }
         Ok(UploadId(s.to_owned()))
     }

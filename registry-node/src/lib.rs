@@ -1,1 +1,76 @@
-//! placeholder
+//! A Flotilla registry node: the OCI Distribution v1.1 API over a crash-safe local
+//! content-addressed store.
+//!
+//! Brief overview, each layer knowing only the one below it:
+//! - [`http`]: parses every `/v2/...` request into a typed [`http::route::OciRoute`] once,
+//!   dispatches to one module per resource, and renders every failure as the spec's JSON
+//!   error body ([`http::error::ApiError`]).
+//! - [`service::NodeService`]: the operations (push a blob, put a manifest, list tags ...);
+//!   a cheap `Clone` handle shared by all handlers.
+//! - [`uploads`]: upload sessions in progress, hashed as the bytes stream in.
+//! - [`store::LocalStore`]: the on-disk layout from `flotilla_core::layout`, with the
+//!   write-temp/fsync/rename discipline that makes a `kill -9` at any moment safe.
+//!
+//! [`run`] serves a bound listener until the shutdown future resolves, then drains.
+
+pub mod config;
+pub mod http;
+pub mod manifest;
+pub mod service;
+pub mod store;
+pub mod uploads;
+
+use std::future::Future;
+
+pub use config::NodeConfig;
+pub use service::NodeService;
+
+/// Errors that stop a node from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("data directory belongs to node {found}, not {expected}; refusing to start")]
+    IdentityMismatch { expected: String, found: String },
+    #[error("serving HTTP: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Serve the OCI API on `listener` until `shutdown` resolves; in-flight requests are allowed
+/// to finish (bounded by the config's drain timeout) and background tasks are stopped.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    cfg: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let node = NodeService::open(cfg.clone()).await?;
+    let app = http::app(node.clone());
+    let tasks = node.start_background();
+    let addr = listener.local_addr().ok();
+    tracing::info!(node = %cfg.id, ?addr, "registry node serving");
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = drain_tx.send(());
+    });
+    let drain_timeout = cfg.drain_timeout;
+    let result = tokio::select! {
+        r = server => r.map_err(NodeError::Serve),
+        _ = async {
+            // Only starts counting once shutdown began; bounds how long draining may take.
+            let _ = drain_rx.await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!("drain timeout elapsed with requests still in flight");
+            Ok(())
+        }
+    };
+    tasks.shutdown().await;
+    tracing::info!(node = %cfg.id, "registry node stopped");
+    result
+}

@@ -1,1 +1,3 @@
 //! Placement and metadata stores (being written).
+pub mod model;
+pub mod placement;

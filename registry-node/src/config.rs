@@ -1,0 +1,35 @@
+//! Node configuration, validated once by the binary and passed by value.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use flotilla_core::{NodeId, RackId};
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub rack: RackId,
+    pub data_dir: PathBuf,
+    /// Upload sessions idle longer than this are purged with their bytes.
+    pub upload_max_age: Duration,
+    /// How often the purge runs.
+    pub upload_purge_interval: Duration,
+    /// Manifests larger than this are refused (the spec suggests at least 4 MiB).
+    pub manifest_max_bytes: usize,
+    /// Upper bound on waiting for in-flight requests at shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(id: NodeId, rack: RackId, data_dir: PathBuf) -> Self {
+        NodeConfig {
+            id,
+            rack,
+            data_dir,
+            upload_max_age: Duration::from_secs(3600),
+            upload_purge_interval: Duration::from_secs(60),
+            manifest_max_bytes: 4 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}

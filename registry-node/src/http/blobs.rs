@@ -1,0 +1,131 @@
+//! `GET`/`HEAD`/`DELETE /v2/<name>/blobs/<digest>`, with single-range requests.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use flotilla_core::{Digest, ErrorCode, RepoName};
+use http::{header, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use super::{header_str, ApiError};
+use crate::NodeService;
+
+const READ_CHUNK: usize = 256 * 1024;
+
+/// A parsed `Range: bytes=...` against a blob of `size` bytes: `Ok(None)` means serve it
+/// whole (no header, or a multi-range we choose to ignore as RFC 9110 allows).
+pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(v) = value else { return Ok(None) };
+    let spec = v.trim().strip_prefix("bytes=").ok_or(())?;
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().map_err(|_| ())?;
+            if n == 0 || size == 0 {
+                return Err(());
+            }
+            (size.saturating_sub(n), size - 1)
+        }
+        (s, "") => (s.parse().map_err(|_| ())?, size.saturating_sub(1)),
+        (s, e) => {
+            let s: u64 = s.parse().map_err(|_| ())?;
+            let e: u64 = e.parse().map_err(|_| ())?;
+            (s, e.min(size.saturating_sub(1)))
+        }
+    };
+    if start >= size || end < start {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+pub async fn get(
+    node: &NodeService,
+    repo: &RepoName,
+    digest: &Digest,
+    headers: &http::HeaderMap,
+    head: bool,
+) -> Result<Response, ApiError> {
+    let digest_hdr = digest.to_string();
+    if head {
+        let size = node.stat_blob(repo, digest).await?;
+        return Ok((
+            StatusCode::OK,
+            [
+                (header::CONTENT_LENGTH, size.to_string()),
+                (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                (header::ACCEPT_RANGES, "bytes".to_owned()),
+                (header::ETAG, format!("\"{digest_hdr}\"")),
+                (
+                    header::HeaderName::from_static("docker-content-digest"),
+                    digest_hdr,
+                ),
+            ],
+        )
+            .into_response());
+    }
+    let (mut file, size) = node.open_blob(repo, digest).await?;
+    let range = parse_range(header_str(headers, &header::RANGE), size).map_err(|()| {
+        ApiError::new(ErrorCode::SizeInvalid)
+            .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
+            .message("requested range not satisfiable")
+            .header(header::CONTENT_RANGE, format!("bytes */{size}"))
+    })?;
+    let (status, start, len) = match range {
+        Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
+        None => (StatusCode::OK, 0, size),
+    };
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(ApiError::internal)?;
+    }
+    metrics::counter!("flotilla_node_blob_bytes_out_total").increment(len);
+    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK));
+    let mut resp = Response::builder()
+        .status(status)
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, format!("\"{digest_hdr}\""))
+        .header("docker-content-digest", &digest_hdr);
+    if status == StatusCode::PARTIAL_CONTENT {
+        resp = resp.header(
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{}", start, start + len - 1, size),
+        );
+    }
+    resp.body(body).map_err(ApiError::internal)
+}
+
+pub async fn delete(
+    node: &NodeService,
+    repo: &RepoName,
+    digest: &Digest,
+) -> Result<Response, ApiError> {
+    node.delete_blob(repo, digest).await?;
+    Ok(StatusCode::ACCEPTED.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        let check = |v: Option<&str>, size, want| assert_eq!(parse_range(v, size), want, "{v:?}");
+        check(None, 10, Ok(None));
+        check(Some("bytes=0-4"), 10, Ok(Some((0, 4))));
+        check(Some("bytes=5-"), 10, Ok(Some((5, 9))));
+        check(Some("bytes=-3"), 10, Ok(Some((7, 9))));
+        check(Some("bytes=8-100"), 10, Ok(Some((8, 9))));
+        check(Some("bytes=10-"), 10, Err(()));
+        check(Some("bytes=5-4"), 10, Err(()));
+        check(Some("bytes=0-0"), 0, Err(()));
+        check(Some("items=0-1"), 10, Err(()));
+        check(Some("bytes=0-1,3-4"), 10, Ok(None));
+    }
+}

@@ -1,0 +1,125 @@
+//! The OCI HTTP surface of a node: one catch-all under `/v2/`, parsed into an [`OciRoute`]
+//! and dispatched by a short `match` to one module per resource.
+
+pub mod blobs;
+pub mod error;
+pub mod listing;
+pub mod manifests;
+pub mod route;
+pub mod uploads;
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use http::{HeaderMap, Method, StatusCode};
+
+use crate::NodeService;
+pub use error::ApiError;
+pub use route::OciRoute;
+
+pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+
+/// The node's router. Built apart from `run` so tests can drive it directly.
+pub fn app(node: NodeService) -> Router {
+    Router::new()
+        .route("/v2", any(dispatch))
+        .route("/v2/", any(dispatch))
+        .route("/v2/{*rest}", any(dispatch))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|| async { "ready" }))
+        .with_state(node)
+}
+
+/// The parts of a request every handler may need, extracted once.
+pub struct Req {
+    pub method: Method,
+    pub headers: HeaderMap,
+    pub query: HashMap<String, String>,
+    pub body: Body,
+}
+
+async fn dispatch(State(node): State<NodeService>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let route = OciRoute::parse(parts.uri.path());
+    let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let req = Req {
+        method: parts.method,
+        headers: parts.headers,
+        query,
+        body,
+    };
+    let label = route.as_ref().map(OciRoute::label).unwrap_or("invalid");
+    let method = req.method.clone();
+    let mut resp = match route {
+        Ok(route) => handle(node, route, req)
+            .await
+            .unwrap_or_else(|e| e.into_response()),
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut().insert(
+        API_VERSION_HEADER,
+        http::HeaderValue::from_static("registry/2.0"),
+    );
+    metrics::counter!("flotilla_node_requests_total",
+        "route" => label, "method" => method.to_string(), "status" => resp.status().as_u16().to_string())
+    .increment(1);
+    resp
+}
+
+async fn handle(node: NodeService, route: OciRoute, req: Req) -> Result<Response, ApiError> {
+    use OciRoute::*;
+    match (route, req.method.clone()) {
+        (Base, Method::GET | Method::HEAD) => Ok(StatusCode::OK.into_response()),
+        (Catalog, Method::GET) => listing::catalog(&node, &req.query).await,
+        (Tags { repo }, Method::GET) => listing::tags(&node, &repo, &req.query).await,
+        (Referrers { repo, digest }, Method::GET) => {
+            listing::referrers(&node, &repo, &digest, &req.query).await
+        }
+        (Manifest { repo, reference }, Method::GET | Method::HEAD) => {
+            manifests::get(&node, &repo, &reference, req.method == Method::HEAD).await
+        }
+        (Manifest { repo, reference }, Method::PUT) => {
+            manifests::put(&node, &repo, &reference, req).await
+        }
+        (Manifest { repo, reference }, Method::DELETE) => {
+            manifests::delete(&node, &repo, &reference).await
+        }
+        (Blob { repo, digest }, Method::GET | Method::HEAD) => {
+            blobs::get(
+                &node,
+                &repo,
+                &digest,
+                &req.headers,
+                req.method == Method::HEAD,
+            )
+            .await
+        }
+        (Blob { repo, digest }, Method::DELETE) => blobs::delete(&node, &repo, &digest).await,
+        (UploadStart { repo }, Method::POST) => uploads::start(&node, &repo, req).await,
+        (Upload { repo, id }, Method::PATCH) => uploads::patch(&node, &repo, &id, req).await,
+        (Upload { repo, id }, Method::PUT) => uploads::put(&node, &repo, &id, req).await,
+        (Upload { repo, id }, Method::GET) => uploads::status(&node, &repo, &id).await,
+        (Upload { repo, id }, Method::DELETE) => uploads::cancel(&node, &repo, &id).await,
+        _ => Err(ApiError::method_not_allowed()),
+    }
+}
+
+/// The `Range` value of an upload holding `size` bytes: inclusive end, `0-0` when empty
+/// (what Distribution sends and every client expects).
+pub fn upload_range(size: u64) -> String {
+    format!("0-{}", size.saturating_sub(1))
+}
+
+pub fn header_str<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+    header_str(headers, &http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
+}

@@ -1,0 +1,627 @@
+//! Placement: which RF nodes hold a shard key, and which replicas move when membership
+//! changes. Pure and deterministic: no I/O, no clock, no randomness, so every router computes
+//! the same answer and the CAS write in the store only settles genuine races.
+//!
+//! A new key goes to RF healthy nodes in distinct racks (relaxed, and flagged, only when fewer
+//! racks than RF have healthy nodes), choosing the set that minimises, in order:
+//! 1. the load of the most loaded chosen node (keys held after placement, divided by weight);
+//! 2. the number of keys already on that exact replica set ("pairs spread evenly");
+//! 3. the total load of the chosen nodes;
+//! 4. rendezvous hashing of (key, node), see [`rendezvous`].
+//!
+//! Large clusters are handled by pruning: only nodes whose load does not exceed the best
+//! achievable maximum are eligible, and of those at most [`CANDIDATE_CAP`] (the top few per
+//! rack by rendezvous score) are enumerated. Small clusters are therefore searched exactly.
+
+use std::collections::HashMap;
+
+use flotilla_core::{NodeId, RackId, ShardKey};
+
+use crate::model::{NodeRecord, NodeState, ShardRecord};
+
+/// How many eligible nodes are enumerated at most when choosing a replica set. C(24, 2) = 276
+/// pairs per key keeps placing 100k keys in about a second while leaving enough choice for the
+/// set-count criterion to spread pairs.
+pub const CANDIDATE_CAP: usize = 24;
+
+/// What placement needs to know about a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub rack: RackId,
+    pub state: NodeState,
+    pub weight: u32,
+}
+
+impl NodeInfo {
+    /// Only ready nodes with a non-zero weight receive new replicas.
+    pub fn placeable(&self) -> bool {
+        self.state == NodeState::Ready && self.weight > 0
+    }
+}
+
+impl From<&NodeRecord> for NodeInfo {
+    fn from(r: &NodeRecord) -> Self {
+        NodeInfo {
+            id: r.id.clone(),
+            rack: r.rack.clone(),
+            state: r.state,
+            weight: r.weight,
+        }
+    }
+}
+
+/// The outcome of [`place`]: replicas, most preferred (highest rendezvous score) first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub replicas: Vec<NodeId>,
+    /// True when fewer racks than RF had healthy nodes, so two replicas share a rack.
+    pub rack_relaxed: bool,
+}
+
+/// Why no placement exists.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error("replication factor must be at least 1")]
+    ZeroReplicationFactor,
+    #[error("need {rf} healthy nodes for RF={rf}, only {healthy} are placeable")]
+    NotEnoughNodes { rf: usize, healthy: usize },
+}
+
+/// One replica move, executed by the seeder as: add `to` as joining → seed it from S3 and the
+/// remaining replicas → swap it into `replicas` in place of `from` → drop `from`'s copy. At no
+/// point are there fewer than RF ready copies (plus S3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub key: ShardKey,
+    pub from: NodeId,
+    pub to: NodeId,
+}
+
+/// The rendezvous (highest-random-weight) score of `node` for `key`.
+///
+/// Stable across versions — changing it reshuffles tie-breaks of every future placement:
+/// FNV-1a 64 over `key bytes || 0x00 || node id bytes`, then the splitmix64 finaliser
+/// (FNV alone avalanches poorly on short, similar ids such as `n1`, `n2`).
+pub fn rendezvous(key: &ShardKey, node: &NodeId) -> u64 {
+    let h = fnv1a(FNV_OFFSET, key.as_str().as_bytes());
+    let h = fnv1a(h, &[0]);
+    mix(fnv1a(h, node.as_str().as_bytes()))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// splitmix64's finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A node's contribution to a replica-set fingerprint. Fingerprints are wrapping sums, so the
+/// order of replicas does not matter; a 64-bit collision can only perturb a tie-break.
+fn node_fp(id: &NodeId) -> u64 {
+    mix(fnv1a(FNV_OFFSET, id.as_str().as_bytes()))
+}
+
+fn set_fp<'a>(ids: impl IntoIterator<Item = &'a NodeId>) -> u64 {
+    ids.into_iter()
+        .fold(0u64, |acc, id| acc.wrapping_add(node_fp(id)))
+}
+
+/// Keys held per node and per exact replica set. Kept incrementally by the caller
+/// ([`Loads::add`] after each placement) so placing many keys stays linear.
+#[derive(Clone, Debug, Default)]
+pub struct Loads {
+    nodes: HashMap<NodeId, u64>,
+    sets: HashMap<u64, u64>,
+}
+
+impl Loads {
+    /// Loads of an existing map. Joining nodes count towards node load (they are receiving the
+    /// data) but not towards the replica-set count.
+    pub fn from_shards<'a>(shards: impl IntoIterator<Item = &'a ShardRecord>) -> Self {
+        let mut loads = Loads::default();
+        for s in shards {
+            loads.add(&s.replicas);
+            for j in &s.joining {
+                *loads.nodes.entry(j.clone()).or_default() += 1;
+            }
+        }
+        loads
+    }
+
+    /// Account for one more key on `replicas`.
+    pub fn add(&mut self, replicas: &[NodeId]) {
+        for r in replicas {
+            *self.nodes.entry(r.clone()).or_default() += 1;
+        }
+        *self.sets.entry(set_fp(replicas)).or_default() += 1;
+    }
+
+    /// Forget one key on `replicas`.
+    pub fn remove(&mut self, replicas: &[NodeId]) {
+        for r in replicas {
+            if let Some(n) = self.nodes.get_mut(r) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        if let Some(n) = self.sets.get_mut(&set_fp(replicas)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// Keys held by `node`.
+    pub fn node(&self, node: &NodeId) -> u64 {
+        self.nodes.get(node).copied().unwrap_or(0)
+    }
+
+    /// Keys on exactly this replica set (in any order).
+    pub fn set(&self, replicas: &[NodeId]) -> u64 {
+        self.sets.get(&set_fp(replicas)).copied().unwrap_or(0)
+    }
+}
+
+/// Choose RF replicas for a new `key`. See the module docs for the criteria.
+pub fn place(
+    key: &ShardKey,
+    rf: usize,
+    nodes: &[NodeInfo],
+    loads: &Loads,
+) -> Result<Placement, PlacementError> {
+    if rf == 0 {
+        return Err(PlacementError::ZeroReplicationFactor);
+    }
+    let pool: Vec<&NodeInfo> = nodes.iter().filter(|n| n.placeable()).collect();
+    if pool.len() < rf {
+        return Err(PlacementError::NotEnoughNodes {
+            rf,
+            healthy: pool.len(),
+        });
+    }
+    choose(key, rf, &[], &pool, loads)
+        .map(|(replicas, rack_relaxed)| Placement {
+            replicas,
+            rack_relaxed,
+        })
+        .ok_or(PlacementError::NotEnoughNodes {
+            rf,
+            healthy: pool.len(),
+        })
+}
+
+#[derive(Clone, Copy)]
+struct Cand<'a> {
+    node: &'a NodeInfo,
+    rack: usize,
+    cost: f64,
+    score: u64,
+    fp: u64,
+}
+
+/// Each node's fair share of replicas per key: what a perfectly balanced placement of many
+/// keys gives it, in keys per placed key (they sum to `rf`).
+///
+/// Shares follow weight, except that a rack can hold at most one replica of a key when racks
+/// are distinct, so a rack's share is capped at 1 and the excess is water-filled over the other
+/// racks. This is what makes "load" comparable between a node alone in its rack (which must
+/// hold a replica of nearly every key) and nodes in a crowded rack. With fewer racks than `rf`
+/// (relaxed placement) the cap does not apply and shares are plain weight proportions.
+pub fn fair_shares(nodes: &[&NodeInfo], rf: usize) -> Vec<f64> {
+    let weight = |n: &NodeInfo| f64::from(n.weight.max(1));
+    let mut rack_w: HashMap<&RackId, f64> = HashMap::new();
+    for n in nodes {
+        *rack_w.entry(&n.rack).or_default() += weight(n);
+    }
+    let rf = rf as f64;
+    let total: f64 = rack_w.values().sum();
+    if (rack_w.len() as f64) <= rf || total <= 0.0 {
+        if (rack_w.len() as f64) < rf {
+            return nodes.iter().map(|n| rf * weight(n) / total).collect();
+        }
+        // Exactly rf racks: every rack holds one replica of every key.
+        return nodes.iter().map(|n| weight(n) / rack_w[&n.rack]).collect();
+    }
+    // Find lambda with sum over racks of min(lambda * W_r, 1) = rf: cap the heaviest racks first.
+    let mut ws: Vec<f64> = rack_w.values().copied().collect();
+    ws.sort_by(|a, b| b.total_cmp(a));
+    let mut rest: f64 = total;
+    let mut lambda = rf / total;
+    for (k, w) in ws.iter().enumerate() {
+        lambda = (rf - k as f64) / rest;
+        if lambda * w <= 1.0 {
+            break;
+        }
+        rest -= w;
+    }
+    nodes
+        .iter()
+        .map(|n| (lambda * rack_w[&n.rack]).min(1.0) * weight(n) / rack_w[&n.rack])
+        .collect()
+}
+
+/// Load after receiving one more key, relative to the node's fair share.
+fn cost(loads: &Loads, n: &NodeInfo, share: f64) -> f64 {
+    (loads.node(&n.id) + 1) as f64 / share.max(f64::MIN_POSITIVE)
+}
+
+/// Pick `rf_total - fixed.len()` nodes from `pool` to join `fixed`. Returns the full replica
+/// list (fixed first, then new nodes by descending rendezvous score) and whether racks had to
+/// be relaxed, or `None` when the pool is too small.
+fn choose(
+    key: &ShardKey,
+    rf_total: usize,
+    fixed: &[&NodeInfo],
+    pool: &[&NodeInfo],
+    loads: &Loads,
+) -> Option<(Vec<NodeId>, bool)> {
+    let need = rf_total.saturating_sub(fixed.len());
+    if need == 0 {
+        return Some((fixed.iter().map(|n| n.id.clone()).collect(), false));
+    }
+    if pool.len() < need {
+        return None;
+    }
+    let mut racks: HashMap<&RackId, usize> = HashMap::new();
+    for n in fixed.iter().chain(pool) {
+        let next = racks.len();
+        racks.entry(&n.rack).or_insert(next);
+    }
+    let rack_of = |n: &NodeInfo| racks.get(&n.rack).copied().unwrap_or(0);
+    let mut fixed_racks = vec![false; racks.len()];
+    for n in fixed {
+        fixed_racks[rack_of(n)] = true;
+    }
+    let fixed_distinct = fixed_racks.iter().filter(|b| **b).count();
+    let required = rf_total.min(racks.len());
+    let rack_relaxed = required < rf_total;
+    let new_racks_needed = required.saturating_sub(fixed_distinct);
+
+    let everyone: Vec<&NodeInfo> = fixed.iter().chain(pool).copied().collect();
+    let shares = fair_shares(&everyone, rf_total);
+    let mut cands: Vec<Cand> = pool
+        .iter()
+        .zip(&shares[fixed.len()..])
+        .map(|(n, share)| Cand {
+            node: n,
+            rack: rack_of(n),
+            cost: cost(loads, n, *share),
+            score: rendezvous(key, &n.id),
+            fp: node_fp(&n.id),
+        })
+        .collect();
+    // Cheapest first, then by rendezvous score: the greedy pass below relies on this order.
+    cands.sort_by(|a, b| a.cost.total_cmp(&b.cost).then(b.score.cmp(&a.score)));
+
+    // Greedy feasible set: cheapest node of each rack not yet covered until enough racks are
+    // covered, then the cheapest of the rest. Its maximum cost bounds the optimum.
+    let mut taken = vec![false; cands.len()];
+    let mut covered = fixed_racks.clone();
+    let mut got = 0;
+    let mut bound = f64::NEG_INFINITY;
+    for (i, c) in cands.iter().enumerate() {
+        if got == new_racks_needed {
+            break;
+        }
+        if !covered[c.rack] {
+            covered[c.rack] = true;
+            taken[i] = true;
+            got += 1;
+            bound = bound.max(c.cost);
+        }
+    }
+    if got < new_racks_needed {
+        return None;
+    }
+    for (i, c) in cands.iter().enumerate() {
+        if got == need {
+            break;
+        }
+        if !taken[i] {
+            taken[i] = true;
+            got += 1;
+            bound = bound.max(c.cost);
+        }
+    }
+
+    // Eligible: every node no costlier than the bound, pruned to the best few per rack by
+    // rendezvous score and to CANDIDATE_CAP overall; the greedy nodes always stay.
+    let mut elig: Vec<(Cand, bool)> = cands
+        .iter()
+        .zip(&taken)
+        .filter(|(c, _)| c.cost <= bound)
+        .map(|(c, t)| (*c, *t))
+        .collect();
+    elig.sort_by(|a, b| b.0.score.cmp(&a.0.score));
+    if elig.len() > CANDIDATE_CAP {
+        let per_rack = rf_total + 1;
+        let mut in_rack = vec![0usize; racks.len()];
+        let mut kept = Vec::with_capacity(CANDIDATE_CAP + need);
+        let mut free = CANDIDATE_CAP.saturating_sub(need);
+        for (c, greedy) in elig {
+            if greedy {
+                kept.push(c);
+            } else if free > 0 && in_rack[c.rack] < per_rack {
+                in_rack[c.rack] += 1;
+                free -= 1;
+                kept.push(c);
+            }
+        }
+        kept.sort_by(|a, b| b.score.cmp(&a.score));
+        enumerate(
+            &kept,
+            need,
+            &fixed_racks,
+            required,
+            fixed,
+            loads,
+            rack_relaxed,
+        )
+    } else {
+        let kept: Vec<Cand> = elig.into_iter().map(|(c, _)| c).collect();
+        enumerate(
+            &kept,
+            need,
+            &fixed_racks,
+            required,
+            fixed,
+            loads,
+            rack_relaxed,
+        )
+    }
+}
+
+/// Try every `need`-subset of `kept` (sorted by descending score, so the lexicographically
+/// first index tuple wins rendezvous ties) and return the best valid one.
+fn enumerate(
+    kept: &[Cand],
+    need: usize,
+    fixed_racks: &[bool],
+    required: usize,
+    fixed: &[&NodeInfo],
+    loads: &Loads,
+    rack_relaxed: bool,
+) -> Option<(Vec<NodeId>, bool)> {
+    if kept.len() < need {
+        return None;
+    }
+    let fixed_fp = set_fp(fixed.iter().map(|n| &n.id));
+    let fixed_distinct = fixed_racks.iter().filter(|b| **b).count();
+    let mut idx: Vec<usize> = (0..need).collect();
+    let mut best: Option<((f64, u64, f64), Vec<usize>)> = None;
+    let mut seen = fixed_racks.to_vec();
+    loop {
+        // Distinct racks of fixed + chosen.
+        let mut distinct = fixed_distinct;
+        for &i in &idx {
+            let r = kept[i].rack;
+            if !seen[r] {
+                seen[r] = true;
+                distinct += 1;
+            }
+        }
+        for &i in &idx {
+            seen[kept[i].rack] = fixed_racks[kept[i].rack];
+        }
+        if distinct >= required {
+            let mut max = f64::NEG_INFINITY;
+            let mut sum = 0.0;
+            let mut fp = fixed_fp;
+            for &i in &idx {
+                max = max.max(kept[i].cost);
+                sum += kept[i].cost;
+                fp = fp.wrapping_add(kept[i].fp);
+            }
+            let shared = loads.sets.get(&fp).copied().unwrap_or(0);
+            let better = match &best {
+                None => true,
+                Some(((bm, bs, bsum), _)) => max
+                    .total_cmp(bm)
+                    .then(shared.cmp(bs))
+                    .then(sum.total_cmp(bsum))
+                    .is_lt(),
+            };
+            if better {
+                best = Some(((max, shared, sum), idx.clone()));
+            }
+        }
+        // Next combination in lexicographic order.
+        let mut k = need;
+        loop {
+            if k == 0 {
+                let (_, chosen) = best?;
+                let mut out: Vec<NodeId> = fixed.iter().map(|n| n.id.clone()).collect();
+                out.extend(chosen.iter().map(|&i| kept[i].node.id.clone()));
+                return Some((out, rack_relaxed));
+            }
+            k -= 1;
+            if idx[k] < kept.len() - need + k {
+                break;
+            }
+        }
+        idx[k] += 1;
+        for j in k + 1..need {
+            idx[j] = idx[j - 1] + 1;
+        }
+    }
+}
+
+/// Distinct racks among `ids`, looked up in `nodes` (unknown nodes count as their own rack).
+fn distinct_racks(ids: &[&NodeId], rack: &HashMap<&NodeId, &RackId>) -> usize {
+    let mut seen: Vec<Option<&RackId>> = Vec::with_capacity(ids.len());
+    for id in ids {
+        let r = rack.get(id).copied();
+        if r.is_none() || !seen.contains(&r) {
+            seen.push(r);
+        }
+    }
+    seen.len()
+}
+
+/// Moves that give a newly added node `new` its fair share and no more.
+///
+/// `nodes` includes `new`. Fair share = total replicas × weight(new) / total weight of the
+/// placeable nodes, rounded down. Each move takes one replica from the currently most loaded
+/// donor, preferring the donor's shards with the highest rendezvous score for `new`, and only
+/// when the result has at least as many distinct racks as before. Pinned shards and shards
+/// with a move already in flight (non-empty `joining`) never move; a shard moves at most once.
+pub fn plan_add_node(new: &NodeId, nodes: &[NodeInfo], shards: &[ShardRecord]) -> Vec<Move> {
+    let Some(new_info) = nodes.iter().find(|n| &n.id == new) else {
+        return Vec::new();
+    };
+    let rack: HashMap<&NodeId, &RackId> = nodes.iter().map(|n| (&n.id, &n.rack)).collect();
+    let total: u64 = shards.iter().map(|s| s.replicas.len() as u64).sum();
+    let weight_sum: u64 = nodes
+        .iter()
+        .filter(|n| n.placeable() || &n.id == new)
+        .map(|n| u64::from(n.weight))
+        .sum();
+    if weight_sum == 0 || new_info.weight == 0 {
+        return Vec::new();
+    }
+    let target = total * u64::from(new_info.weight) / weight_sum;
+    let loads = Loads::from_shards(shards);
+    let mut new_load = loads.node(new);
+
+    // Per donor: candidate shard indices, best rendezvous score for `new` last (popped first).
+    let mut donors: Vec<(&NodeInfo, u64, Vec<usize>)> = nodes
+        .iter()
+        .filter(|n| &n.id != new)
+        .map(|n| (n, loads.node(&n.id), Vec::new()))
+        .collect();
+    let donor_ix: HashMap<&NodeId, usize> = donors
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (&d.0.id, i))
+        .collect();
+    for (si, s) in shards.iter().enumerate() {
+        if s.pinned || !s.joining.is_empty() || s.replicas.contains(new) {
+            continue;
+        }
+        for r in &s.replicas {
+            if let Some(&di) = donor_ix.get(r) {
+                donors[di].2.push(si);
+            }
+        }
+    }
+    for d in &mut donors {
+        d.2.sort_by_key(|&si| rendezvous(&shards[si].key, new));
+    }
+    let mut moved = vec![false; shards.len()];
+    let mut moves = Vec::new();
+    let weight = |n: &NodeInfo| f64::from(n.weight.max(1));
+    while new_load < target {
+        // The most loaded donor (relative to weight) that still has a movable shard.
+        let mut order: Vec<usize> = (0..donors.len()).collect();
+        order.sort_by(|&a, &b| {
+            let la = donors[a].1 as f64 / weight(donors[a].0);
+            let lb = donors[b].1 as f64 / weight(donors[b].0);
+            lb.total_cmp(&la).then(donors[a].0.id.cmp(&donors[b].0.id))
+        });
+        let mut progressed = false;
+        for di in order {
+            let donor_cost = donors[di].1 as f64 / weight(donors[di].0);
+            let new_cost = (new_load + 1) as f64 / weight(new_info);
+            if donor_cost < new_cost {
+                break; // Moving more would only shift the imbalance onto the new node.
+            }
+            let from = donors[di].0.id.clone();
+            while let Some(si) = donors[di].2.pop() {
+                if moved[si] {
+                    continue;
+                }
+                let s = &shards[si];
+                let before: Vec<&NodeId> = s.replicas.iter().collect();
+                let after: Vec<&NodeId> = s
+                    .replicas
+                    .iter()
+                    .map(|r| if *r == from { new } else { r })
+                    .collect();
+                if distinct_racks(&after, &rack) < distinct_racks(&before, &rack) {
+                    continue;
+                }
+                moved[si] = true;
+                moves.push(Move {
+                    key: s.key.clone(),
+                    from: from.clone(),
+                    to: new.clone(),
+                });
+                donors[di].1 -= 1;
+                new_load += 1;
+                progressed = true;
+                break;
+            }
+            if progressed {
+                break;
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    moves
+}
+
+/// Moves that re-home every replica `gone` held, and nothing else. Each replacement is chosen
+/// like a new placement among the placeable nodes outside the shard, keeping racks distinct
+/// where the cluster allows. Pinned shards never move; shards left without a valid target are
+/// simply absent from the plan (the caller sees they still list `gone`).
+pub fn plan_remove_node(gone: &NodeId, nodes: &[NodeInfo], shards: &[ShardRecord]) -> Vec<Move> {
+    let mut loads = Loads::from_shards(shards);
+    let by_id: HashMap<&NodeId, &NodeInfo> = nodes.iter().map(|n| (&n.id, n)).collect();
+    let mut affected: Vec<&ShardRecord> = shards
+        .iter()
+        .filter(|s| !s.pinned && s.replicas.contains(gone))
+        .collect();
+    affected.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut moves = Vec::new();
+    for s in affected {
+        let fixed: Vec<&NodeInfo> = s
+            .replicas
+            .iter()
+            .filter(|r| *r != gone)
+            .filter_map(|r| by_id.get(r).copied())
+            .collect();
+        let pool: Vec<&NodeInfo> = nodes
+            .iter()
+            .filter(|n| {
+                n.placeable()
+                    && &n.id != gone
+                    && !s.replicas.contains(&n.id)
+                    && !s.joining.contains(&n.id)
+            })
+            .collect();
+        let rf = fixed.len() + 1;
+        let Some((replicas, _)) = choose(&s.key, rf, &fixed, &pool, &loads) else {
+            continue;
+        };
+        let Some(to) = replicas.last().cloned() else {
+            continue;
+        };
+        loads.remove(&s.replicas);
+        let after: Vec<NodeId> = s
+            .replicas
+            .iter()
+            .map(|r| if r == gone { to.clone() } else { r.clone() })
+            .collect();
+        loads.add(&after);
+        moves.push(Move {
+            key: s.key.clone(),
+            from: gone.clone(),
+            to,
+        });
+    }
+    moves
+}
+
+#[cfg(test)]
+mod tests;
