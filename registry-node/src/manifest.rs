@@ -81,7 +81,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Manifest, Manif
         (None, None) if raw.manifests.is_some() => media::OCI_INDEX.to_owned(),
         (None, None) => media::OCI_MANIFEST.to_owned(),
     };
-    if media_type.contains("manifest.v1+") {
+    if media_type.starts_with("application/vnd.docker.distribution.manifest.v1+") {
         return Err(ManifestError::Invalid(
             "Docker schema 1 manifests are not supported".into(),
         ));

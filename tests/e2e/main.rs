@@ -1,1 +1,9 @@
+//! End-to-end tests: one integration binary, a module per area, all over real HTTP against
+//! real `flotilla` processes (and real clients: skopeo, podman, the Docker engine).
 
+mod support;
+
+mod clients;
+mod crash;
+mod hostile;
+mod spec;

@@ -14,30 +14,34 @@ const READ_CHUNK: usize = 256 * 1024;
 
 /// A parsed `Range: bytes=...` against a blob of `size` bytes: `Ok(None)` means serve it
 /// whole (no header, or a multi-range we choose to ignore as RFC 9110 allows).
-pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()> {
+/// The `Range` header cannot be satisfied for this blob (answered with 416).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
+pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(v) = value else { return Ok(None) };
-    let spec = v.trim().strip_prefix("bytes=").ok_or(())?;
+    let spec = v.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (start, end) = match (a.trim(), b.trim()) {
         ("", suffix) => {
-            let n: u64 = suffix.parse().map_err(|_| ())?;
+            let n: u64 = suffix.parse().map_err(|_| Unsatisfiable)?;
             if n == 0 || size == 0 {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (size.saturating_sub(n), size - 1)
         }
-        (s, "") => (s.parse().map_err(|_| ())?, size.saturating_sub(1)),
+        (s, "") => (s.parse().map_err(|_| Unsatisfiable)?, size.saturating_sub(1)),
         (s, e) => {
-            let s: u64 = s.parse().map_err(|_| ())?;
-            let e: u64 = e.parse().map_err(|_| ())?;
+            let s: u64 = s.parse().map_err(|_| Unsatisfiable)?;
+            let e: u64 = e.parse().map_err(|_| Unsatisfiable)?;
             (s, e.min(size.saturating_sub(1)))
         }
     };
     if start >= size || end < start {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some((start, end)))
 }
@@ -68,7 +72,7 @@ pub async fn get(
             .into_response());
     }
     let (mut file, size) = node.open_blob(repo, digest).await?;
-    let range = parse_range(header_str(headers, &header::RANGE), size).map_err(|()| {
+    let range = parse_range(header_str(headers, &header::RANGE), size).map_err(|Unsatisfiable| {
         ApiError::new(ErrorCode::SizeInvalid)
             .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
             .message("requested range not satisfiable")
@@ -112,7 +116,7 @@ pub async fn delete(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_range;
+    use super::{parse_range, Unsatisfiable};
 
     #[test]
     fn ranges() {
@@ -122,10 +126,10 @@ mod tests {
         check(Some("bytes=5-"), 10, Ok(Some((5, 9))));
         check(Some("bytes=-3"), 10, Ok(Some((7, 9))));
         check(Some("bytes=8-100"), 10, Ok(Some((8, 9))));
-        check(Some("bytes=10-"), 10, Err(()));
-        check(Some("bytes=5-4"), 10, Err(()));
-        check(Some("bytes=0-0"), 0, Err(()));
-        check(Some("items=0-1"), 10, Err(()));
+        check(Some("bytes=10-"), 10, Err(Unsatisfiable));
+        check(Some("bytes=5-4"), 10, Err(Unsatisfiable));
+        check(Some("bytes=0-0"), 0, Err(Unsatisfiable));
+        check(Some("items=0-1"), 10, Err(Unsatisfiable));
         check(Some("bytes=0-1,3-4"), 10, Ok(None));
     }
 }

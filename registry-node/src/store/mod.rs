@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use flotilla_core::{layout, Algorithm, Digest, RepoName, Tag};
+use flotilla_core::{layout, Digest, RepoName, Tag};
 use serde::{Deserialize, Serialize};
 
 pub use fsutil::{fsync_dir, write_atomic};
@@ -368,15 +368,6 @@ impl LocalStore {
     /// Whether any blob with this digest exists on the node, whichever repository holds it.
     pub async fn has_blob(&self, d: &Digest) -> Result<bool, StoreError> {
         Ok(self.blob_size(d).await?.is_some())
-    }
-
-    /// Create an empty temp file for an upload or an atomic write.
-    pub fn new_temp_path(&self, dir: &str, name: &str) -> PathBuf {
-        self.path(dir).join(name)
-    }
-
-    pub fn algorithm_dirs() -> [Algorithm; 2] {
-        [Algorithm::Sha256, Algorithm::Sha512]
     }
 }
 
