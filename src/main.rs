@@ -68,6 +68,9 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Dev { listen, data } => {
@@ -76,10 +79,12 @@ fn main() -> anyhow::Result<()> {
                 serve_node(listen, cfg).await
             }
             Cmd::Node(a) => {
-                if a.meta.is_some() || a.store.is_some() {
-                    tracing::warn!("--meta and --store are accepted but not used yet");
+                if a.meta.is_some() {
+                    tracing::warn!("--meta is accepted but not used yet");
                 }
                 let mut cfg = registry_node::NodeConfig::new(a.id, a.rack, a.data);
+                cfg.store_url = a.store;
+                cfg.metrics = Some(metrics);
                 cfg.upload_max_age = Duration::from_secs(a.upload_max_age_secs);
                 cfg.upload_purge_interval = cfg.upload_max_age.min(Duration::from_secs(60));
                 cfg.drain_timeout = Duration::from_secs(a.drain_secs);

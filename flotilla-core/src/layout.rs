@@ -119,6 +119,27 @@ pub fn remote_blob_link(name: &RepoName, d: &Digest) -> String {
     format!("repos/{name}/blobs/{}/{}", d.algorithm(), d.hex())
 }
 
+pub fn remote_repos_root() -> &'static str {
+    "repos/"
+}
+
+/// The repository a remote key under `repos/` belongs to. Parsed from the right, because a
+/// name may itself contain `tags`, `manifests` or `blobs` components: a tag key ends in
+/// `tags/<tag>`, a link key in `manifests|blobs/<alg>/<hex>`.
+pub fn repo_of_remote_key(key: &str) -> Option<RepoName> {
+    let rest = key.strip_prefix("repos/")?;
+    let comps: Vec<&str> = rest.split('/').collect();
+    let n = comps.len();
+    let name_end = if n >= 3 && comps[n - 2] == "tags" {
+        n - 2
+    } else if n >= 4 && matches!(comps[n - 3], "manifests" | "blobs") {
+        n - 3
+    } else {
+        return None;
+    };
+    comps[..name_end].join("/").parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +185,27 @@ mod tests {
             assert_eq!(got, want);
         }
         assert_eq!(LAYOUT_VERSION, 1);
+    }
+
+    #[test]
+    fn repo_of_remote_keys() {
+        let h = "0".repeat(64);
+        for (key, want) in [
+            ("repos/a/b/tags/v1".to_owned(), Some("a/b")),
+            ("repos/a/tags/tags/tags".to_owned(), Some("a/tags")),
+            (
+                format!("repos/x/manifests/manifests/sha256/{h}"),
+                Some("x/manifests"),
+            ),
+            (format!("repos/y/blobs/sha256/{h}"), Some("y")),
+            ("repos/y".to_owned(), None),
+            (format!("blobs/sha256/{h}"), None),
+        ] {
+            assert_eq!(
+                repo_of_remote_key(&key).map(|r| r.to_string()).as_deref(),
+                want,
+                "{key}"
+            );
+        }
     }
 }

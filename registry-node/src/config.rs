@@ -10,6 +10,9 @@ pub struct NodeConfig {
     pub id: NodeId,
     pub rack: RackId,
     pub data_dir: PathBuf,
+    /// Object store URL (`s3://...`, `file:///...`, `memory://`); `None` keeps everything
+    /// local only (tests and the single-node spec suite).
+    pub store_url: Option<String>,
     /// Upload sessions idle longer than this are purged with their bytes.
     pub upload_max_age: Duration,
     /// How often the purge runs.
@@ -18,6 +21,8 @@ pub struct NodeConfig {
     pub manifest_max_bytes: usize,
     /// Upper bound on waiting for in-flight requests at shutdown.
     pub drain_timeout: Duration,
+    /// Renders `/metrics`; the process installs one recorder and hands every node its handle.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl NodeConfig {
@@ -26,10 +31,12 @@ impl NodeConfig {
             id,
             rack,
             data_dir,
+            store_url: None,
             upload_max_age: Duration::from_secs(3600),
             upload_purge_interval: Duration::from_secs(60),
             manifest_max_bytes: 4 * 1024 * 1024,
             drain_timeout: Duration::from_secs(30),
+            metrics: None,
         }
     }
 }

@@ -16,6 +16,8 @@
 pub mod config;
 pub mod http;
 pub mod manifest;
+pub mod readthrough;
+pub mod remote;
 pub mod service;
 pub mod store;
 pub mod uploads;
@@ -36,6 +38,8 @@ pub enum NodeError {
     },
     #[error("data directory belongs to node {found}, not {expected}; refusing to start")]
     IdentityMismatch { expected: String, found: String },
+    #[error("object store: {0}")]
+    Store(String),
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),
 }

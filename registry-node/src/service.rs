@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::manifest::{self, ManifestError};
+use crate::readthrough::{self, Fetches, Outcome, Started};
+use crate::remote::{Remote, RemoteError};
 use crate::store::{LocalStore, ReferrerDescriptor, StoreError};
 use crate::uploads::{UploadError, Uploads};
 use crate::{NodeConfig, NodeError};
@@ -33,6 +35,10 @@ pub enum ServiceError {
     ManifestTooLarge { size: usize, limit: usize },
     #[error("{0}")]
     SizeInvalid(String),
+    #[error("object storage unavailable: {0}")]
+    Remote(#[from] RemoteError),
+    #[error("object storage holds corrupt content for {0}")]
+    CorruptRemote(Digest),
 }
 
 pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
@@ -52,11 +58,21 @@ pub struct StoredManifest {
     pub digest: Digest,
 }
 
+/// Where the bytes of a blob GET come from.
+#[derive(Debug)]
+pub enum BlobBody {
+    File(tokio::fs::File),
+    /// A read-through in progress, verified before its last chunk is released.
+    Fetch(readthrough::FetchStream),
+}
+
 #[derive(Debug)]
 struct Inner {
     cfg: NodeConfig,
     store: LocalStore,
     uploads: Uploads,
+    remote: Option<Remote>,
+    fetches: Option<Fetches>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -103,13 +119,23 @@ impl NodeService {
             .map_err(|e| dir_err(io::Error::other(e)))?;
         check_identity(&store, &cfg).await?;
         let uploads = Uploads::new(&cfg.data_dir);
+        let remote = match &cfg.store_url {
+            Some(url) => Some(Remote::open(url).map_err(|e| NodeError::Store(e.to_string()))?),
+            None => None,
+        };
+        let tasks = TaskTracker::new();
+        let fetches = remote
+            .clone()
+            .map(|r| Fetches::new(store.clone(), r, tasks.clone()));
         Ok(NodeService {
             inner: Arc::new(Inner {
                 cfg,
                 store,
                 uploads,
+                remote,
+                fetches,
                 cancel: CancellationToken::new(),
-                tasks: TaskTracker::new(),
+                tasks,
             }),
         })
     }
@@ -144,35 +170,100 @@ impl NodeService {
 
     // ---- blobs -----------------------------------------------------------------------
 
-    /// Size of a blob the repository holds.
-    pub async fn stat_blob(&self, repo: &RepoName, d: &Digest) -> Result<u64> {
-        if !self.inner.store.has_layer(repo, d).await? {
-            return Err(StoreError::BlobUnknown(d.clone()).into());
+    /// Make sure `repo` holds `d`: a local link, or a link in object storage (then cached).
+    async fn ensure_linked(&self, repo: &RepoName, d: &Digest) -> Result<()> {
+        if self.inner.store.has_layer(repo, d).await? {
+            return Ok(());
         }
-        self.inner
-            .store
-            .blob_size(d)
-            .await?
-            .ok_or_else(|| StoreError::BlobUnknown(d.clone()).into())
+        if let Some(r) = &self.inner.remote {
+            if r.head(&layout::remote_blob_link(repo, d)).await?.is_some() {
+                self.inner.store.link_layer(repo, d).await?;
+                return Ok(());
+            }
+        }
+        Err(StoreError::BlobUnknown(d.clone()).into())
     }
 
-    pub async fn open_blob(&self, repo: &RepoName, d: &Digest) -> Result<(tokio::fs::File, u64)> {
-        if !self.inner.store.has_layer(repo, d).await? {
-            return Err(StoreError::BlobUnknown(d.clone()).into());
+    /// Whether `repo` holds `d` with its bytes available locally or in object storage.
+    async fn repo_has_blob(&self, repo: &RepoName, d: &Digest) -> Result<bool> {
+        match self.ensure_linked(repo, d).await {
+            Ok(()) => {}
+            Err(ServiceError::Store(StoreError::BlobUnknown(_))) => return Ok(false),
+            Err(e) => return Err(e),
         }
-        Ok(self.inner.store.open_blob(d).await?)
+        if self.inner.store.has_blob(d).await? {
+            return Ok(true);
+        }
+        match &self.inner.remote {
+            Some(r) => Ok(r.head(&layout::remote_blob(d)).await?.is_some()),
+            None => Ok(false),
+        }
+    }
+
+    /// Size of a blob the repository holds.
+    pub async fn stat_blob(&self, repo: &RepoName, d: &Digest) -> Result<u64> {
+        self.ensure_linked(repo, d).await?;
+        if let Some(size) = self.inner.store.blob_size(d).await? {
+            return Ok(size);
+        }
+        if let Some(r) = &self.inner.remote {
+            if let Some(size) = r.head(&layout::remote_blob(d)).await? {
+                return Ok(size);
+            }
+        }
+        Err(StoreError::BlobUnknown(d.clone()).into())
+    }
+
+    /// Open a blob for reading. A local miss reads through object storage; with `whole`
+    /// (no `Range`) a large miss streams to this client while it is cached.
+    pub async fn open_blob(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+        whole: bool,
+    ) -> Result<(BlobBody, u64)> {
+        self.ensure_linked(repo, d).await?;
+        match self.inner.store.open_blob(d).await {
+            Ok((f, len)) => return Ok((BlobBody::File(f), len)),
+            Err(StoreError::BlobUnknown(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let Some(fetches) = &self.inner.fetches else {
+            return Err(StoreError::BlobUnknown(d.clone()).into());
+        };
+        let waiter = match fetches.start(d, whole).await? {
+            Started::Lead { size, body } => return Ok((BlobBody::Fetch(body), size)),
+            Started::Wait(w) => w,
+        };
+        match readthrough::wait(waiter).await {
+            Outcome::Cached => {
+                let (f, len) = self.inner.store.open_blob(d).await?;
+                Ok((BlobBody::File(f), len))
+            }
+            Outcome::NotFound => Err(StoreError::BlobUnknown(d.clone()).into()),
+            Outcome::Corrupt => Err(ServiceError::CorruptRemote(d.clone())),
+            Outcome::Unavailable(m) => Err(RemoteError::Io(io::Error::other(m)).into()),
+        }
     }
 
     pub async fn delete_blob(&self, repo: &RepoName, d: &Digest) -> Result<()> {
-        if !self.inner.store.unlink_layer(repo, d).await? {
+        let mut existed = false;
+        if let Some(r) = &self.inner.remote {
+            let key = layout::remote_blob_link(repo, d);
+            existed = r.head(&key).await?.is_some();
+            r.delete(&key).await?;
+        }
+        existed |= self.inner.store.unlink_layer(repo, d).await?;
+        if !existed {
             return Err(StoreError::BlobUnknown(d.clone()).into());
         }
         Ok(())
     }
 
     /// Link an existing blob into `repo`. With `from`, only that repository's blobs are
-    /// candidates; without it, any blob on the node is (the spec's automatic discovery).
-    /// Returns false when there is nothing to mount, and the client gets a fresh session.
+    /// candidates; without it, any blob on the node or in object storage is (the spec's
+    /// automatic discovery). Returns false when there is nothing to mount, and the client
+    /// gets a fresh session.
     pub async fn mount_blob(
         &self,
         repo: &RepoName,
@@ -180,12 +271,20 @@ impl NodeService {
         from: Option<&RepoName>,
     ) -> Result<bool> {
         let found = match from {
-            Some(src) => {
-                self.inner.store.has_layer(src, d).await? && self.inner.store.has_blob(d).await?
+            Some(src) => self.repo_has_blob(src, d).await?,
+            None => {
+                self.inner.store.has_blob(d).await?
+                    || match &self.inner.remote {
+                        Some(r) => r.head(&layout::remote_blob(d)).await?.is_some(),
+                        None => false,
+                    }
             }
-            None => self.inner.store.has_blob(d).await?,
         };
         if found {
+            if let Some(r) = &self.inner.remote {
+                r.put_bytes(&layout::remote_blob_link(repo, d), Bytes::new())
+                    .await?;
+            }
             self.inner.store.link_layer(repo, d).await?;
         }
         Ok(found)
@@ -317,8 +416,17 @@ impl NodeService {
                 actual,
             });
         }
-        self.inner.store.commit_blob(&path, expected).await?;
-        self.inner.store.link_layer(repo, expected).await?;
+        let store = &self.inner.store;
+        store.commit_blob(&path, expected).await?;
+        // Durable in object storage before the 201; the repository link goes last so a
+        // failed write-through leaves nothing a retry could trip over.
+        if let Some(r) = &self.inner.remote {
+            r.put_blob_file(expected, &store.path(&layout::local_blob(expected)), s.size)
+                .await?;
+            r.put_bytes(&layout::remote_blob_link(repo, expected), Bytes::new())
+                .await?;
+        }
+        store.link_layer(repo, expected).await?;
         metrics::counter!("flotilla_node_blobs_committed_total").increment(1);
         metrics::counter!("flotilla_node_blob_bytes_in_total").increment(s.size);
         Ok(())
@@ -356,13 +464,33 @@ impl NodeService {
         let m = manifest::parse(&bytes, content_type)?;
         let store = &self.inner.store;
         for b in &m.blobs {
-            if !(store.has_layer(repo, b).await? && store.has_blob(b).await?) {
+            if !self.repo_has_blob(repo, b).await? {
                 return Err(ServiceError::ManifestBlobUnknown(b.clone()));
             }
         }
         for child in &m.manifests {
-            if store.manifest_media_type(repo, child).await?.is_none() {
+            if self.manifest_media_type(repo, child).await?.is_none() {
                 return Err(ServiceError::ManifestBlobUnknown(child.clone()));
+            }
+        }
+        // Object storage first: a manifest or tag is acknowledged only once it is durable
+        // there, and a failure leaves no local trace of an unacknowledged tag.
+        if let Some(r) = &self.inner.remote {
+            let blob_key = layout::remote_blob(&digest);
+            if r.head(&blob_key).await? != Some(bytes.len() as u64) {
+                r.put_bytes(&blob_key, bytes.clone()).await?;
+            }
+            r.put_bytes(
+                &layout::remote_manifest_link(repo, &digest),
+                Bytes::from(m.media_type.clone()),
+            )
+            .await?;
+            if let flotilla_core::Reference::Tag(tag) = reference {
+                r.put_bytes(
+                    &layout::remote_tag(repo, tag),
+                    Bytes::from(digest.to_string()),
+                )
+                .await?;
             }
         }
         // Visibility order: content, membership, referrer index, tag.
@@ -388,20 +516,45 @@ impl NodeService {
         })
     }
 
+    /// The media type of a manifest `repo` holds, locally or in object storage (cached).
+    async fn manifest_media_type(&self, repo: &RepoName, d: &Digest) -> Result<Option<String>> {
+        if let Some(mt) = self.inner.store.manifest_media_type(repo, d).await? {
+            return Ok(Some(mt));
+        }
+        let Some(r) = &self.inner.remote else {
+            return Ok(None);
+        };
+        let Some(bytes) = r
+            .get_bytes(&layout::remote_manifest_link(repo, d), 4096)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let mt = String::from_utf8_lossy(&bytes).into_owned();
+        Ok(Some(mt))
+    }
+
     async fn resolve(
         &self,
         repo: &RepoName,
         reference: &flotilla_core::Reference,
     ) -> Result<Digest> {
-        match reference {
-            flotilla_core::Reference::Digest(d) => Ok(d.clone()),
-            flotilla_core::Reference::Tag(t) => self
-                .inner
-                .store
-                .get_tag(repo, t)
-                .await?
-                .ok_or_else(|| StoreError::ManifestUnknown(t.to_string()).into()),
+        let tag = match reference {
+            flotilla_core::Reference::Digest(d) => return Ok(d.clone()),
+            flotilla_core::Reference::Tag(t) => t,
+        };
+        if let Some(d) = self.inner.store.get_tag(repo, tag).await? {
+            return Ok(d);
         }
+        if let Some(r) = &self.inner.remote {
+            if let Some(bytes) = r.get_bytes(&layout::remote_tag(repo, tag), 1024).await? {
+                if let Ok(d) = String::from_utf8_lossy(&bytes).trim().parse() {
+                    return Ok(d);
+                }
+                tracing::error!(%repo, %tag, "tag object in object storage does not hold a digest");
+            }
+        }
+        Err(StoreError::ManifestUnknown(tag.to_string()).into())
     }
 
     pub async fn get_manifest(
@@ -410,23 +563,48 @@ impl NodeService {
         reference: &flotilla_core::Reference,
     ) -> Result<StoredManifest> {
         let digest = self.resolve(repo, reference).await?;
-        let media_type = self
-            .inner
-            .store
-            .manifest_media_type(repo, &digest)
-            .await?
-            .ok_or_else(|| StoreError::ManifestUnknown(reference.to_string()))?;
-        let bytes = self
-            .inner
-            .store
-            .read_blob_bytes(&digest, self.inner.cfg.manifest_max_bytes as u64)
-            .await
-            .map_err(|e| match e {
-                StoreError::BlobUnknown(_) => StoreError::ManifestUnknown(reference.to_string()),
-                other => other,
-            })?;
+        let store = &self.inner.store;
+        let limit = self.inner.cfg.manifest_max_bytes as u64;
+        let local_link = store.manifest_media_type(repo, &digest).await?;
+        let media_type = match &local_link {
+            Some(mt) => mt.clone(),
+            None => self
+                .manifest_media_type(repo, &digest)
+                .await?
+                .ok_or_else(|| StoreError::ManifestUnknown(reference.to_string()))?,
+        };
+        let bytes = match store.read_blob_bytes(&digest, limit).await {
+            Ok(b) => Bytes::from(b),
+            Err(StoreError::BlobUnknown(_)) => {
+                let r = self
+                    .inner
+                    .remote
+                    .as_ref()
+                    .ok_or_else(|| StoreError::ManifestUnknown(reference.to_string()))?;
+                let b = r
+                    .get_bytes(&layout::remote_blob(&digest), limit)
+                    .await?
+                    .ok_or_else(|| StoreError::ManifestUnknown(reference.to_string()))?;
+                if Digest::of(digest.algorithm(), &b) != digest {
+                    tracing::error!(%digest, "object storage holds a corrupt manifest; not cached");
+                    return Err(ServiceError::CorruptRemote(digest));
+                }
+                store.put_blob_bytes(&digest, &b).await?;
+                b
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // Cache what was read through, in the same order a push writes it.
+        if local_link.is_none() {
+            store.link_manifest(repo, &digest, &media_type).await?;
+        }
+        if let flotilla_core::Reference::Tag(t) = reference {
+            if store.get_tag(repo, t).await?.as_ref() != Some(&digest) {
+                store.put_tag(repo, t, &digest).await?;
+            }
+        }
         Ok(StoredManifest {
-            bytes: Bytes::from(bytes),
+            bytes,
             media_type,
             digest,
         })
@@ -442,13 +620,39 @@ impl NodeService {
         let store = &self.inner.store;
         match reference {
             flotilla_core::Reference::Tag(t) => {
-                if !store.delete_tag(repo, t).await? {
+                let mut existed = false;
+                if let Some(r) = &self.inner.remote {
+                    let key = layout::remote_tag(repo, t);
+                    existed = r.head(&key).await?.is_some();
+                    r.delete(&key).await?;
+                }
+                existed |= store.delete_tag(repo, t).await?;
+                if !existed {
                     return Err(StoreError::ManifestUnknown(t.to_string()).into());
                 }
             }
             flotilla_core::Reference::Digest(d) => {
-                if store.manifest_media_type(repo, d).await?.is_none() {
+                if self.manifest_media_type(repo, d).await?.is_none() {
                     return Err(StoreError::ManifestUnknown(d.to_string()).into());
+                }
+                if let Some(r) = &self.inner.remote {
+                    for tag in r
+                        .list_names(&format!("{}tags", layout::remote_repo_prefix(repo)))
+                        .await?
+                    {
+                        let Ok(tag) = tag.parse::<Tag>() else {
+                            continue;
+                        };
+                        let key = layout::remote_tag(repo, &tag);
+                        let points_here = r
+                            .get_bytes(&key, 1024)
+                            .await?
+                            .is_some_and(|b| String::from_utf8_lossy(&b).trim() == d.to_string());
+                        if points_here {
+                            r.delete(&key).await?;
+                        }
+                    }
+                    r.delete(&layout::remote_manifest_link(repo, d)).await?;
                 }
                 let subject = match store
                     .read_blob_bytes(d, self.inner.cfg.manifest_max_bytes as u64)
@@ -471,12 +675,40 @@ impl NodeService {
 
     // ---- listing ---------------------------------------------------------------------
 
+    /// Tags in lexical order. With object storage, its listing is authoritative: every tag
+    /// write lands there before it is acknowledged, and a rebuilt node's disk may be partial.
     pub async fn list_tags(&self, repo: &RepoName) -> Result<Vec<Tag>> {
-        Ok(self.inner.store.list_tags(repo).await?)
+        let Some(r) = &self.inner.remote else {
+            return Ok(self.inner.store.list_tags(repo).await?);
+        };
+        let prefix = layout::remote_repo_prefix(repo);
+        let mut tags: Vec<Tag> = r
+            .list_names(&format!("{prefix}tags"))
+            .await?
+            .into_iter()
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        if tags.is_empty() && r.list_keys(&prefix).await?.is_empty() {
+            return Err(StoreError::NameUnknown(repo.clone()).into());
+        }
+        tags.sort();
+        Ok(tags)
     }
 
+    /// Every repository, from object storage when configured (see [`layout::repo_of_remote_key`]).
     pub async fn list_repos(&self) -> Result<Vec<RepoName>> {
-        Ok(self.inner.store.list_repos().await?)
+        let Some(r) = &self.inner.remote else {
+            return Ok(self.inner.store.list_repos().await?);
+        };
+        let mut repos: Vec<RepoName> = r
+            .list_keys(layout::remote_repos_root())
+            .await?
+            .iter()
+            .filter_map(|k| layout::repo_of_remote_key(k))
+            .collect();
+        repos.sort();
+        repos.dedup();
+        Ok(repos)
     }
 
     /// Referrers of `subject` still present in the repository, optionally filtered.

@@ -1,3 +1,29 @@
-//! Placement and metadata stores (being written).
+//! Flotilla's shard map: where every service/mode (shard key) lives, and the metadata stores
+//! that hold that map.
+//!
+//! # Brief overview
+//!
+//! - [`model`]: the versioned records ([`NodeRecord`], [`ShardRecord`]) and the key layout
+//!   ([`Keyspace`]) under the store prefix (default `flotilla/`).
+//! - [`placement`]: pure, deterministic placement — [`place`] picks RF rack-distinct, balanced
+//!   replicas for a new key; [`plan_add_node`] / [`plan_remove_node`] compute the minimal
+//!   [`Move`]s after a membership change. No I/O.
+//! - [`store`]: the [`MetaStore`] trait (get/put/CAS/delete/list/watch, leases, locks), its
+//!   backends chosen by URL through [`open`] (`file://` embedded, `consul://`, `etcd://`), and
+//!   [`ShardMap`], typed helpers every backend shares.
+//! - `testsuite` (feature `testsuite`): the conformance suite every backend runs.
+
 pub mod model;
 pub mod placement;
+pub mod store;
+#[cfg(feature = "testsuite")]
+pub mod testsuite;
+
+pub use model::{Keyspace, NodeRecord, NodeState, Record, RecordError, ShardRecord};
+pub use placement::{
+    place, plan_add_node, plan_remove_node, rendezvous, Loads, Move, NodeInfo, Placement,
+    PlacementError,
+};
+pub use store::{
+    open, Conflict, Entry, Lease, MetaStore, ShardMap, StoreError, Version, WatchEvent,
+};

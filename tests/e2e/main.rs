@@ -1,9 +1,11 @@
 //! End-to-end tests: one integration binary, a module per area, all over real HTTP against
 //! real `flotilla` processes (and real clients: skopeo, podman, the Docker engine).
 
+mod s3support;
 mod support;
 
 mod clients;
 mod crash;
 mod hostile;
+mod s3;
 mod spec;

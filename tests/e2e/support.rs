@@ -38,7 +38,10 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) {
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "{url} not ready within {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "{url} not ready within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -122,6 +125,8 @@ fn spawn_node_child(data: &Path, port: u16, id: &str, extra: &[String]) -> Child
         .arg(data)
         .args(extra)
         .env("RUST_LOG", "info")
+        .env("AWS_ACCESS_KEY_ID", "flotilla-test")
+        .env("AWS_SECRET_ACCESS_KEY", "flotilla-test")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -171,11 +176,22 @@ impl Oci {
             .send()
             .await
             .expect("push blob");
-        assert_eq!(r.status(), 201, "push blob {d}: {}", r.text().await.unwrap_or_default());
+        assert_eq!(
+            r.status(),
+            201,
+            "push blob {d}: {}",
+            r.text().await.unwrap_or_default()
+        );
         d
     }
 
-    pub async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> reqwest::Response {
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: &[u8],
+    ) -> reqwest::Response {
         self.http
             .put(self.url(&format!("/v2/{repo}/manifests/{reference}")))
             .header("content-type", media_type)
@@ -191,11 +207,16 @@ impl Oci {
 
     /// Push a tiny image (config + one layer) and tag it; returns the manifest digest.
     pub async fn push_image(&self, repo: &str, tag: &str, layer: &[u8]) -> String {
-        let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#, sha256(layer));
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+            sha256(layer)
+        );
         let cd = self.push_blob(repo, config.as_bytes()).await;
         let ld = self.push_blob(repo, layer).await;
         let m = image_manifest(&cd, config.len(), &ld, layer.len());
-        let r = self.put_manifest(repo, tag, OCI_MANIFEST, m.as_bytes()).await;
+        let r = self
+            .put_manifest(repo, tag, OCI_MANIFEST, m.as_bytes())
+            .await;
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
         sha256(m.as_bytes())
     }
@@ -216,8 +237,13 @@ pub async fn error_code(r: reqwest::Response) -> String {
     let text = r.text().await.unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
-    let code = v["errors"][0]["code"].as_str().unwrap_or_else(|| panic!("no errors[0].code in {text}"));
-    assert!(v["errors"][0]["message"].is_string(), "no message in {text}");
+    let code = v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no errors[0].code in {text}"));
+    assert!(
+        v["errors"][0]["message"].is_string(),
+        "no message in {text}"
+    );
     code.to_owned()
 }
 
@@ -237,7 +263,9 @@ pub fn require_tool(name: &str) -> PathBuf {
 
 /// Run a command, panic with its output on failure; returns stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
@@ -253,7 +281,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -265,4 +295,229 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+// ---- added for clients/hostile/crash ---------------------------------------------------
+
+/// A minimal POSIX ustar archive of regular files (mode 0644, uid/gid 0, mtime 0), so the
+/// bytes (and so every digest) are the same on every run.
+pub fn tar_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
+    fn octal(field: &mut [u8], v: u64) {
+        // width-1 octal digits, NUL-terminated
+        let s = format!("{:0w$o}", v, w = field.len() - 1);
+        field[..s.len()].copy_from_slice(s.as_bytes());
+        field[s.len()] = 0;
+    }
+    let mut out = Vec::new();
+    for (name, data) in files {
+        assert!(name.len() < 100, "tar name too long: {name}");
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        octal(&mut h[100..108], 0o644);
+        octal(&mut h[108..116], 0);
+        octal(&mut h[116..124], 0);
+        octal(&mut h[124..136], data.len() as u64);
+        octal(&mut h[136..148], 0);
+        h[148..156].copy_from_slice(b"        ");
+        h[156] = b'0';
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        h[265..269].copy_from_slice(b"root");
+        h[297..301].copy_from_slice(b"root");
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        let s = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(s.as_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+/// gzip with the system `gzip -n` (no name, no timestamp: deterministic bytes).
+pub fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    require_tool("gzip");
+    let mut child = Command::new("gzip")
+        .args(["-n", "-c"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn gzip");
+    let mut stdin = child.stdin.take().expect("gzip stdin");
+    let input = data.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&input));
+    let out = child.wait_with_output().expect("gzip");
+    feeder.join().expect("gzip feeder").expect("write to gzip");
+    assert!(out.status.success(), "gzip failed");
+    out.stdout
+}
+
+/// A response read off a raw socket.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request over a fresh TCP connection with the request target sent exactly
+/// as given: no URL normalisation (reqwest would resolve `..`, `%2e%2e` and backslashes
+/// before sending). A `Content-Length` is added unless the caller set it or
+/// `Transfer-Encoding`. The body is written concurrently with reading the answer, since a
+/// server may refuse (and close) before reading a large body.
+pub async fn raw_request(
+    host: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> RawResponse {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    let framed = headers.iter().any(|(k, _)| {
+        k.eq_ignore_ascii_case("content-length") || k.eq_ignore_ascii_case("transfer-encoding")
+    });
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !framed {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let mut payload = head.into_bytes();
+    payload.extend_from_slice(body);
+
+    let stream = tokio::net::TcpStream::connect(host)
+        .await
+        .unwrap_or_else(|e| panic!("connect {host}: {e}"));
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        // An early answer may close the connection mid-body; that is the server's right.
+        let _ = wr.write_all(&payload).await;
+        wr // kept open (no half-close) until the answer is read
+    });
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(resp) = parse_raw_response(&buf) {
+                return resp;
+            }
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => {
+                    return parse_raw_response(&buf).unwrap_or_else(|| {
+                        panic!(
+                            "{method} {target}: connection ended before a complete response: {:?}",
+                            String::from_utf8_lossy(&buf)
+                        )
+                    })
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {target}: no response within 30s"));
+    writer.abort();
+    resp
+}
+
+/// A complete response in `buf` (Content-Length or chunked framing), or `None` if more
+/// bytes are needed.
+fn parse_raw_response(buf: &[u8]) -> Option<RawResponse> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&buf[..end]).expect("response head is not UTF-8");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let rest = &buf[end + 4..];
+    let get = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+    let body = if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let mut body = Vec::new();
+        let mut at = 0;
+        loop {
+            let nl = rest[at..].windows(2).position(|w| w == b"\r\n")?;
+            let size_str = std::str::from_utf8(&rest[at..at + nl]).ok()?;
+            let size = usize::from_str_radix(size_str.split(';').next()?.trim(), 16).ok()?;
+            at += nl + 2;
+            if size == 0 {
+                break;
+            }
+            if rest.len() < at + size + 2 {
+                return None;
+            }
+            body.extend_from_slice(&rest[at..at + size]);
+            at += size + 2;
+        }
+        body
+    } else if let Some(len) = get("content-length") {
+        let len: usize = len.parse().expect("content-length");
+        if rest.len() < len {
+            return None;
+        }
+        rest[..len].to_vec()
+    } else if status == 204 || status == 304 || (100..200).contains(&status) {
+        Vec::new()
+    } else {
+        return None; // delimited by EOF: wait for it
+    };
+    Some(RawResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Encode `body` with chunked transfer coding (for a `Transfer-Encoding: chunked` request).
+pub fn chunked_body(body: &[u8], chunk: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for c in body.chunks(chunk.max(1)) {
+        out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+        out.extend_from_slice(c);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+/// [`error_code`] for a [`RawResponse`]: asserts a JSON content type and the spec's error
+/// shape, returns the code.
+pub fn error_code_raw(r: &RawResponse) -> String {
+    let text = String::from_utf8_lossy(&r.body);
+    let ct = r.header("content-type").unwrap_or("");
+    assert!(
+        ct.starts_with("application/json"),
+        "status {}: content-type {ct:?}, body {text:?}",
+        r.status
+    );
+    let v: serde_json::Value = serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {text:?}", r.status));
+    let code = v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no errors[0].code in {text}"));
+    assert!(
+        v["errors"][0]["message"].is_string(),
+        "no message in {text}"
+    );
+    code.to_owned()
 }

@@ -8,6 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::{header_str, ApiError};
+use crate::service::BlobBody;
 use crate::NodeService;
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -33,7 +34,10 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>,
             }
             (size.saturating_sub(n), size - 1)
         }
-        (s, "") => (s.parse().map_err(|_| Unsatisfiable)?, size.saturating_sub(1)),
+        (s, "") => (
+            s.parse().map_err(|_| Unsatisfiable)?,
+            size.saturating_sub(1),
+        ),
         (s, e) => {
             let s: u64 = s.parse().map_err(|_| Unsatisfiable)?;
             let e: u64 = e.parse().map_err(|_| Unsatisfiable)?;
@@ -71,8 +75,9 @@ pub async fn get(
         )
             .into_response());
     }
-    let (mut file, size) = node.open_blob(repo, digest).await?;
-    let range = parse_range(header_str(headers, &header::RANGE), size).map_err(|Unsatisfiable| {
+    let range_hdr = header_str(headers, &header::RANGE);
+    let (blob, size) = node.open_blob(repo, digest, range_hdr.is_none()).await?;
+    let range = parse_range(range_hdr, size).map_err(|Unsatisfiable| {
         ApiError::new(ErrorCode::SizeInvalid)
             .with_status(StatusCode::RANGE_NOT_SATISFIABLE)
             .message("requested range not satisfiable")
@@ -82,13 +87,19 @@ pub async fn get(
         Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
         None => (StatusCode::OK, 0, size),
     };
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(ApiError::internal)?;
-    }
+    let body = match blob {
+        BlobBody::File(mut file) => {
+            if start > 0 {
+                file.seek(std::io::SeekFrom::Start(start))
+                    .await
+                    .map_err(ApiError::internal)?;
+            }
+            Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK))
+        }
+        // Only ever handed out for whole-blob requests.
+        BlobBody::Fetch(stream) => Body::from_stream(stream),
+    };
     metrics::counter!("flotilla_node_blob_bytes_out_total").increment(len);
-    let body = Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK));
     let mut resp = Response::builder()
         .status(status)
         .header(header::CONTENT_LENGTH, len)

@@ -155,6 +155,17 @@ impl From<ServiceError> for ApiError {
                     "manifest of {size} bytes exceeds the limit of {limit}"
                 )),
             ServiceError::SizeInvalid(m) => ApiError::new(ErrorCode::SizeInvalid).message(m),
+            ServiceError::Remote(e) => {
+                tracing::error!(error = %e, "object storage unavailable");
+                ApiError::new(ErrorCode::Unavailable)
+                    .message("object storage is unavailable; nothing was acknowledged, retry later")
+            }
+            ServiceError::CorruptRemote(d) => {
+                tracing::error!(digest = %d, "object storage returned content that fails verification");
+                ApiError::new(ErrorCode::Unavailable)
+                    .message("stored content failed digest verification and was not served")
+                    .detail(serde_json::json!({"digest": d}))
+            }
         }
     }
 }

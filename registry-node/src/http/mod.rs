@@ -31,7 +31,15 @@ pub fn app(node: NodeService) -> Router {
         .route("/v2/{*rest}", any(dispatch))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ready" }))
+        .route("/metrics", get(metrics_text))
         .with_state(node)
+}
+
+async fn metrics_text(State(node): State<NodeService>) -> Response {
+    match &node.config().metrics {
+        Some(h) => h.render().into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics recorder not installed").into_response(),
+    }
 }
 
 /// The parts of a request every handler may need, extracted once.

@@ -1,0 +1,195 @@
+//! Read-through of blobs missing locally: one fetch per digest however many clients ask
+//! (single flight), streamed to the first client while it is written to the cache, verified
+//! against its digest before the cache keeps it.
+//!
+//! Corrupt bytes in object storage must never reach a client as a complete blob: the fetch
+//! holds back the last chunk it has read until the digest checks out, and on a mismatch ends
+//! the stream with an error instead (the client sees an aborted transfer). Blobs up to
+//! [`WAIT_WHOLE_BELOW`] are fetched and verified completely before the response starts, so a
+//! small corrupt blob gets a clean JSON error.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use flotilla_core::{layout, Digest, DigestHasher};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::TaskTracker;
+
+use crate::remote::{Remote, RemoteError};
+use crate::store::LocalStore;
+
+/// Below this size a miss is fetched whole before answering.
+pub const WAIT_WHOLE_BELOW: u64 = 4 * 1024 * 1024;
+
+/// How a fetch ended, shared with everyone waiting on it.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Cached,
+    NotFound,
+    Corrupt,
+    Unavailable(String),
+}
+
+type Waiter = watch::Receiver<Option<Outcome>>;
+
+/// The body of a response streamed from a fetch in progress.
+pub type FetchStream = tokio_stream::wrappers::ReceiverStream<Result<Bytes, io::Error>>;
+
+#[derive(Clone, Debug)]
+pub struct Fetches {
+    inflight: Arc<Mutex<HashMap<Digest, Waiter>>>,
+    local: LocalStore,
+    remote: Remote,
+    tasks: TaskTracker,
+}
+
+/// What a caller got: either join-and-wait, or lead with a live stream of `size` bytes.
+pub enum Started {
+    Wait(Waiter),
+    Lead { size: u64, body: FetchStream },
+}
+
+impl Fetches {
+    pub fn new(local: LocalStore, remote: Remote, tasks: TaskTracker) -> Self {
+        Fetches {
+            inflight: Arc::default(),
+            local,
+            remote,
+            tasks,
+        }
+    }
+
+    /// Join the fetch of `d` in progress, or start one. With `lead`, the starter also gets a
+    /// stream of the bytes as they arrive.
+    pub async fn start(&self, d: &Digest, lead: bool) -> Result<Started, RemoteError> {
+        let tx = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(w) = map.get(d) {
+                return Ok(Started::Wait(w.clone()));
+            }
+            let (tx, rx) = watch::channel(None);
+            map.insert(d.clone(), rx);
+            tx
+        };
+        metrics::counter!("flotilla_node_readthrough_fetches_total").increment(1);
+        let opened = self.remote.get_stream(&layout::remote_blob(d)).await;
+        let (size, stream) = match opened {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                self.finish(d, &tx, Outcome::NotFound);
+                return Ok(Started::Wait(tx.subscribe()));
+            }
+            Err(e) => {
+                self.finish(d, &tx, Outcome::Unavailable(e.to_string()));
+                return Err(e);
+            }
+        };
+        let (body_tx, body_rx) = mpsc::channel(8);
+        let leader = (lead && size >= WAIT_WHOLE_BELOW).then_some(body_tx);
+        let waiter = tx.subscribe();
+        let me = self.clone();
+        let d2 = d.clone();
+        self.tasks.spawn(async move {
+            let outcome = me.fetch(&d2, stream, leader).await;
+            me.finish(&d2, &tx, outcome);
+        });
+        Ok(match lead && size >= WAIT_WHOLE_BELOW {
+            true => Started::Lead {
+                size,
+                body: tokio_stream::wrappers::ReceiverStream::new(body_rx),
+            },
+            false => Started::Wait(waiter),
+        })
+    }
+
+    fn finish(&self, d: &Digest, tx: &watch::Sender<Option<Outcome>>, outcome: Outcome) {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(d);
+        tx.send_replace(Some(outcome));
+    }
+
+    async fn fetch(
+        &self,
+        d: &Digest,
+        mut stream: futures::stream::BoxStream<'static, Result<Bytes, RemoteError>>,
+        leader: Option<mpsc::Sender<Result<Bytes, io::Error>>>,
+    ) -> Outcome {
+        let tmp = self
+            .local
+            .tmp_dir()
+            .join(format!("fetch-{}", uuid::Uuid::new_v4().simple()));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            let mut hasher = DigestHasher::new(d.algorithm());
+            let mut held: Option<Bytes> = None;
+            let mut leader = leader;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(io::Error::other)?;
+                file.write_all(&chunk).await?;
+                hasher.update(&chunk);
+                if let Some(prev) = held.replace(chunk) {
+                    // A client that went away does not stop the fetch others wait on.
+                    if let Some(l) = &leader {
+                        if l.send(Ok(prev)).await.is_err() {
+                            leader = None;
+                        }
+                    }
+                }
+            }
+            file.sync_all().await?;
+            drop(file);
+            let actual = hasher.finish();
+            if &actual != d {
+                tracing::error!(expected = %d, %actual, "object storage returned corrupt blob; not cached");
+                metrics::counter!("flotilla_node_readthrough_corrupt_total").increment(1);
+                if let Some(l) = &leader {
+                    let _ = l
+                        .send(Err(io::Error::other("blob failed digest verification")))
+                        .await;
+                }
+                return Ok::<_, io::Error>(Outcome::Corrupt);
+            }
+            self.local
+                .commit_blob(&tmp, d)
+                .await
+                .map_err(io::Error::other)?;
+            if let (Some(l), Some(last)) = (&leader, held) {
+                let _ = l.send(Ok(last)).await;
+            }
+            Ok(Outcome::Cached)
+        }
+        .await;
+        let outcome = match result {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(digest = %d, error = %e, "read-through fetch failed");
+                Outcome::Unavailable(e.to_string())
+            }
+        };
+        if !matches!(outcome, Outcome::Cached) {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        outcome
+    }
+}
+
+/// Wait for a fetch to finish.
+pub async fn wait(mut w: Waiter) -> Outcome {
+    loop {
+        if let Some(o) = w.borrow_and_update().clone() {
+            return o;
+        }
+        if w.changed().await.is_err() {
+            return w
+                .borrow()
+                .clone()
+                .unwrap_or(Outcome::Unavailable("fetch task ended".into()));
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The `MetaStore` trait — get, put, compare-and-swap, delete, list, watch, leases and leader
+//! locks over opaque bytes — plus typed shard-map helpers shared by every backend, and
+//! [`open`], which picks a backend from a URL.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+use crate::model::{Keyspace, NodeRecord, Record, RecordError, ShardRecord};
+use flotilla_core::{NodeId, ShardKey};
+
+#[cfg(feature = "consul")]
+pub mod consul;
+#[cfg(feature = "etcd")]
+pub mod etcd;
+pub mod file;
+
+/// A key's version: a store-wide, monotonically increasing revision (etcd `mod_revision`,
+/// Consul `ModifyIndex`, the embedded store's revision counter). Compare-and-swap and watch
+/// resumption are expressed in it.
+pub type Version = u64;
+
+/// One key, its value and the version that wrote it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub value: Bytes,
+    pub version: Version,
+}
+
+/// A compare-and-swap lost: the key's current version (`None` = it does not exist).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub current: Option<Version>,
+}
+
+/// A change seen by [`MetaStore::watch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put {
+        key: String,
+        value: Bytes,
+        version: Version,
+    },
+    Delete {
+        key: String,
+        version: Version,
+    },
+}
+
+impl WatchEvent {
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => key,
+        }
+    }
+
+    /// The version to pass as `from` when resuming after this event.
+    pub fn version(&self) -> Version {
+        match self {
+            WatchEvent::Put { version, .. } | WatchEvent::Delete { version, .. } => *version,
+        }
+    }
+}
+
+/// A stream of changes; it ends only with an error (or when dropped).
+pub type WatchStream = BoxStream<'static, Result<WatchEvent, StoreError>>;
+
+/// A liveness lease (etcd lease, Consul session, embedded expiry record). Keys written with
+/// [`MetaStore::put_with_lease`] and locks taken with it vanish once it is revoked or not kept
+/// alive within its TTL, which is how a dead node or seeder leader is noticed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: String,
+    pub ttl: Duration,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Lease({}, {:?})", self.id, self.ttl)
+    }
+}
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported metadata store URL {0:?} (expected file:///DIR, consul://HOST:PORT or etcd://HOST:PORT[,HOST:PORT...])")]
+    BadUrl(String),
+    #[error("metadata store I/O error at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metadata store unreachable ({endpoint}): {source}")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("metadata store {endpoint} answered {status}: {body}")]
+    Status {
+        endpoint: String,
+        status: u16,
+        body: String,
+    },
+    #[error("metadata store sent an unexpected response: {0}")]
+    Protocol(String),
+    #[error("embedded store state at {path} is corrupt: {detail}")]
+    CorruptState { path: String, detail: String },
+    #[error("lease {0} has expired or was revoked")]
+    LeaseExpired(String),
+    #[error("watch cannot resume from version {from}: history before {oldest} was compacted")]
+    Compacted { from: Version, oldest: Version },
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
+
+/// The metadata store: the same contract for the embedded file store, Consul and etcd. Used as
+/// `Arc<dyn MetaStore>`; the `testsuite` feature exports the conformance suite.
+#[async_trait::async_trait]
+pub trait MetaStore: Send + Sync + fmt::Debug {
+    /// The value and version of `key`, or `None` if it does not exist (or its lease expired).
+    async fn get(&self, key: &str) -> Result<Option<(Bytes, Version)>, StoreError>;
+
+    /// Unconditionally write `key`; returns the new version.
+    async fn put(&self, key: &str, value: Bytes) -> Result<Version, StoreError>;
+
+    /// Write `key` only if its version is `expected` (`None`: only if it does not exist).
+    /// The outer error is a store failure; the inner one a lost race.
+    async fn cas(
+        &self,
+        key: &str,
+        expected: Option<Version>,
+        value: Bytes,
+    ) -> Result<Result<Version, Conflict>, StoreError>;
+
+    /// Remove `key`; removing a missing key is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Every key starting with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError>;
+
+    /// Changes under `prefix` with a version greater than `from`; `None` = only changes made
+    /// after the watch is established. Pass the last seen [`WatchEvent::version`] to resume.
+    async fn watch(&self, prefix: &str, from: Option<Version>) -> Result<WatchStream, StoreError>;
+
+    /// Grant a lease that expires `ttl` after its last keepalive.
+    async fn lease(&self, ttl: Duration) -> Result<Lease, StoreError>;
+
+    /// Extend the lease; [`StoreError::LeaseExpired`] if it is already gone.
+    async fn keepalive(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// End the lease now, deleting its keys and releasing its locks.
+    async fn revoke(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Write `key` bound to `lease`: it disappears with the lease.
+    async fn put_with_lease(
+        &self,
+        key: &str,
+        value: Bytes,
+        lease: &Lease,
+    ) -> Result<Version, StoreError>;
+
+    /// Take the lock `key` for `lease`; `true` if it is now held by this lease (re-entrant),
+    /// `false` if another live lease holds it. The lock dies with the lease.
+    async fn try_lock(&self, key: &str, lease: &Lease) -> Result<bool, StoreError>;
+
+    /// Release the lock if `lease` holds it.
+    async fn unlock(&self, key: &str, lease: &Lease) -> Result<(), StoreError>;
+}
+
+/// Open a metadata store by URL: `file:///var/lib/flotilla/meta` (embedded, the default),
+/// `consul://127.0.0.1:8500` (token from `CONSUL_HTTP_TOKEN`), or
+/// `etcd://10.0.0.1:2379,10.0.0.2:2379` (tried in order, failing over on connection errors).
+pub fn open(url: &str) -> Result<Arc<dyn MetaStore>, StoreError> {
+    if let Some(dir) = url.strip_prefix("file://") {
+        if dir.is_empty() {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        }
+        return Ok(Arc::new(file::FileStore::open(dir)?));
+    }
+    #[cfg(feature = "consul")]
+    if let Some(addr) = url.strip_prefix("consul://") {
+        let token = std::env::var("CONSUL_HTTP_TOKEN").ok();
+        return Ok(Arc::new(consul::ConsulStore::new(addr, token)?));
+    }
+    #[cfg(feature = "etcd")]
+    if let Some(addrs) = url.strip_prefix("etcd://") {
+        return Ok(Arc::new(etcd::EtcdStore::new(addrs)?));
+    }
+    Err(StoreError::BadUrl(url.to_owned()))
+}
+
+/// Typed shard-map operations on any [`MetaStore`], so every backend agrees on keys and
+/// encodings. A record that is corrupt or from a newer format surfaces as
+/// [`StoreError::Record`]; CAS helpers never overwrite such a record because the caller has
+/// no version of a decoded record to pass.
+#[derive(Clone, Debug)]
+pub struct ShardMap {
+    store: Arc<dyn MetaStore>,
+    keys: Keyspace,
+}
+
+impl ShardMap {
+    pub fn new(store: Arc<dyn MetaStore>, keys: Keyspace) -> Self {
+        ShardMap { store, keys }
+    }
+
+    pub fn store(&self) -> &Arc<dyn MetaStore> {
+        &self.store
+    }
+
+    pub fn keys(&self) -> &Keyspace {
+        &self.keys
+    }
+
+    /// The shard record and its version.
+    pub async fn get_shard(
+        &self,
+        key: &ShardKey,
+    ) -> Result<Option<(ShardRecord, Version)>, StoreError> {
+        let k = self.keys.shard(key);
+        decode_opt(&k, self.store.get(&k).await?)
+    }
+
+    /// Write `rec` if the stored version is still `expected` (`None`: create only).
+    pub async fn cas_shard(
+        &self,
+        rec: &ShardRecord,
+        expected: Option<Version>,
+    ) -> Result<Result<Version, Conflict>, StoreError> {
+        let k = self.keys.shard(&rec.key);
+        self.store.cas(&k, expected, rec.encode().into()).await
+    }
+
+    /// Create the record for a new key unless a router beat us to it; either way return the
+    /// record that is now stored, so racing routers all report the winner's placement.
+    pub async fn create_shard(
+        &self,
+        rec: &ShardRecord,
+    ) -> Result<(ShardRecord, Version), StoreError> {
+        match self.cas_shard(rec, None).await? {
+            Ok(v) => Ok((rec.clone(), v)),
+            Err(_) => self.get_shard(&rec.key).await?.ok_or_else(|| {
+                StoreError::Protocol(format!(
+                    "shard {} existed at create time and vanished before it could be read",
+                    rec.key
+                ))
+            }),
+        }
+    }
+
+    /// Every shard record. Fails on the first corrupt or future record.
+    pub async fn list_shards(&self) -> Result<Vec<(ShardRecord, Version)>, StoreError> {
+        let entries = self.store.list(&self.keys.shards()).await?;
+        entries
+            .into_iter()
+            .map(|e| Ok((ShardRecord::decode(&e.key, &e.value)?, e.version)))
+            .collect()
+    }
+
+    pub async fn get_node(&self, id: &NodeId) -> Result<Option<(NodeRecord, Version)>, StoreError> {
+        let k = self.keys.node(id);
+        decode_opt(&k, self.store.get(&k).await?)
+    }
+
+    /// Register (or refresh) a node bound to `lease`, so it disappears if the node dies.
+    pub async fn register_node(
+        &self,
+        rec: &NodeRecord,
+        lease: &Lease,
+    ) -> Result<Version, StoreError> {
+        let k = self.keys.node(&rec.id);
+        self.store
+            .put_with_lease(&k, rec.encode().into(), lease)
+            .await
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<(NodeRecord, Version)>, StoreError> {
+        let entries = self.store.list(&self.keys.nodes()).await?;
+        entries
+            .into_iter()
+            .map(|e| Ok((NodeRecord::decode(&e.key, &e.value)?, e.version)))
+            .collect()
+    }
+
+    /// Try to become the seeder leader.
+    pub async fn try_lock_seeder(&self, lease: &Lease) -> Result<bool, StoreError> {
+        self.store.try_lock(&self.keys.seeder_lock(), lease).await
+    }
+}
+
+fn decode_opt<T: Record>(
+    key: &str,
+    got: Option<(Bytes, Version)>,
+) -> Result<Option<(T, Version)>, StoreError> {
+    match got {
+        None => Ok(None),
+        Some((bytes, v)) => Ok(Some((T::decode(key, &bytes)?, v))),
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix` (etcd's `range_end`), or
+/// `[0]` ("to the end") when no such key exists.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
