@@ -22,15 +22,33 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run the embedded cluster in one process (today: one node on --listen).
+    /// Run the embedded cluster in one process: nodes in racks, the router on --listen, the
+    /// embedded metadata store and a file:// object store under --data.
     Dev {
         #[arg(long, default_value = "127.0.0.1:5000")]
         listen: SocketAddr,
         #[arg(long, default_value = "./flotilla-data")]
         data: PathBuf,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Rack of each node in order, comma-separated (default: n1,n2 in r1; n3 in r2).
+        #[arg(long, value_delimiter = ',', default_value = "r1,r1,r2")]
+        racks: Vec<RackId>,
     },
     /// Run one registry node serving the OCI API.
     Node(NodeArgs),
+    /// Run the router: the front door mapping each service/mode to its replica pair.
+    Router {
+        #[arg(long, default_value = "127.0.0.1:5000")]
+        listen: SocketAddr,
+        /// Metadata store URL (file:///DIR, consul://HOST:PORT, etcd://HOST:PORT,...).
+        #[arg(long)]
+        meta: String,
+        /// Replication factor for newly placed keys.
+        #[arg(long, default_value_t = 2)]
+        replicas: usize,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,6 +67,9 @@ struct NodeArgs {
     /// Object store URL (s3://BUCKET/PREFIX?endpoint=..., file:///DIR).
     #[arg(long)]
     store: Option<String>,
+    /// URL routers use to reach this node (default: http://LISTEN).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Idle upload sessions older than this many seconds are purged.
     #[arg(long, default_value_t = 3600)]
     upload_max_age_secs: u64,
@@ -73,17 +94,31 @@ fn main() -> anyhow::Result<()> {
         .context("installing the metrics recorder")?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { listen, data } => {
-                let cfg =
-                    registry_node::NodeConfig::new("n1".parse()?, "r1".parse()?, data.join("n1"));
-                serve_node(listen, cfg).await
+            Cmd::Dev {
+                listen,
+                data,
+                nodes,
+                racks,
+            } => dev(listen, data, nodes, racks, metrics).await,
+            Cmd::Router {
+                listen,
+                meta,
+                replicas,
+            } => {
+                let mut cfg = registry_router::RouterConfig::new(meta);
+                cfg.replication_factor = replicas;
+                cfg.metrics = Some(metrics);
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding {listen}"))?;
+                registry_router::run(listener, cfg, shutdown_signal()).await?;
+                Ok(())
             }
             Cmd::Node(a) => {
-                if a.meta.is_some() {
-                    tracing::warn!("--meta is accepted but not used yet");
-                }
                 let mut cfg = registry_node::NodeConfig::new(a.id, a.rack, a.data);
                 cfg.store_url = a.store;
+                cfg.meta_url = a.meta;
+                cfg.advertise = a.advertise;
                 cfg.metrics = Some(metrics);
                 cfg.upload_max_age = Duration::from_secs(a.upload_max_age_secs);
                 cfg.upload_purge_interval = cfg.upload_max_age.min(Duration::from_secs(60));
@@ -92,6 +127,68 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// `flotilla dev`: every component in one process, sharing one shutdown signal.
+async fn dev(
+    listen: SocketAddr,
+    data: PathBuf,
+    nodes: usize,
+    racks: Vec<RackId>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(nodes >= 1, "--nodes must be at least 1");
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let data = std::path::absolute(&data)?;
+    let meta = format!("file://{}", data.join("meta").display());
+    let store = format!("file://{}", data.join("objects").display());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..nodes {
+        let id: NodeId = format!("n{}", i + 1).parse()?;
+        let rack = racks.get(i).cloned().unwrap_or_else(|| {
+            racks
+                .last()
+                .cloned()
+                .unwrap_or_else(|| "r1".parse().expect("valid rack"))
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mut cfg = registry_node::NodeConfig::new(id.clone(), rack, data.join(id.as_str()));
+        cfg.store_url = Some(store.clone());
+        cfg.meta_url = Some(meta.clone());
+        cfg.metrics = Some(metrics.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            registry_node::run(listener, cfg, async move { stop.cancelled().await })
+                .await
+                .map_err(anyhow::Error::from)
+        });
+    }
+    let mut cfg = registry_router::RouterConfig::new(meta);
+    cfg.metrics = Some(metrics);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        registry_router::run(listener, cfg, async move { stop.cancelled().await })
+            .await
+            .map_err(anyhow::Error::from)
+    });
+    tracing::info!(%listen, nodes, data = %data.display(), "flotilla dev: cluster starting");
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        Some(r) = tasks.join_next() => {
+            tracing::error!(result = ?r, "a component stopped unexpectedly; shutting down");
+        }
+    }
+    shutdown.cancel();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "component ended with an error");
+        }
+    }
+    Ok(())
 }
 
 async fn serve_node(listen: SocketAddr, cfg: registry_node::NodeConfig) -> anyhow::Result<()> {

@@ -303,8 +303,9 @@ impl FromStr for RackId {
     }
 }
 
-/// An upload session id as it appears in a `Location` URL: `[A-Za-z0-9_-]{1,128}`.
-/// The node generates UUIDs; the wider grammar leaves room for a router-added prefix.
+/// An upload session id as it appears in a `Location` URL: `[A-Za-z0-9_.-]{1,128}`, not
+/// starting with `.`. Nodes generate UUIDs; the router prefixes the owning node as
+/// `<node-id>.<uuid>` (node ids contain no `.`), so a session stays on its node.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct UploadId(String);
@@ -315,13 +316,15 @@ impl FromStr for UploadId {
     fn from_str(s: &str) -> Result<Self, ParseError> {
         let ok = !s.is_empty()
             && s.len() <= 128
+            && !s.starts_with('.')
+            && !s.contains("..")
             && s.bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'));
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
         if !ok {
             return Err(ParseError::new(
                 "upload id",
                 s,
-                "must match [A-Za-z0-9_-]{1,128}",
+                "must match [A-Za-z0-9_.-]{1,128} without a leading dot or '..'",
             ));
         }
         Ok(UploadId(s.to_owned()))
@@ -412,6 +415,9 @@ mod tests {
         assert!("r-1".parse::<RackId>().is_ok());
         assert!("3f0e-ab_Z".parse::<UploadId>().is_ok());
         assert!("a/b".parse::<UploadId>().is_err());
+        assert!("n1.3f0e".parse::<UploadId>().is_ok());
+        assert!("..".parse::<UploadId>().is_err());
+        assert!(".x".parse::<UploadId>().is_err());
         assert!("".parse::<UploadId>().is_err());
     }
 

@@ -13,6 +13,10 @@ pub struct NodeConfig {
     /// Object store URL (`s3://...`, `file:///...`, `memory://`); `None` keeps everything
     /// local only (tests and the single-node spec suite).
     pub store_url: Option<String>,
+    /// Metadata store URL; with it the node registers itself for routers to find.
+    pub meta_url: Option<String>,
+    /// URL routers and peers use to reach this node; defaults to `http://<listen addr>`.
+    pub advertise: Option<String>,
     /// Upload sessions idle longer than this are purged with their bytes.
     pub upload_max_age: Duration,
     /// How often the purge runs.
@@ -32,6 +36,8 @@ impl NodeConfig {
             rack,
             data_dir,
             store_url: None,
+            meta_url: None,
+            advertise: None,
             upload_max_age: Duration::from_secs(3600),
             upload_purge_interval: Duration::from_secs(60),
             manifest_max_bytes: 4 * 1024 * 1024,

@@ -16,6 +16,7 @@
 pub mod config;
 pub mod http;
 pub mod manifest;
+pub mod membership;
 pub mod readthrough;
 pub mod remote;
 pub mod service;
@@ -40,6 +41,8 @@ pub enum NodeError {
     IdentityMismatch { expected: String, found: String },
     #[error("object store: {0}")]
     Store(String),
+    #[error("metadata store: {0}")]
+    Meta(#[from] shardmap::StoreError),
     #[error("serving HTTP: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -57,9 +60,29 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     tracing::info!(node = %cfg.id, ?addr, "registry node serving");
 
+    let member_cancel = tokio_util::sync::CancellationToken::new();
+    let member_task = match &cfg.meta_url {
+        Some(url) => {
+            let advertise = cfg
+                .advertise
+                .clone()
+                .or_else(|| addr.map(|a| format!("http://{a}")))
+                .unwrap_or_default();
+            let m = membership::Membership::open(&cfg, url, advertise)?;
+            Some(tokio::spawn(m.run(member_cancel.clone())))
+        }
+        None => None,
+    };
+
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
+        // Leave the shard map first (draining, then deregistered) so routers stop sending
+        // new requests here before we stop accepting them.
+        member_cancel.cancel();
+        if let Some(t) = member_task {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
         let _ = drain_tx.send(());
     });
     let drain_timeout = cfg.drain_timeout;

@@ -19,6 +19,9 @@ pub mod store;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
 
+/// The key prefix every Flotilla component uses unless configured otherwise.
+pub const DEFAULT_PREFIX: &str = "flotilla/";
+
 pub use model::{Keyspace, NodeRecord, NodeState, Record, RecordError, ShardRecord};
 pub use placement::{
     place, plan_add_node, plan_remove_node, rendezvous, Loads, Move, NodeInfo, Placement,

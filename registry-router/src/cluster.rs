@@ -1,0 +1,273 @@
+//! The router's view of the cluster: node and shard snapshots from the metadata store,
+//! swapped whole (readers never lock across an await), plus placement of new keys and
+//! passive ejection of nodes that fail requests.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use flotilla_core::{NodeId, ShardKey};
+use shardmap::{Keyspace, Loads, NodeInfo, NodeRecord, NodeState, ShardMap, ShardRecord};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::{RouterConfig, RouterError};
+
+type Snapshot<K, V> = Arc<HashMap<K, V>>;
+
+#[derive(Debug)]
+struct Inner {
+    cfg: RouterConfig,
+    map: ShardMap,
+    http: reqwest::Client,
+    nodes: RwLock<Snapshot<NodeId, NodeRecord>>,
+    shards: RwLock<Snapshot<ShardKey, ShardRecord>>,
+    ejected: Mutex<HashMap<NodeId, Instant>>,
+    rr: AtomicUsize,
+    store_ok: AtomicBool,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Cheap `Clone` handle shared by every request.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    l.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Cluster {
+    pub async fn open(cfg: RouterConfig) -> Result<Cluster, RouterError> {
+        let store = shardmap::open(&cfg.meta_url)?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let c = Cluster {
+            inner: Arc::new(Inner {
+                map: ShardMap::new(store, Keyspace::new(shardmap::DEFAULT_PREFIX)),
+                cfg,
+                http,
+                nodes: RwLock::default(),
+                shards: RwLock::default(),
+                ejected: Mutex::default(),
+                rr: AtomicUsize::new(0),
+                store_ok: AtomicBool::new(false),
+                cancel: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        };
+        if let Err(e) = c.refresh().await {
+            tracing::warn!(error = %e, "metadata store not reachable at start; will retry");
+        }
+        Ok(c)
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.inner.cfg
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.inner.http
+    }
+
+    pub fn map(&self) -> &ShardMap {
+        &self.inner.map
+    }
+
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.inner.tasks
+    }
+
+    /// Whether the last refresh reached the metadata store.
+    pub fn store_ok(&self) -> bool {
+        self.inner.store_ok.load(Ordering::Relaxed)
+    }
+
+    /// Reload nodes and shards. On failure the old snapshot stays in use.
+    pub async fn refresh(&self) -> Result<(), RouterError> {
+        let result = async {
+            let nodes = self.inner.map.list_nodes().await?;
+            let shards = self.inner.map.list_shards().await?;
+            Ok::<_, RouterError>((nodes, shards))
+        }
+        .await;
+        match result {
+            Ok((nodes, shards)) => {
+                let nodes: HashMap<_, _> =
+                    nodes.into_iter().map(|(n, _)| (n.id.clone(), n)).collect();
+                let shards: HashMap<_, _> = shards
+                    .into_iter()
+                    .map(|(s, _)| (s.key.clone(), s))
+                    .collect();
+                metrics::gauge!("flotilla_router_nodes").set(nodes.len() as f64);
+                metrics::gauge!("flotilla_router_shards").set(shards.len() as f64);
+                *self.inner.nodes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(nodes);
+                *self.inner.shards.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shards);
+                self.inner.store_ok.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.store_ok.store(false, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Periodic refresh until cancelled. Returns the token that stops it.
+    pub fn start_background(&self) -> CancellationToken {
+        let me = self.clone();
+        let cancel = self.inner.cancel.child_token();
+        let c = cancel.clone();
+        self.inner.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(me.inner.cfg.refresh_interval);
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = me.refresh().await {
+                            tracing::debug!(error = %e, "shard map refresh failed; serving from cache");
+                        }
+                    }
+                }
+            }
+        });
+        cancel
+    }
+
+    pub fn nodes(&self) -> Snapshot<NodeId, NodeRecord> {
+        read(&self.inner.nodes)
+    }
+
+    pub fn shards(&self) -> Snapshot<ShardKey, ShardRecord> {
+        read(&self.inner.shards)
+    }
+
+    pub fn node(&self, id: &NodeId) -> Option<NodeRecord> {
+        self.nodes().get(id).cloned()
+    }
+
+    /// Skip `id` for a while: it just failed a request (passive health checking).
+    pub fn eject(&self, id: &NodeId) {
+        tracing::warn!(node = %id, "ejecting node after a failed request");
+        metrics::counter!("flotilla_router_ejections_total", "node" => id.to_string()).increment(1);
+        self.inner
+            .ejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), Instant::now() + self.inner.cfg.eject_for);
+    }
+
+    fn is_ejected(&self, id: &NodeId) -> bool {
+        let mut e = self.inner.ejected.lock().unwrap_or_else(|p| p.into_inner());
+        match e.get(id) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                e.remove(id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// A node takes traffic when it is registered, ready and not ejected.
+    pub fn is_live(&self, n: &NodeRecord) -> bool {
+        n.state == NodeState::Ready && !self.is_ejected(&n.id)
+    }
+
+    /// Nodes to try for `rec`, best first. Live replicas come first (rotated for reads so
+    /// both copies share the load), then the rest as a last resort: the record decides which
+    /// nodes may answer, liveness only the order.
+    pub fn candidates(&self, rec: &ShardRecord, spread: bool) -> Vec<NodeRecord> {
+        let nodes = self.nodes();
+        let (mut live, rest): (Vec<NodeRecord>, Vec<NodeRecord>) = rec
+            .replicas
+            .iter()
+            .filter_map(|id| nodes.get(id).cloned())
+            .partition(|n| self.is_live(n));
+        if spread && live.len() > 1 {
+            let k = self.inner.rr.fetch_add(1, Ordering::Relaxed) % live.len();
+            live.rotate_left(k);
+        }
+        live.extend(rest);
+        live
+    }
+
+    /// Any live node (for requests not tied to a shard, such as the catalog).
+    pub fn any_live(&self) -> Vec<NodeRecord> {
+        let mut live: Vec<NodeRecord> = self
+            .nodes()
+            .values()
+            .filter(|n| self.is_live(n))
+            .cloned()
+            .collect();
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        if live.len() > 1 {
+            let k = self.inner.rr.fetch_add(1, Ordering::Relaxed) % live.len();
+            live.rotate_left(k);
+        }
+        live
+    }
+
+    /// The shard record of `key`; with `create`, place a new key (first push). Concurrent
+    /// routers agree through compare-and-swap: the loser adopts the winner's record.
+    pub async fn shard(
+        &self,
+        key: &ShardKey,
+        create: bool,
+    ) -> Result<Option<ShardRecord>, RouterError> {
+        if let Some(r) = self.shards().get(key) {
+            return Ok(Some(r.clone()));
+        }
+        if let Some((r, _)) = self.inner.map.get_shard(key).await? {
+            self.cache_shard(r.clone());
+            return Ok(Some(r));
+        }
+        if !create {
+            return Ok(None);
+        }
+        let nodes: Vec<NodeInfo> = self
+            .nodes()
+            .values()
+            .filter(|n| !self.is_ejected(&n.id))
+            .map(NodeInfo::from)
+            .collect();
+        let shards = self.shards();
+        let loads = Loads::from_shards(shards.values());
+        let placement = shardmap::place(key, self.inner.cfg.replication_factor, &nodes, &loads)
+            .map_err(|e| RouterError::Meta(shardmap::StoreError::Protocol(e.to_string())))?;
+        let rec = ShardRecord {
+            key: key.clone(),
+            replicas: placement.replicas,
+            joining: Vec::new(),
+            epoch: 1,
+            pinned: false,
+            rack_relaxed: placement.rack_relaxed,
+            created_ms: now_ms(),
+        };
+        let (won, _) = self.inner.map.create_shard(&rec).await?;
+        tracing::info!(key = %key, replicas = ?won.replicas, "placed new shard key");
+        metrics::counter!("flotilla_router_placements_total").increment(1);
+        self.cache_shard(won.clone());
+        Ok(Some(won))
+    }
+
+    pub fn cache_shard(&self, rec: ShardRecord) {
+        let mut guard = self.inner.shards.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**guard).clone();
+        next.insert(rec.key.clone(), rec);
+        *guard = Arc::new(next);
+    }
+}

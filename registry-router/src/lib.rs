@@ -1,0 +1,97 @@
+//! The router: Flotilla's front door.
+//!
+//! Brief overview:
+//! - [`cluster::Cluster`] keeps a snapshot of nodes and shard records from the metadata store
+//!   (refreshed in the background; served from cache when the store is unreachable), places
+//!   new keys with `shardmap::place` under compare-and-swap, and ejects failing nodes.
+//! - [`proxy`] forwards each OCI request to the right node: reads to any live replica with
+//!   failover, writes to the primary, manifest/tag writes synchronously to the live partner
+//!   as well, upload sessions to the node that holds them (`<node>.<uuid>` in `Location`).
+//!   Bodies stream both ways; only manifests (capped at 4 MiB) are collected.
+//! - [`admin`] is the JSON admin API under `/admin/v1`.
+//!
+//! The router stores no blob bytes and keeps no state of its own besides caches.
+
+pub mod admin;
+pub mod cluster;
+pub mod proxy;
+
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use axum::routing::{any, get};
+use axum::Router;
+
+pub use cluster::Cluster;
+
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub meta_url: String,
+    pub replication_factor: usize,
+    pub shard_key_depth: NonZeroUsize,
+    /// How often the node and shard snapshot is refreshed from the metadata store.
+    pub refresh_interval: Duration,
+    /// How long a node that failed a request is skipped before it is tried again.
+    pub eject_for: Duration,
+    /// Per-attempt timeout for reads forwarded to a node (headers, not the whole body).
+    pub upstream_timeout: Duration,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+impl RouterConfig {
+    pub fn new(meta_url: String) -> Self {
+        RouterConfig {
+            meta_url,
+            replication_factor: 2,
+            shard_key_depth: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+            refresh_interval: Duration::from_millis(500),
+            eject_for: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(10),
+            metrics: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("metadata store: {0}")]
+    Meta(#[from] shardmap::StoreError),
+    #[error("http client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("serving HTTP: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The router's HTTP app, built apart from `run` so tests can drive it.
+pub fn app(cluster: Cluster) -> Router {
+    Router::new()
+        .route("/v2", any(proxy::handle))
+        .route("/v2/", any(proxy::handle))
+        .route("/v2/{*rest}", any(proxy::handle))
+        .nest("/admin/v1", admin::routes())
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(admin::readyz))
+        .route("/metrics", get(admin::metrics_text))
+        .with_state(cluster)
+}
+
+/// Serve until `shutdown` resolves; in-flight requests finish first.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    cfg: RouterConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let cluster = Cluster::open(cfg).await?;
+    let bg = cluster.start_background();
+    tracing::info!(addr = ?listener.local_addr().ok(), "router serving");
+    let result = axum::serve(listener, app(cluster.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(RouterError::Serve);
+    bg.cancel();
+    cluster.tasks().close();
+    cluster.tasks().wait().await;
+    tracing::info!("router stopped");
+    result
+}

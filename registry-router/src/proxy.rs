@@ -1,0 +1,435 @@
+//! Request forwarding: one typed route decides where a request goes and how it may be
+//! retried. Reads fail over across replicas; manifest and tag writes go to the primary and
+//! then synchronously to the live partner; blob bytes stream to one node, and the partner
+//! is warmed asynchronously (it reads through object storage until then).
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use flotilla_core::{ErrorCode, RepoName, UploadId};
+use futures::TryStreamExt;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use registry_node::http::{ApiError, OciRoute, API_VERSION_HEADER};
+use shardmap::NodeRecord;
+
+use crate::Cluster;
+
+const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
+
+/// Headers that describe one hop, never forwarded.
+fn hop_by_hop(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "host"
+            | "proxy-connection"
+    )
+}
+
+fn finish(mut resp: Response) -> Response {
+    resp.headers_mut()
+        .insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+pub async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
+    let started = Instant::now();
+    let route = OciRoute::parse(req.uri().path());
+    let label = route.as_ref().map(OciRoute::label).unwrap_or("invalid");
+    let method = req.method().clone();
+    let resp = match route {
+        Ok(route) => dispatch(&cluster, route, req)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    };
+    metrics::counter!("flotilla_router_requests_total",
+        "route" => label, "method" => method.to_string(), "status" => resp.status().as_u16().to_string())
+    .increment(1);
+    metrics::histogram!("flotilla_router_request_seconds", "route" => label)
+        .record(started.elapsed().as_secs_f64());
+    finish(resp)
+}
+
+fn unavailable(what: &str) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable).message(what.to_owned())
+}
+
+fn shard_error(e: crate::RouterError) -> ApiError {
+    tracing::error!(error = %e, "shard map unavailable");
+    unavailable("the shard map is unavailable; retry later")
+}
+
+async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Response, ApiError> {
+    let depth = cluster.config().shard_key_depth;
+    let method = req.method().clone();
+    match route {
+        OciRoute::Base => Ok(StatusCode::OK.into_response()),
+        OciRoute::Catalog => read(cluster, cluster.any_live(), req).await,
+        OciRoute::Upload { repo, id } => forward_upload(cluster, &repo, &id, req).await,
+        OciRoute::UploadStart { repo } => {
+            let rec = cluster
+                .shard(&repo.shard_key(depth), true)
+                .await
+                .map_err(shard_error)?
+                .ok_or_else(|| unavailable("no placement for this repository"))?;
+            let nodes = cluster.candidates(&rec, false);
+            let node = nodes
+                .first()
+                .ok_or_else(|| unavailable("no live replica"))?;
+            let resp = forward_streaming(cluster, node, req).await?;
+            Ok(after_blob_write(cluster, &repo, node, &nodes, resp))
+        }
+        OciRoute::Manifest { repo, .. } if method == Method::PUT || method == Method::DELETE => {
+            replicated_write(cluster, &repo, method == Method::PUT, req).await
+        }
+        OciRoute::Blob { repo, .. } if method == Method::DELETE => {
+            replicated_write(cluster, &repo, false, req).await
+        }
+        OciRoute::Tags { repo }
+        | OciRoute::Manifest { repo, .. }
+        | OciRoute::Blob { repo, .. }
+        | OciRoute::Referrers { repo, .. } => {
+            let nodes = match cluster.shard(&repo.shard_key(depth), false).await {
+                Ok(Some(rec)) => cluster.candidates(&rec, true),
+                // Unknown key: any node answers correctly (from object storage, or 404).
+                Ok(None) => cluster.any_live(),
+                Err(e) => return Err(shard_error(e)),
+            };
+            read(cluster, nodes, req).await
+        }
+    }
+}
+
+/// Build the upstream request: same method, path and query, end-to-end headers.
+fn upstream(
+    cluster: &Cluster,
+    node: &NodeRecord,
+    method: &Method,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    body: reqwest::Body,
+) -> reqwest::RequestBuilder {
+    let mut b = cluster.http().request(
+        method.clone(),
+        format!("{}{}", node.url.trim_end_matches('/'), path_and_query),
+    );
+    for (k, v) in headers {
+        if !hop_by_hop(k) {
+            b = b.header(k, v);
+        }
+    }
+    b.body(body)
+}
+
+/// Turn an upstream response into ours, streaming its body.
+fn downstream(resp: reqwest::Response, head: bool) -> Response {
+    let status = resp.status();
+    let mut headers = HeaderMap::new();
+    for (k, v) in resp.headers() {
+        if !hop_by_hop(k) {
+            headers.append(k.clone(), v.clone());
+        }
+    }
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from_stream(resp.bytes_stream())
+    };
+    let mut out = Response::new(body);
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+fn path_and_query(req: &Request) -> String {
+    req.uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| req.uri().path().to_owned())
+}
+
+/// A body-less request tried on each node in turn; a connection error, timeout or 5xx moves
+/// on to the next before the client sees anything.
+async fn read(
+    cluster: &Cluster,
+    nodes: Vec<NodeRecord>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let pq = path_and_query(&req);
+    let head = req.method() == Method::HEAD;
+    let mut last: Option<Response> = None;
+    for (i, node) in nodes.iter().enumerate() {
+        let attempt = upstream(
+            cluster,
+            node,
+            req.method(),
+            &pq,
+            req.headers(),
+            reqwest::Body::from(Bytes::new()),
+        )
+        .timeout(cluster.config().upstream_timeout);
+        let started = Instant::now();
+        let result = tokio::time::timeout(cluster.config().upstream_timeout, attempt.send()).await;
+        metrics::histogram!("flotilla_router_upstream_seconds", "node" => node.id.to_string())
+            .record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(r)) if !r.status().is_server_error() => return Ok(downstream(r, head)),
+            Ok(Ok(r)) => {
+                tracing::warn!(node = %node.id, status = %r.status(), "read failed upstream; trying the partner");
+                last = Some(downstream(r, head));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(node = %node.id, error = %e, "read failed upstream; trying the partner");
+                cluster.eject(&node.id);
+            }
+            Err(_) => {
+                tracing::warn!(node = %node.id, "read timed out upstream; trying the partner");
+                cluster.eject(&node.id);
+            }
+        }
+        if i + 1 < nodes.len() {
+            metrics::counter!("flotilla_router_failovers_total").increment(1);
+        }
+    }
+    last.ok_or_else(|| unavailable("no replica of this repository is reachable"))
+}
+
+/// Stream a request with a body to one node (uploads); no retry, the body is consumed.
+async fn forward_streaming(
+    cluster: &Cluster,
+    node: &NodeRecord,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let pq = path_and_query(&req);
+    let (parts, body) = req.into_parts();
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let r = upstream(
+        cluster,
+        node,
+        &parts.method,
+        &pq,
+        &parts.headers,
+        reqwest::Body::wrap_stream(stream),
+    )
+    .send()
+    .await
+    .map_err(|e| {
+        cluster.eject(&node.id);
+        tracing::warn!(node = %node.id, error = %e, "upload forwarding failed");
+        unavailable("the replica holding this upload is unreachable; retry the upload")
+    })?;
+    Ok(rewrite_location(downstream(r, false), &node.id))
+}
+
+/// Prefix upload-session `Location`s with the owning node, so later requests find it.
+fn rewrite_location(mut resp: Response, node: &flotilla_core::NodeId) -> Response {
+    let Some(loc) = resp
+        .headers()
+        .get(http::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return resp;
+    };
+    if let Some((base, id)) = loc.rsplit_once("/blobs/uploads/") {
+        let (id, query) = id
+            .split_once('?')
+            .map(|(a, b)| (a, Some(b)))
+            .unwrap_or((id, None));
+        let mut new = format!("{base}/blobs/uploads/{node}.{id}");
+        if let Some(q) = query {
+            new.push('?');
+            new.push_str(q);
+        }
+        if let Ok(v) = HeaderValue::from_str(&new) {
+            resp.headers_mut().insert(http::header::LOCATION, v);
+        }
+    }
+    resp
+}
+
+/// PATCH/PUT/GET/DELETE on a session go to the node encoded in its id.
+async fn forward_upload(
+    cluster: &Cluster,
+    repo: &RepoName,
+    id: &UploadId,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let unknown = || ApiError::new(ErrorCode::BlobUploadUnknown).detail(id.to_string());
+    let (node_id, inner) = id.as_str().split_once('.').ok_or_else(unknown)?;
+    let node = node_id
+        .parse()
+        .ok()
+        .and_then(|n| cluster.node(&n))
+        .filter(|n| cluster.is_live(n))
+        .ok_or_else(unknown)?;
+    let pq = path_and_query(&req).replacen(
+        &format!("/blobs/uploads/{id}"),
+        &format!("/blobs/uploads/{inner}"),
+        1,
+    );
+    let (mut parts, body) = req.into_parts();
+    parts.uri = pq.parse().map_err(|_| unknown())?;
+    let req = Request::from_parts(parts, body);
+    let completes = req.method() == Method::PUT;
+    let resp = forward_streaming(cluster, &node, req).await?;
+    if completes {
+        let depth = cluster.config().shard_key_depth;
+        if let Ok(Some(rec)) = cluster.shard(&repo.shard_key(depth), false).await {
+            let nodes = cluster.candidates(&rec, false);
+            return Ok(after_blob_write(cluster, repo, &node, &nodes, resp));
+        }
+    }
+    Ok(resp)
+}
+
+/// After a blob is committed on one replica, warm the others in the background: a GET makes
+/// them read it through object storage into their cache.
+fn after_blob_write(
+    cluster: &Cluster,
+    repo: &RepoName,
+    written: &NodeRecord,
+    nodes: &[NodeRecord],
+    resp: Response,
+) -> Response {
+    if resp.status() != StatusCode::CREATED {
+        return resp;
+    }
+    let Some(digest) = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return resp;
+    };
+    for n in nodes
+        .iter()
+        .filter(|n| n.id != written.id && cluster.is_live(n))
+    {
+        let url = format!("{}/v2/{repo}/blobs/{digest}", n.url.trim_end_matches('/'));
+        let http = cluster.http().clone();
+        let node = n.id.clone();
+        cluster.tasks().spawn(async move {
+            let started = Instant::now();
+            match http.get(&url).send().await {
+                Ok(r) => {
+                    let ok = r.status().is_success();
+                    let drained = r.bytes_stream().try_for_each(|_| async { Ok(()) }).await;
+                    if ok && drained.is_ok() {
+                        metrics::histogram!("flotilla_router_replication_lag_seconds").record(started.elapsed().as_secs_f64());
+                    }
+                }
+                Err(e) => tracing::warn!(%node, error = %e, "asynchronous blob replication failed; the partner will read through object storage"),
+            }
+        });
+    }
+    resp
+}
+
+/// Manifest/tag writes and deletes: primary first (failing over if it is unreachable), then
+/// every other live replica, synchronously, so a read on either copy sees the write at once.
+async fn replicated_write(
+    cluster: &Cluster,
+    repo: &RepoName,
+    create: bool,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let depth = cluster.config().shard_key_depth;
+    let rec = match cluster
+        .shard(&repo.shard_key(depth), create)
+        .await
+        .map_err(shard_error)?
+    {
+        Some(r) => r,
+        None => {
+            // Nothing was ever placed here: let any node give the authoritative 404.
+            return read_with_body(cluster, cluster.any_live(), req).await;
+        }
+    };
+    read_with_body(cluster, cluster.candidates(&rec, false), req).await
+}
+
+async fn read_with_body(
+    cluster: &Cluster,
+    nodes: Vec<NodeRecord>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let pq = path_and_query(&req);
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, MANIFEST_LIMIT + 1)
+        .await
+        .map_err(|_| {
+            ApiError::new(ErrorCode::SizeInvalid)
+                .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+                .message("manifest exceeds the 4 MiB limit")
+        })?;
+    let mut primary: Option<(usize, reqwest::Response)> = None;
+    for (i, node) in nodes.iter().enumerate() {
+        if !cluster.is_live(node) && i + 1 < nodes.len() {
+            continue;
+        }
+        match upstream(
+            cluster,
+            node,
+            &parts.method,
+            &pq,
+            &parts.headers,
+            reqwest::Body::from(bytes.clone()),
+        )
+        .send()
+        .await
+        {
+            Ok(r) => {
+                primary = Some((i, r));
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(node = %node.id, error = %e, "write failed on primary; failing over");
+                cluster.eject(&node.id);
+                metrics::counter!("flotilla_router_failovers_total").increment(1);
+            }
+        }
+    }
+    let (pi, resp) =
+        primary.ok_or_else(|| unavailable("no replica of this repository is reachable"))?;
+    if resp.status().is_success() {
+        for (i, node) in nodes.iter().enumerate() {
+            if i == pi || !cluster.is_live(node) {
+                continue;
+            }
+            let started = Instant::now();
+            match upstream(
+                cluster,
+                node,
+                &parts.method,
+                &pq,
+                &parts.headers,
+                reqwest::Body::from(bytes.clone()),
+            )
+            .send()
+            .await
+            {
+                Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
+                    metrics::histogram!("flotilla_router_sync_replication_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                }
+                Ok(r) => {
+                    tracing::warn!(node = %node.id, status = %r.status(), "partner refused a replicated write; it will catch up from object storage")
+                }
+                Err(e) => {
+                    tracing::warn!(node = %node.id, error = %e, "partner unreachable for a replicated write");
+                    cluster.eject(&node.id);
+                }
+            }
+        }
+    }
+    Ok(downstream(resp, false))
+}
