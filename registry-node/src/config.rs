@@ -23,6 +23,8 @@ pub struct NodeConfig {
     pub upload_purge_interval: Duration,
     /// Manifests larger than this are refused (the spec suggests at least 4 MiB).
     pub manifest_max_bytes: usize,
+    /// How often the node re-checks its tags and links against object storage.
+    pub catch_up_interval: Duration,
     /// Upper bound on waiting for in-flight requests at shutdown.
     pub drain_timeout: Duration,
     /// Renders `/metrics`; the process installs one recorder and hands every node its handle.
@@ -41,6 +43,7 @@ impl NodeConfig {
             upload_max_age: Duration::from_secs(3600),
             upload_purge_interval: Duration::from_secs(60),
             manifest_max_bytes: 4 * 1024 * 1024,
+            catch_up_interval: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
             metrics: None,
         }

@@ -69,7 +69,7 @@ pub async fn run(
                 .or_else(|| addr.map(|a| format!("http://{a}")))
                 .unwrap_or_default();
             let m = membership::Membership::open(&cfg, url, advertise)?;
-            Some(tokio::spawn(m.run(member_cancel.clone())))
+            Some(tokio::spawn(m.run(node.clone(), member_cancel.clone())))
         }
         None => None,
     };

@@ -47,8 +47,15 @@ impl Membership {
         })
     }
 
-    /// Register, then keep the registration alive until `cancel`; then drain and deregister.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    /// Wait until `node` has caught up with object storage, register, keep the registration
+    /// alive until `cancel`, then drain and deregister.
+    pub async fn run(mut self, node: crate::NodeService, cancel: CancellationToken) {
+        while !node.is_ready() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
         let mut lease = None;
         let mut tick = tokio::time::interval(LEASE_TTL / 4);
         loop {

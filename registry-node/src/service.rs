@@ -73,6 +73,7 @@ struct Inner {
     uploads: Uploads,
     remote: Option<Remote>,
     fetches: Option<Fetches>,
+    ready: std::sync::atomic::AtomicBool,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -134,6 +135,7 @@ impl NodeService {
                 uploads,
                 remote,
                 fetches,
+                ready: std::sync::atomic::AtomicBool::new(false),
                 cancel: CancellationToken::new(),
                 tasks,
             }),
@@ -162,10 +164,105 @@ impl NodeService {
                 }
             }
         });
+        let me = self.clone();
+        let c = cancel.clone();
+        self.inner.tasks.spawn(async move {
+            // First pass until it succeeds (the node reports ready only after it), then a
+            // periodic pass that closes the window of writes missed while unreachable.
+            let mut tick = tokio::time::interval(me.inner.cfg.catch_up_interval);
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = me.catch_up().await {
+                            tracing::warn!(error = %e, "catch-up with object storage failed; will retry");
+                        }
+                    }
+                }
+            }
+        });
         BackgroundTasks {
             cancel,
             tasks: self.inner.tasks.clone(),
         }
+    }
+
+    /// Whether the node finished catching up with object storage and may take traffic.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Anti-entropy: bring local tags and links in line with object storage, which every
+    /// acknowledged write reached first. Catches what this node missed while it was down or
+    /// unreachable: re-pointed or deleted tags, deleted manifests and blob links. What it
+    /// merely lacks needs no work here; reads fetch it through on demand. Returns how many
+    /// local entries changed.
+    pub async fn catch_up(&self) -> Result<usize> {
+        let Some(r) = &self.inner.remote else {
+            self.inner
+                .ready
+                .store(true, std::sync::atomic::Ordering::Release);
+            return Ok(0);
+        };
+        let store = &self.inner.store;
+        let mut changed = 0;
+        for repo in store.list_repos().await? {
+            let prefix = layout::remote_repo_prefix(&repo);
+            let remote_tags: std::collections::HashSet<String> = r
+                .list_names(&format!("{prefix}tags"))
+                .await?
+                .into_iter()
+                .collect();
+            for tag in store.list_tags(&repo).await.unwrap_or_default() {
+                let local = store.get_tag(&repo, &tag).await?;
+                if !remote_tags.contains(tag.as_str()) {
+                    store.delete_tag(&repo, &tag).await?;
+                    changed += 1;
+                    continue;
+                }
+                let remote = r
+                    .get_bytes(&layout::remote_tag(&repo, &tag), 1024)
+                    .await?
+                    .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<Digest>().ok());
+                match remote {
+                    Some(d) if Some(&d) != local.as_ref() => {
+                        store.put_tag(&repo, &tag, &d).await?;
+                        changed += 1;
+                    }
+                    None => {
+                        store.delete_tag(&repo, &tag).await?;
+                        changed += 1;
+                    }
+                    _ => {}
+                }
+            }
+            for (manifests, kind) in [(true, "manifests"), (false, "blobs")] {
+                let mut remote_links = std::collections::HashSet::new();
+                for alg in ["sha256", "sha512"] {
+                    for n in r.list_names(&format!("{prefix}{kind}/{alg}")).await? {
+                        remote_links.insert(format!("{alg}:{n}"));
+                    }
+                }
+                for d in store.list_links(&repo, manifests).await? {
+                    if !remote_links.contains(&d.to_string()) {
+                        if manifests {
+                            store.unlink_manifest(&repo, &d).await?;
+                        } else {
+                            store.unlink_layer(&repo, &d).await?;
+                        }
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        self.inner
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
+        if changed > 0 {
+            tracing::info!(changed, "caught up with object storage");
+        }
+        metrics::counter!("flotilla_node_catch_up_changes_total").increment(changed as u64);
+        Ok(changed)
     }
 
     // ---- blobs -----------------------------------------------------------------------

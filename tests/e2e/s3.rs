@@ -352,3 +352,43 @@ async fn nodes_sharing_a_bucket_upload_each_blob_once() {
     let v: serde_json::Value = b.client().get("/v2/_catalog").await.json().await.unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["svc/one", "svc/two"]));
 }
+
+#[tokio::test]
+async fn restarted_node_catches_up_on_missed_tag_changes_before_ready() {
+    let moto = Moto::start(BUCKET).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let a = s3_node(&tmp, "a", &moto.url()).await;
+    let mut b = s3_node(&tmp, "b", &moto.url()).await;
+    let (ca, cb) = (a.client(), b.client());
+    let m1 = ca.push_image("cu/app", "v1", b"first").await;
+    ca.push_image("cu/app", "gone", b"doomed").await;
+    // B caches both tags.
+    for tag in ["v1", "gone"] {
+        assert_eq!(
+            cb.get(&format!("/v2/cu/app/manifests/{tag}"))
+                .await
+                .status(),
+            200
+        );
+    }
+    b.kill9();
+    // While B is down: v1 moves, `gone` is deleted.
+    let m2 = ca.push_image("cu/app", "v1", b"second").await;
+    assert_ne!(m1, m2);
+    let r = ca
+        .http
+        .delete(ca.url("/v2/cu/app/manifests/gone"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    b.restart().await;
+    wait_http_ok(&format!("{}/readyz", b.url()), READY_TIMEOUT).await;
+    let r = cb.get("/v2/cu/app/manifests/v1").await;
+    assert_eq!(
+        sha256(&r.bytes().await.unwrap()),
+        m2,
+        "stale tag served after restart"
+    );
+    assert_eq!(cb.get("/v2/cu/app/manifests/gone").await.status(), 404);
+}

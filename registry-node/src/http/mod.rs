@@ -30,9 +30,21 @@ pub fn app(node: NodeService) -> Router {
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|| async { "ready" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(node)
+}
+
+async fn readyz(State(node): State<NodeService>) -> Response {
+    if node.is_ready() {
+        "ready".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "catching up with object storage",
+        )
+            .into_response()
+    }
 }
 
 async fn metrics_text(State(node): State<NodeService>) -> Response {

@@ -349,6 +349,28 @@ impl LocalStore {
         Ok(out)
     }
 
+    /// Digests of the manifests (`manifests = true`) or blobs linked into `repo`.
+    pub async fn list_links(
+        &self,
+        repo: &RepoName,
+        manifests: bool,
+    ) -> Result<Vec<Digest>, StoreError> {
+        let mut out = Vec::new();
+        for alg in ["sha256", "sha512"] {
+            let dir = if manifests {
+                format!("{}/_manifests/revisions/{alg}", layout::local_repo(repo))
+            } else {
+                format!("{}/_layers/{alg}", layout::local_repo(repo))
+            };
+            for name in list_dir(&self.path(&dir)).await? {
+                if let Ok(d) = format!("{alg}:{name}").parse() {
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every repository on this node, in lexical order. A directory under `repos/` is a
     /// repository when it holds the `_manifests` marker; names nest, so we keep descending.
     pub async fn list_repos(&self) -> Result<Vec<RepoName>, StoreError> {
