@@ -4,6 +4,7 @@
 mod s3support;
 mod support;
 
+mod bench_smoke;
 mod clients;
 mod crash;
 mod hostile;
