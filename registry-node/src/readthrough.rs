@@ -75,6 +75,12 @@ impl Fetches {
             map.insert(d.clone(), rx);
             tx
         };
+        // A fetch that finished between our caller's local miss and the insert above has
+        // already committed the blob (it commits before leaving the map): don't fetch again.
+        if self.local.has_blob(d).await.unwrap_or(false) {
+            self.finish(d, &tx, Outcome::Cached);
+            return Ok(Started::Wait(tx.subscribe()));
+        }
         metrics::counter!("flotilla_node_readthrough_fetches_total").increment(1);
         let opened = self.remote.get_stream(&layout::remote_blob(d)).await;
         let (size, stream) = match opened {

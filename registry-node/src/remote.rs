@@ -43,7 +43,8 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// `s3://BUCKET[/PREFIX][?endpoint=http://HOST:PORT&region=R]`, `file:///DIR`, `memory://`.
+    /// `s3://BUCKET[/PREFIX][?endpoint=http://HOST:PORT&region=R]`, `gs://BUCKET[/PREFIX]`,
+    /// `az://CONTAINER[/PREFIX]`, `file:///DIR`, `memory://`.
     /// S3 credentials come from the usual `AWS_*` variables; custom endpoints use path-style
     /// addressing (what MinIO, moto and Ceph expect).
     pub fn open(url: &str) -> Result<Remote, RemoteError> {
@@ -98,6 +99,23 @@ impl Remote {
                     Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?),
                     String::new(),
                 )
+            }
+            // Credentials and endpoints from the libraries' usual environment variables.
+            "gs" => {
+                let bucket = parsed.host_str().ok_or_else(|| bad("missing bucket"))?;
+                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry)
+                    .with_client_options(client);
+                (Arc::new(b.build()?), prefix)
+            }
+            "az" => {
+                let container = parsed.host_str().ok_or_else(|| bad("missing container"))?;
+                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(container)
+                    .with_retry(retry)
+                    .with_client_options(client);
+                (Arc::new(b.build()?), prefix)
             }
             "memory" => (Arc::new(object_store::memory::InMemory::new()), prefix),
             other => return Err(bad(&format!("unsupported scheme {other:?}"))),

@@ -13,11 +13,11 @@ use crate::support::*;
 
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Run a command; panic with its output on failure; return the whole output.
-fn run_out(cmd: &mut Command) -> Output {
+pub(crate) fn run_out(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -32,16 +32,16 @@ fn run_out(cmd: &mut Command) -> Output {
 }
 
 /// Run blocking commands off the async workers.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
 }
 
-fn skopeo() -> Command {
+pub(crate) fn skopeo() -> Command {
     Command::new(require_tool("skopeo"))
 }
 
 /// A unique suffix for names that outlive the node (Docker tags).
-fn unique() -> String {
+pub(crate) fn unique() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -51,9 +51,9 @@ fn unique() -> String {
 
 /// One content-addressed object with its bytes.
 #[derive(Clone, Debug)]
-struct Blob {
-    digest: String,
-    bytes: Vec<u8>,
+pub(crate) struct Blob {
+    pub(crate) digest: String,
+    pub(crate) bytes: Vec<u8>,
 }
 
 impl Blob {
@@ -64,7 +64,7 @@ impl Blob {
         }
     }
 
-    fn hex(&self) -> &str {
+    pub(crate) fn hex(&self) -> &str {
         self.digest.trim_start_matches("sha256:")
     }
 
@@ -75,10 +75,10 @@ impl Blob {
 
 /// A single-platform image: manifest, config and layers.
 #[derive(Clone, Debug)]
-struct Image {
-    manifest: Blob,
-    config: Blob,
-    layers: Vec<Blob>,
+pub(crate) struct Image {
+    pub(crate) manifest: Blob,
+    pub(crate) config: Blob,
+    pub(crate) layers: Vec<Blob>,
 }
 
 impl Image {
@@ -113,19 +113,19 @@ impl Image {
         }
     }
 
-    fn blobs(&self) -> impl Iterator<Item = &Blob> {
+    pub(crate) fn blobs(&self) -> impl Iterator<Item = &Blob> {
         std::iter::once(&self.config).chain(self.layers.iter())
     }
 }
 
 /// An OCI image layout directory written by hand.
-struct Layout {
+pub(crate) struct Layout {
     dir: PathBuf,
     refs: Vec<Value>,
 }
 
 impl Layout {
-    fn new(dir: &Path) -> Layout {
+    pub(crate) fn new(dir: &Path) -> Layout {
         std::fs::create_dir_all(dir.join("blobs/sha256")).expect("layout dir");
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
             .expect("oci-layout");
@@ -141,14 +141,14 @@ impl Layout {
         std::fs::write(self.dir.join("blobs/sha256").join(b.hex()), &b.bytes).expect("blob");
     }
 
-    fn put_image(&self, img: &Image) {
+    pub(crate) fn put_image(&self, img: &Image) {
         self.put(&img.manifest);
         for b in img.blobs() {
             self.put(b);
         }
     }
 
-    fn tag(&mut self, name: &str, media_type: &str, b: &Blob) {
+    pub(crate) fn tag(&mut self, name: &str, media_type: &str, b: &Blob) {
         let mut d = b.descriptor(media_type);
         d["annotations"] = json!({"org.opencontainers.image.ref.name": name});
         self.refs.push(d);
@@ -162,7 +162,7 @@ impl Layout {
 }
 
 /// The blob a layout written by skopeo holds under `digest`.
-fn layout_blob(dir: &Path, digest: &str) -> Vec<u8> {
+pub(crate) fn layout_blob(dir: &Path, digest: &str) -> Vec<u8> {
     let p = dir
         .join("blobs/sha256")
         .join(digest.trim_start_matches("sha256:"));
@@ -170,7 +170,7 @@ fn layout_blob(dir: &Path, digest: &str) -> Vec<u8> {
 }
 
 /// The descriptor `index.json` of a layout gives for `tag`.
-fn layout_ref(dir: &Path, tag: &str) -> Value {
+pub(crate) fn layout_ref(dir: &Path, tag: &str) -> Value {
     let index: Value =
         serde_json::from_slice(&std::fs::read(dir.join("index.json")).expect("index.json"))
             .expect("index.json is JSON");
@@ -185,7 +185,11 @@ fn layout_ref(dir: &Path, tag: &str) -> Value {
 
 /// GET a manifest: (content type, docker-content-digest, bytes); asserts 200 and that the
 /// digest header is the digest of the bytes.
-async fn get_manifest(c: &Oci, repo: &str, reference: &str) -> (String, String, Vec<u8>) {
+pub(crate) async fn get_manifest(
+    c: &Oci,
+    repo: &str,
+    reference: &str,
+) -> (String, String, Vec<u8>) {
     let r = c
         .http
         .get(c.url(&format!("/v2/{repo}/manifests/{reference}")))
@@ -212,7 +216,7 @@ async fn get_manifest(c: &Oci, repo: &str, reference: &str) -> (String, String, 
 }
 
 /// GET a blob of `repo` and check its bytes hash to its digest.
-async fn assert_blob(c: &Oci, repo: &str, digest: &str) -> Vec<u8> {
+pub(crate) async fn assert_blob(c: &Oci, repo: &str, digest: &str) -> Vec<u8> {
     let r = c.get(&format!("/v2/{repo}/blobs/{digest}")).await;
     assert_eq!(r.status(), 200, "GET {repo}@{digest}");
     let bytes = r.bytes().await.expect("blob body").to_vec();
@@ -225,7 +229,7 @@ async fn assert_blob(c: &Oci, repo: &str, digest: &str) -> Vec<u8> {
 }
 
 /// Every blob a schema-2-shaped manifest names is served by `repo` with the right bytes.
-async fn assert_manifest_blobs(c: &Oci, repo: &str, manifest: &[u8]) {
+pub(crate) async fn assert_manifest_blobs(c: &Oci, repo: &str, manifest: &[u8]) {
     let m: Value = serde_json::from_slice(manifest).expect("manifest JSON");
     let mut digests = vec![m["config"]["digest"].as_str().expect("config digest")];
     for l in m["layers"].as_array().expect("layers") {
@@ -236,7 +240,7 @@ async fn assert_manifest_blobs(c: &Oci, repo: &str, manifest: &[u8]) {
     }
 }
 
-fn single_image() -> Image {
+pub(crate) fn single_image() -> Image {
     Image::build(
         "amd64",
         &[
@@ -534,19 +538,19 @@ async fn skopeo_registry_to_registry_mounts_blobs() {
 }
 
 /// podman with its own storage under a temp dir, so no global state is touched.
-struct Podman {
+pub(crate) struct Podman {
     root: tempfile::TempDir,
 }
 
 impl Podman {
-    fn new() -> Podman {
+    pub(crate) fn new() -> Podman {
         require_tool("podman");
         Podman {
             root: tempfile::tempdir().expect("podman tempdir"),
         }
     }
 
-    fn cmd(&self) -> Command {
+    pub(crate) fn cmd(&self) -> Command {
         let r = self.root.path();
         for d in ["root", "runroot", "tmp"] {
             std::fs::create_dir_all(r.join(d)).expect("podman dir");
@@ -623,7 +627,7 @@ async fn podman_pull_tag_push() {
 }
 
 /// Local Docker images made by the test, removed whatever happens.
-struct DockerImages(Vec<String>);
+pub(crate) struct DockerImages(pub(crate) Vec<String>);
 
 impl Drop for DockerImages {
     fn drop(&mut self) {
@@ -723,7 +727,7 @@ async fn docker_import_push_rmi_pull() {
 }
 
 /// Remove the test's Docker images now (not only on drop) and check they are gone.
-async fn guard_cleanup(mut guard: DockerImages) {
+pub(crate) async fn guard_cleanup(mut guard: DockerImages) {
     let refs = std::mem::take(&mut guard.0);
     blocking(move || {
         for r in &refs {

@@ -1,11 +1,13 @@
 //! End-to-end tests: one integration binary, a module per area, all over real HTTP against
 //! real `flotilla` processes (and real clients: skopeo, podman, the Docker engine).
 
+mod cluster_support;
 mod s3support;
 mod support;
 
 mod bench_smoke;
 mod clients;
+mod cluster;
 mod crash;
 mod hostile;
 mod s3;

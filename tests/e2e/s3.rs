@@ -392,3 +392,40 @@ async fn restarted_node_catches_up_on_missed_tag_changes_before_ready() {
     );
     assert_eq!(cb.get("/v2/cu/app/manifests/gone").await.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_misses_make_one_fetch() {
+    let moto = Moto::start(BUCKET).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut n = s3_node(&tmp, "d", &moto.url()).await;
+    let c = n.client();
+    let big: Vec<u8> = (0..(12 << 20) as u32).map(|i| (i % 199) as u8).collect();
+    let d = c.push_blob("sf/app", &big).await;
+    wipe_and_restart(&mut n).await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (c, d) = (c.clone(), d.clone());
+        // Half whole-blob GETs (one of them leads the stream), half ranges (they wait).
+        tasks.push(tokio::spawn(async move {
+            let mut req = c.http.get(c.url(&format!("/v2/sf/app/blobs/{d}")));
+            if i % 2 == 1 {
+                req = req.header("range", "bytes=0-99");
+            }
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap())
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        match status {
+            200 => assert_eq!(sha256(&body), d),
+            206 => assert_eq!(&body[..], &big[..100]),
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert_eq!(
+        metric(&n, "flotilla_node_readthrough_fetches_total").await,
+        1.0,
+        "one fetch for eight concurrent misses"
+    );
+}

@@ -659,3 +659,76 @@ async fn oci_index_and_errors_everywhere() {
         assert_eq!(error_code(r).await, code, "{method} {path}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_pushes_of_the_same_blob_and_tag_are_safe() {
+    let n = NodeProc::start().await;
+    let c = n.client();
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i % 241) as u8).collect();
+    let d = sha256(&data);
+    // Ten clients push the same blob at once, half monolithic, half chunked.
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let (c, data, d) = (c.clone(), data.clone(), d.clone());
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let r = c
+                    .http
+                    .post(c.url(&format!("/v2/race/blobs/uploads/?digest={d}")))
+                    .body(data)
+                    .send()
+                    .await
+                    .unwrap();
+                r.status()
+            } else {
+                let r = c
+                    .http
+                    .post(c.url("/v2/race/blobs/uploads/"))
+                    .send()
+                    .await
+                    .unwrap();
+                let loc = hdr(&r, "location").to_owned();
+                let r = c.http.patch(c.url(&loc)).body(data).send().await.unwrap();
+                let loc = hdr(&r, "location").to_owned();
+                c.http
+                    .put(c.url(&with_digest(&loc, &d)))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 201);
+    }
+    let r = c.get(&format!("/v2/race/blobs/{d}")).await;
+    assert_eq!(sha256(&r.bytes().await.unwrap()), d);
+    // Ten clients tag different manifests with the same tag at once: the tag ends up
+    // naming one of them, whole.
+    let mut digests = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..10u8 {
+        let layer = c.push_blob("race", &[i; 100]).await;
+        let m = image_manifest(&d, data.len(), &layer, 100);
+        digests.push(sha256(m.as_bytes()));
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.put_manifest("race", "latest", OCI_MANIFEST, m.as_bytes())
+                .await
+                .status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 201);
+    }
+    let r = c.get("/v2/race/manifests/latest").await;
+    assert_eq!(r.status(), 200);
+    let got = sha256(&r.bytes().await.unwrap());
+    assert!(digests.contains(&got), "tag names a manifest nobody pushed");
+    let leftovers = files_under(&n.data.join("tmp"));
+    assert!(
+        leftovers.is_empty(),
+        "temp files left behind: {leftovers:?}"
+    );
+}

@@ -1,0 +1,564 @@
+//! The router and replica pairs, end to end: three real `flotilla node` processes (n1, n2 in
+//! rack r1; n3 alone in r2) and real `flotilla router` processes over one embedded metadata
+//! store and a moto S3 object store. Placement, failover on kill -9, catch-up after a
+//! restart, concurrent placement by two routers, real clients through the router, the admin
+//! API and graceful shutdown.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::clients::{
+    assert_manifest_blobs, blocking, get_manifest, guard_cleanup, layout_blob, single_image,
+    skopeo, unique, DockerImages, Layout, Podman, DOCKER_MANIFEST,
+};
+use crate::cluster_support::*;
+use crate::support::{run, tar_bytes, Oci, OCI_MANIFEST};
+
+const RACK: [(&str, &str); 3] = TOPOLOGY;
+
+fn rack_of(id: &str) -> &'static str {
+    RACK.iter()
+        .find(|(n, _)| *n == id)
+        .map(|(_, r)| *r)
+        .unwrap_or_else(|| panic!("unknown node {id}"))
+}
+
+/// Wait until the blobs of `p` (manifest included) are on exactly the disks of `replicas`,
+/// then assert the other nodes do not hold them.
+async fn assert_on_pair_disks(c: &ClusterProc, p: &Pushed, replicas: &[String]) {
+    let mut all = p.blobs.clone();
+    all.push(p.manifest.clone());
+    poll(
+        &format!("blobs of {}:{} on {replicas:?}", p.repo, p.tag),
+        CLUSTER_TIMEOUT,
+        || async {
+            all.iter()
+                .all(|d| replicas.iter().all(|r| c.node(r).has_blob(d)))
+                .then_some(())
+        },
+    )
+    .await;
+    for n in &c.nodes {
+        if !replicas.contains(&n.id) {
+            for d in &all {
+                assert!(
+                    !n.has_blob(d),
+                    "{d} of {}:{} is on non-replica {} (replicas {replicas:?})",
+                    p.repo,
+                    p.tag,
+                    n.id
+                );
+            }
+        }
+    }
+}
+
+async fn assert_in_s3(c: &ClusterProc, p: &Pushed) {
+    for d in p.blobs.iter().chain([&p.manifest]) {
+        assert!(c.s3_has_blob(d).await, "{d} of {} not in S3", p.repo);
+    }
+    let tag_key = format!("repos/{}/tags/{}", p.repo, p.tag);
+    assert!(c.s3_has(&tag_key).await, "{tag_key} not in S3");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn placement_is_rack_aware_even_and_on_the_pairs_disks() {
+    let c = ClusterProc::start(1).await;
+    let oci = c.router(0);
+    let mut pushed = Vec::new();
+    for i in 0..12 {
+        pushed.push(push_image(&oci, &format!("svc{i}/prod/app"), "v1").await);
+    }
+
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    for (i, p) in pushed.iter().enumerate() {
+        let key = format!("svc{i}/prod");
+        let replicas = c.replicas(0, &key).await;
+        assert_eq!(replicas.len(), 2, "{key}: {replicas:?}");
+        assert_ne!(
+            rack_of(&replicas[0]),
+            rack_of(&replicas[1]),
+            "{key}: replicas {replicas:?} share a rack"
+        );
+        assert!(replicas.contains(&"n3".to_owned()), "{key}: {replicas:?}");
+        for r in &replicas {
+            *per_node.entry(r.clone()).or_default() += 1;
+        }
+        assert_on_pair_disks(&c, p, &replicas).await;
+        assert_in_s3(&c, p).await;
+    }
+    assert_eq!(per_node.get("n3"), Some(&12), "{per_node:?}");
+    assert_eq!(per_node.get("n1"), Some(&6), "{per_node:?}");
+    assert_eq!(per_node.get("n2"), Some(&6), "{per_node:?}");
+
+    // The listing endpoints agree with the per-key records.
+    let (s, shards) = c.admin_get(0, "/shards").await;
+    assert_eq!(s, 200);
+    assert_eq!(shards.as_array().map(Vec::len), Some(12), "{shards}");
+    let nodes = c.admin_nodes(0).await;
+    let counts: Vec<(String, u64, String)> = nodes
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_str().unwrap_or_default().to_owned(),
+                n["shards"].as_u64().unwrap_or(0),
+                n["rack"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        vec![
+            ("n1".to_owned(), 6, "r1".to_owned()),
+            ("n2".to_owned(), 6, "r1".to_owned()),
+            ("n3".to_owned(), 12, "r2".to_owned()),
+        ]
+    );
+    for p in &pushed {
+        try_pull(&oci, p).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// A background client pulling every image in a loop through the router.
+struct PullLoop {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PullLoop {
+    fn start(oci: Oci, images: Vec<Pushed>) -> PullLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (s, r, f) = (stop.clone(), rounds.clone(), failures.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::SeqCst) {
+                for p in &images {
+                    if let Err(e) = try_pull(&oci, p).await {
+                        f.lock().unwrap().push(e);
+                    }
+                }
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        PullLoop {
+            stop,
+            rounds,
+            failures,
+            task,
+        }
+    }
+
+    /// Wait until at least `n` more full rounds ran and `min` time passed.
+    async fn run_for(&self, n: usize, min: Duration) {
+        let start = self.rounds.load(Ordering::SeqCst);
+        let t0 = Instant::now();
+        poll("pull rounds", Duration::from_secs(60), || async {
+            (self.rounds.load(Ordering::SeqCst) >= start + n && t0.elapsed() >= min).then_some(())
+        })
+        .await;
+    }
+
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("pull loop");
+        let f = self.failures.lock().unwrap().clone();
+        (self.rounds.load(Ordering::SeqCst), f)
+    }
+}
+
+/// Tests 2 and 3 of the issue: kill -9 under read load, pushes while down, catch-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill9_keeps_reads_and_pushes_working_and_the_node_catches_up() {
+    let mut c = ClusterProc::start(1).await;
+    let oci = c.router(0);
+    let mut images = Vec::new();
+    for i in 0..6 {
+        images.push(push_image(&oci, &format!("svc{i}/prod/app"), "v1").await);
+    }
+    for (i, p) in images.iter().enumerate() {
+        let replicas = c.replicas(0, &format!("svc{i}/prod")).await;
+        assert!(replicas.contains(&"n3".to_owned()), "{replicas:?}");
+        assert_on_pair_disks(&c, p, &replicas).await;
+    }
+
+    let pulls = PullLoop::start(oci.clone(), images.clone());
+    pulls.run_for(5, Duration::from_secs(3)).await;
+    c.kill9("n3");
+    let killed = Instant::now();
+    // Through the first failure (ejection), the ejection's expiry and the lease's expiry.
+    pulls.run_for(5, Duration::from_secs(3)).await;
+    c.wait_node_gone(0, "n3", Duration::from_secs(30)).await;
+    pulls.run_for(3, Duration::ZERO).await;
+    let (rounds, failures) = pulls.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} pulls failed around the kill -9 ({rounds} rounds): {failures:#?}",
+        failures.len()
+    );
+    println!(
+        "{rounds} pull rounds of {} images, none failed; n3 left the map {:?} after kill -9",
+        images.len(),
+        killed.elapsed()
+    );
+
+    // Pushes while n3 (alone in rack r2, a replica of every key) is down.
+    let mut acked = Vec::new();
+    for i in 0..6 {
+        let repo = format!("svc{i}/prod/app");
+        let layer = layer_for(&format!("{repo}:v2"), 8192);
+        match try_push_image(&oci, &repo, "v2", &layer).await {
+            Ok(p) => acked.push(p),
+            Err(e) => panic!("push while n3 is down: {e}"),
+        }
+    }
+    for i in 0..2 {
+        let p = push_image(&oci, &format!("new{i}/prod/app"), "v1").await;
+        let replicas = c.replicas(0, &format!("new{i}/prod")).await;
+        assert!(!replicas.contains(&"n3".to_owned()), "{replicas:?}");
+        acked.push(p);
+    }
+    for p in images.iter().chain(&acked) {
+        try_pull(&oci, p)
+            .await
+            .unwrap_or_else(|e| panic!("with n3 down: {e}"));
+    }
+
+    // n3 comes back on its old disk: what it missed is readable from it directly.
+    c.restart("n3").await;
+    let n3 = c.node("n3").client();
+    for p in acked.iter().take(6).chain(&images) {
+        try_pull(&n3, p)
+            .await
+            .unwrap_or_else(|e| panic!("directly from restarted n3: {e}"));
+    }
+    for p in images.iter().chain(&acked) {
+        try_pull(&oci, p)
+            .await
+            .unwrap_or_else(|e| panic!("through the router after the restart: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_routers_agree_on_concurrent_first_placement() {
+    let c = ClusterProc::start(2).await;
+    let (a, b) = (c.router(0), c.router(1));
+    let pushes = (0..10).map(|i| {
+        let (a, b) = (a.clone(), b.clone());
+        async move {
+            let repo = format!("race{i}/prod/app");
+            let (la, lb) = (
+                layer_for(&format!("{repo}:a"), 4096),
+                layer_for(&format!("{repo}:b"), 4096),
+            );
+            let (pa, pb) = tokio::join!(
+                try_push_image(&a, &repo, "a", &la),
+                try_push_image(&b, &repo, "b", &lb)
+            );
+            (
+                pa.unwrap_or_else(|e| panic!("router 0: {e}")),
+                pb.unwrap_or_else(|e| panic!("router 1: {e}")),
+            )
+        }
+    });
+    let results = futures::future::join_all(pushes).await;
+    for (i, (pa, pb)) in results.iter().enumerate() {
+        let key = format!("race{i}/prod");
+        let (s0, r0) = c.admin_get(0, &format!("/shards/{key}")).await;
+        let (s1, r1) = c.admin_get(1, &format!("/shards/{key}")).await;
+        assert_eq!((s0, s1), (200, 200), "{r0} {r1}");
+        assert_eq!(r0, r1, "{key}: routers disagree");
+        assert_eq!(r0["epoch"], 1, "{r0}");
+        let replicas = c.replicas(0, &key).await;
+        // Both pushes went to the one agreed pair.
+        assert_on_pair_disks(&c, pa, &replicas).await;
+        assert_on_pair_disks(&c, pb, &replicas).await;
+        for p in [pa, pb] {
+            try_pull(&a, p).await.unwrap_or_else(|e| panic!("{e}"));
+            try_pull(&b, p).await.unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    // The cached listings converge too.
+    poll(
+        "both routers' shard listings to agree",
+        CLUSTER_TIMEOUT,
+        || async {
+            let (_, l0) = c.admin_get(0, "/shards").await;
+            let (_, l1) = c.admin_get(1, "/shards").await;
+            (l0 == l1 && l0.as_array().map(Vec::len) == Some(10)).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_clients_through_the_router() {
+    require_clients();
+    let c = ClusterProc::start(1).await;
+    let oci = c.router(0);
+    let host = c.routers[0].host();
+    let tmp = tempfile::tempdir().expect("tempdir");
+
+    // skopeo in: a hand-made OCI layout.
+    let img = single_image();
+    let dir = tmp.path().join("layout-in");
+    let mut l = Layout::new(&dir);
+    l.put_image(&img);
+    l.tag("v1", OCI_MANIFEST, &img.manifest);
+    let dest = format!("docker://{host}/clients/skopeo/app:v1");
+    blocking(move || {
+        run(skopeo()
+            .args(["copy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:v1", dir.display()))
+            .arg(dest))
+    })
+    .await;
+    let (_, digest, bytes) = get_manifest(&oci, "clients/skopeo/app", "v1").await;
+    assert_eq!(digest, img.manifest.digest);
+    assert_eq!(bytes, img.manifest.bytes);
+    assert_manifest_blobs(&oci, "clients/skopeo/app", &bytes).await;
+    let replicas = c.replicas(0, "clients/skopeo").await;
+    let pushed = Pushed {
+        repo: "clients/skopeo/app".into(),
+        tag: "v1".into(),
+        manifest: img.manifest.digest.clone(),
+        blobs: img.blobs().map(|b| b.digest.clone()).collect(),
+    };
+    assert_on_pair_disks(&c, &pushed, &replicas).await;
+
+    // skopeo out.
+    let out = tmp.path().join("layout-out");
+    let (src, o) = (
+        format!("docker://{host}/clients/skopeo/app:v1"),
+        out.clone(),
+    );
+    blocking(move || {
+        run(skopeo()
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(src)
+            .arg(format!("oci:{}:v1", o.display())))
+    })
+    .await;
+    assert_eq!(layout_blob(&out, &img.manifest.digest), img.manifest.bytes);
+    for b in img.blobs() {
+        assert_eq!(layout_blob(&out, &b.digest), b.bytes);
+    }
+
+    // podman pull.
+    let pm = Podman::new();
+    let src = format!("{host}/clients/skopeo/app:v1");
+    let config_hex = img.config.hex().to_owned();
+    let pm = blocking(move || {
+        run(pm.cmd().args(["pull", "--tls-verify=false", &src]));
+        let id = run(pm
+            .cmd()
+            .args(["image", "inspect", "--format", "{{.Id}}", &src]));
+        assert_eq!(
+            id.trim(),
+            config_hex,
+            "podman image id is the config digest"
+        );
+        pm
+    })
+    .await;
+    drop(pm);
+
+    // docker import → push → rmi → pull, through the router (127.0.0.1 is insecure-ok).
+    let tag = format!("e2e-{}", unique());
+    let repo = format!("{host}/clients/docker/api");
+    let reference = format!("{repo}:{tag}");
+    let tarball = tmp.path().join("rootfs.tar");
+    std::fs::write(
+        &tarball,
+        tar_bytes(&[(
+            "app/README",
+            format!("flotilla cluster e2e {tag}\n").as_bytes(),
+        )]),
+    )
+    .expect("write tarball");
+    let guard = DockerImages(vec![reference.clone()]);
+    let r2 = reference.clone();
+    let (id, pushed_digest, mut guard) = blocking(move || {
+        let mut guard = guard;
+        run(Command::new("docker").arg("import").arg(&tarball).arg(&r2));
+        let id = run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &r2]))
+            .trim()
+            .to_owned();
+        let push = run(Command::new("docker").args(["push", &r2]));
+        let digest = push
+            .split_whitespace()
+            .skip_while(|w| *w != "digest:")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no digest in docker push output:\n{push}"))
+            .to_owned();
+        guard
+            .0
+            .push(format!("{}@{digest}", r2.rsplit_once(':').unwrap().0));
+        run(Command::new("docker").args(["rmi", &r2]));
+        (id, digest, guard)
+    })
+    .await;
+    let (ct, digest, bytes) = get_manifest(&oci, "clients/docker/api", &tag).await;
+    assert_eq!(ct, DOCKER_MANIFEST);
+    assert_eq!(digest, pushed_digest);
+    assert_manifest_blobs(&oci, "clients/docker/api", &bytes).await;
+    let r2 = reference.clone();
+    let pulled_id = blocking(move || {
+        run(Command::new("docker").args(["pull", &r2]));
+        run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &r2]))
+            .trim()
+            .to_owned()
+    })
+    .await;
+    assert_eq!(pulled_id, id, "docker pulled the image it pushed");
+    guard.0.dedup();
+    guard_cleanup(guard).await;
+}
+
+fn require_clients() {
+    for t in ["skopeo", "podman", "docker"] {
+        crate::support::require_tool(t);
+    }
+}
+
+async fn put_pin(c: &ClusterProc, key: &str, body: &str) -> (u16, Value) {
+    let r = c
+        .http
+        .put(format!("{}/admin/v1/shards/{key}", c.routers[0].url()))
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("PUT shard");
+    let s = r.status().as_u16();
+    let text = r.text().await.unwrap_or_default();
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{s}: not JSON ({e}): {text}"));
+    (s, v)
+}
+
+async fn post_admin(c: &ClusterProc, path: &str) -> (u16, Value) {
+    let r = c
+        .http
+        .post(format!("{}/admin/v1{path}", c.routers[0].url()))
+        .send()
+        .await
+        .expect("POST admin");
+    let s = r.status().as_u16();
+    let v = r.json().await.expect("admin JSON");
+    (s, v)
+}
+
+/// Sum of a node's OCI request counter (what it served, whoever asked).
+async fn node_requests(c: &ClusterProc, id: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", c.node(id).url()))
+        .await
+        .expect("node metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with("flotilla_node_requests_total{") && l.contains("method=\"GET\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_api_validates_pins_and_drains() {
+    let c = ClusterProc::start(1).await;
+    let oci = c.router(0);
+    let bad = [
+        (r#"{"replicas":["n1","n9"]}"#, "not registered"),
+        (r#"{"replicas":["n1","n1"]}"#, "listed twice"),
+        (r#"{"replicas":["n1","n2"]}"#, "distinct racks"),
+        (r#"{"replicas":["n1","#, "must be JSON"),
+        (r#"{"nodes":["n1","n3"]}"#, "must be JSON"),
+        (r#"{"replicas":[]}"#, "at least one"),
+    ];
+    for (body, msg) in bad {
+        let (s, v) = put_pin(&c, "pinned/prod", body).await;
+        assert_eq!(s, 400, "{body}: {v}");
+        let err = v["error"].as_str().unwrap_or_default();
+        assert!(err.contains(msg), "{body}: error {err:?} lacks {msg:?}");
+    }
+    let (s, _) = c.admin_get(0, "/shards/pinned/prod").await;
+    assert_eq!(s, 404, "a refused pin must not create the key");
+
+    // A valid pin, then pushes land on the pinned pair only.
+    let (s, v) = put_pin(&c, "pinned/prod", r#"{"replicas":["n2","n3"]}"#).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["pinned"], true, "{v}");
+    assert_eq!(c.replicas(0, "pinned/prod").await, ["n2", "n3"]);
+    let p = push_image(&oci, "pinned/prod/app", "v1").await;
+    assert_on_pair_disks(&c, &p, &["n2".into(), "n3".into()]).await;
+    try_pull(&oci, &p).await.unwrap_or_else(|e| panic!("{e}"));
+
+    // Drain n2: listed as draining, reads of its keys stop reaching it.
+    let (s, v) = post_admin(&c, "/nodes/n2/drain").await;
+    assert_eq!(s, 200, "{v}");
+    let n2 = c.admin_node(0, "n2").await.expect("n2 listed");
+    assert_eq!(n2["state"], "draining", "{n2}");
+    assert_eq!(n2["live"], false, "{n2}");
+    let before = node_requests(&c, "n2").await;
+    for _ in 0..10 {
+        try_pull(&oci, &p).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(
+        node_requests(&c, "n2").await,
+        before,
+        "the router sent reads to draining n2"
+    );
+    // The drain survives the node's heartbeats (2.5 s apart).
+    let t0 = Instant::now();
+    poll("two heartbeats", Duration::from_secs(10), || async {
+        let n = c.admin_node(0, "n2").await?;
+        assert_eq!(n["state"], "draining", "drain lost: {n}");
+        (t0.elapsed() > Duration::from_secs(6)).then_some(())
+    })
+    .await;
+    let (s, v) = post_admin(&c, "/nodes/n9/drain").await;
+    assert_eq!(s, 404, "{v}");
+
+    // Undrain: ready and live again, reads reach it again.
+    let (s, v) = post_admin(&c, "/nodes/n2/undrain").await;
+    assert_eq!(s, 200, "{v}");
+    c.wait_node_live(0, "n2").await;
+    let before = node_requests(&c, "n2").await;
+    for _ in 0..10 {
+        try_pull(&oci, &p).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert!(
+        node_requests(&c, "n2").await > before,
+        "no read reached n2 after undrain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_deregisters_and_the_partner_serves() {
+    let mut c = ClusterProc::start(1).await;
+    let oci = c.router(0);
+    let mut images = Vec::new();
+    for i in 0..4 {
+        images.push(push_image(&oci, &format!("svc{i}/prod/app"), "v1").await);
+    }
+    for (i, p) in images.iter().enumerate() {
+        let replicas = c.replicas(0, &format!("svc{i}/prod")).await;
+        assert_on_pair_disks(&c, p, &replicas).await;
+    }
+    let t0 = Instant::now();
+    c.sigterm("n3").await;
+    // Deregistered on the way out, not left to expire (lease TTL 10 s).
+    c.wait_node_gone(0, "n3", Duration::from_secs(5)).await;
+    println!("n3 gone from the map {:?} after SIGTERM", t0.elapsed());
+    for p in &images {
+        try_pull(&oci, p)
+            .await
+            .unwrap_or_else(|e| panic!("after SIGTERM of n3: {e}"));
+    }
+}

@@ -1,0 +1,485 @@
+//! Multi-process cluster harness: real `flotilla node` processes (n1, n2 in rack r1; n3 in
+//! r2) and one or more `flotilla router` processes on free loopback ports, sharing an
+//! embedded (`file://`) metadata store in a temp dir and a moto S3 object store. Readiness
+//! is polled with bounded timeouts; every process is killed on drop.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::s3support::Moto;
+use crate::support::{free_port, sha256, Oci, OCI_MANIFEST};
+
+pub const BUCKET: &str = "flotilla";
+pub const PREFIX: &str = "reg";
+pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default topology: two racks, rack r2 holding a single node.
+pub const TOPOLOGY: [(&str, &str); 3] = [("n1", "r1"), ("n2", "r1"), ("n3", "r2")];
+
+/// Poll `f` until it yields `Some`, or panic with `what` after `timeout`.
+pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub struct ClusterNode {
+    pub id: String,
+    pub rack: String,
+    pub port: u16,
+    pub data: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl ClusterNode {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> Oci {
+        Oci::new(&self.url())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("node is running").id()
+    }
+
+    /// Whether this node's disk holds the blob `digest` (`sha256:<hex>`).
+    pub fn has_blob(&self, digest: &str) -> bool {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.data
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .is_file()
+    }
+}
+
+pub struct RouterProc {
+    pub port: u16,
+    pub child: Child,
+}
+
+impl RouterProc {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+pub struct ClusterProc {
+    pub nodes: Vec<ClusterNode>,
+    pub routers: Vec<RouterProc>,
+    pub meta_url: String,
+    pub store_url: String,
+    pub moto: Moto,
+    pub tmp: tempfile::TempDir,
+    pub http: reqwest::Client,
+}
+
+fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("log file")
+}
+
+impl ClusterProc {
+    /// Three nodes (see [`TOPOLOGY`]) and `routers` routers, all ready.
+    pub async fn start(routers: usize) -> ClusterProc {
+        let moto = Moto::start(BUCKET).await;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let meta_dir = tmp.path().join("meta");
+        std::fs::create_dir_all(&meta_dir).expect("meta dir");
+        let meta_url = format!("file://{}", meta_dir.display());
+        let store_url = format!(
+            "s3://{BUCKET}/{PREFIX}?endpoint={}&region=us-east-1",
+            moto.url()
+        );
+        let mut c = ClusterProc {
+            nodes: Vec::new(),
+            routers: Vec::new(),
+            meta_url,
+            store_url,
+            moto,
+            tmp,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+        };
+        for (id, rack) in TOPOLOGY {
+            let mut n = ClusterNode {
+                id: id.to_owned(),
+                rack: rack.to_owned(),
+                port: free_port(),
+                data: c.tmp.path().join(id),
+                child: None,
+            };
+            n.child = Some(c.spawn_node(&n));
+            c.nodes.push(n);
+        }
+        for _ in 0..routers {
+            let port = free_port();
+            let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+                .args(["router", "--meta", &c.meta_url])
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log_file(
+                    &c.tmp.path().join(format!("router{}.log", c.routers.len())),
+                ))
+                .spawn()
+                .expect("spawn flotilla router");
+            c.routers.push(RouterProc { port, child });
+        }
+        for r in 0..c.routers.len() {
+            crate::support::wait_http_ok(
+                &format!("{}/readyz", c.routers[r].url()),
+                CLUSTER_TIMEOUT,
+            )
+            .await;
+            for (id, _) in TOPOLOGY {
+                c.wait_node_live(r, id).await;
+            }
+        }
+        c
+    }
+
+    fn spawn_node(&self, n: &ClusterNode) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["node", "--id", &n.id, "--rack", &n.rack])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", n.port))
+            .arg("--advertise")
+            .arg(n.url())
+            .arg("--data")
+            .arg(&n.data)
+            .args(["--meta", &self.meta_url, "--store", &self.store_url])
+            .args(["--drain-secs", "5"])
+            .env("RUST_LOG", "info")
+            .env("AWS_ACCESS_KEY_ID", "flotilla-test")
+            .env("AWS_SECRET_ACCESS_KEY", "flotilla-test")
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.tmp.path().join(format!("{}.log", n.id))))
+            .spawn()
+            .expect("spawn flotilla node")
+    }
+
+    pub fn node(&self, id: &str) -> &ClusterNode {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    fn node_mut(&mut self, id: &str) -> &mut ClusterNode {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    pub fn router(&self, i: usize) -> Oci {
+        Oci::new(&self.routers[i].url())
+    }
+
+    /// SIGKILL a node: no deregistration, its lease simply stops being renewed.
+    pub fn kill9(&mut self, id: &str) {
+        if let Some(mut c) = self.node_mut(id).child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM a node (graceful shutdown); returns once the process has exited.
+    pub async fn sigterm(&mut self, id: &str) {
+        let mut child = self.node_mut(id).child.take().expect("node is running");
+        crate::support::run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait node") {
+                assert!(
+                    status.success(),
+                    "node {id} exited with {status} on SIGTERM"
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {id} ignored SIGTERM");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Start a (killed) node again on the same port and data dir; waits until every router
+    /// lists it as live.
+    pub async fn restart(&mut self, id: &str) {
+        self.kill9(id);
+        let child = self.spawn_node(self.node(id));
+        self.node_mut(id).child = Some(child);
+        for r in 0..self.routers.len() {
+            self.wait_node_live(r, id).await;
+        }
+    }
+
+    pub async fn admin_get(&self, router: usize, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}/admin/v1{path}", self.routers[router].url()))
+            .send()
+            .await
+            .expect("admin GET");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("admin body");
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("GET {path}: {status} not JSON ({e}): {text}"));
+        (status, v)
+    }
+
+    /// `GET /admin/v1/nodes` on router `router`.
+    pub async fn admin_nodes(&self, router: usize) -> Vec<Value> {
+        let (s, v) = self.admin_get(router, "/nodes").await;
+        assert_eq!(s, 200, "{v}");
+        v.as_array().expect("nodes array").clone()
+    }
+
+    pub async fn admin_node(&self, router: usize, id: &str) -> Option<Value> {
+        self.admin_nodes(router)
+            .await
+            .into_iter()
+            .find(|n| n["id"] == id)
+    }
+
+    /// The replicas of `key` per `GET /admin/v1/shards/{key}`.
+    pub async fn replicas(&self, router: usize, key: &str) -> Vec<String> {
+        let (s, v) = self.admin_get(router, &format!("/shards/{key}")).await;
+        assert_eq!(s, 200, "shard {key}: {v}");
+        v["replicas"]
+            .as_array()
+            .expect("replicas")
+            .iter()
+            .map(|r| r.as_str().expect("node id").to_owned())
+            .collect()
+    }
+
+    /// Wait until router `router` lists `id` as ready and live.
+    pub async fn wait_node_live(&self, router: usize, id: &str) {
+        poll(
+            &format!("router {router} to list node {id} as ready and live"),
+            CLUSTER_TIMEOUT,
+            || async {
+                let n = self.admin_node(router, id).await?;
+                (n["state"] == "ready" && n["live"] == true).then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Wait until router `router` no longer lists `id`.
+    pub async fn wait_node_gone(&self, router: usize, id: &str, timeout: Duration) {
+        poll(
+            &format!("router {router} to drop node {id}"),
+            timeout,
+            || async { self.admin_node(router, id).await.is_none().then_some(()) },
+        )
+        .await
+    }
+
+    pub async fn s3_has(&self, key: &str) -> bool {
+        let key = format!("{PREFIX}/{key}");
+        object_store::ObjectStore::head(&self.moto.s3(BUCKET), &key.into())
+            .await
+            .is_ok()
+    }
+
+    pub async fn s3_has_blob(&self, digest: &str) -> bool {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.s3_has(&format!("blobs/sha256/{hex}")).await
+    }
+}
+
+impl Drop for ClusterProc {
+    fn drop(&mut self) {
+        for r in &mut self.routers {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
+        }
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A small image of a repository: its manifest digest and every blob it references.
+#[derive(Clone, Debug)]
+pub struct Pushed {
+    pub repo: String,
+    pub tag: String,
+    pub manifest: String,
+    pub blobs: Vec<String>,
+}
+
+/// A deterministic layer unique to `seed`.
+pub fn layer_for(seed: &str, len: usize) -> Vec<u8> {
+    let h = sha256(seed.as_bytes());
+    h.as_bytes().iter().cycle().take(len).copied().collect()
+}
+
+/// Push a tiny image (config + one layer) without panicking: `Err` on any refusal.
+pub async fn try_push_image(
+    c: &Oci,
+    repo: &str,
+    tag: &str,
+    layer: &[u8],
+) -> Result<Pushed, String> {
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+        sha256(layer)
+    );
+    let mut blobs = Vec::new();
+    for bytes in [config.as_bytes(), layer] {
+        let d = sha256(bytes);
+        let r = c
+            .http
+            .post(c.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
+            .body(bytes.to_vec())
+            .send()
+            .await
+            .map_err(|e| format!("push blob {d}: {e}"))?;
+        if r.status() != 201 {
+            return Err(format!(
+                "push blob {d}: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            ));
+        }
+        blobs.push(d);
+    }
+    let m = crate::support::image_manifest(&blobs[0], config.len(), &blobs[1], layer.len());
+    let r = c
+        .http
+        .put(c.url(&format!("/v2/{repo}/manifests/{tag}")))
+        .header("content-type", OCI_MANIFEST)
+        .body(m.clone())
+        .send()
+        .await
+        .map_err(|e| format!("put manifest: {e}"))?;
+    if r.status() != 201 {
+        return Err(format!(
+            "put manifest {repo}:{tag}: {} {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
+    }
+    Ok(Pushed {
+        repo: repo.to_owned(),
+        tag: tag.to_owned(),
+        manifest: sha256(m.as_bytes()),
+        blobs,
+    })
+}
+
+pub async fn push_image(c: &Oci, repo: &str, tag: &str) -> Pushed {
+    let layer = layer_for(&format!("{repo}:{tag}"), 4096);
+    try_push_image(c, repo, tag, &layer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Pull `p` by tag (manifest, then every blob it references), verifying every digest.
+pub async fn try_pull(c: &Oci, p: &Pushed) -> Result<(), String> {
+    let r = c
+        .http
+        .get(c.url(&format!("/v2/{}/manifests/{}", p.repo, p.tag)))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .map_err(|e| format!("GET manifest {}:{}: {e}", p.repo, p.tag))?;
+    let status = r.status();
+    let body = r
+        .bytes()
+        .await
+        .map_err(|e| format!("manifest body {}:{}: {e}", p.repo, p.tag))?;
+    if status != 200 {
+        return Err(format!(
+            "GET manifest {}:{}: {status} {}",
+            p.repo,
+            p.tag,
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    if sha256(&body) != p.manifest {
+        return Err(format!("manifest {}:{} digest mismatch", p.repo, p.tag));
+    }
+    let m: Value = serde_json::from_slice(&body).map_err(|e| format!("manifest JSON: {e}"))?;
+    let mut refs = vec![m["config"]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()];
+    refs.extend(
+        m["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| l["digest"].as_str().unwrap_or_default().to_owned()),
+    );
+    if refs != p.blobs {
+        return Err(format!("manifest {}:{} references {refs:?}", p.repo, p.tag));
+    }
+    for d in refs {
+        let r = c
+            .get_checked(&format!("/v2/{}/blobs/{d}", p.repo))
+            .await
+            .map_err(|e| format!("blob {d} of {}: {e}", p.repo))?;
+        if sha256(&r) != d {
+            return Err(format!("blob {d} of {}: digest mismatch", p.repo));
+        }
+    }
+    Ok(())
+}
+
+trait GetChecked {
+    async fn get_checked(&self, path: &str) -> Result<Vec<u8>, String>;
+}
+
+impl GetChecked for Oci {
+    async fn get_checked(&self, path: &str) -> Result<Vec<u8>, String> {
+        let r = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = r.status();
+        let body = r.bytes().await.map_err(|e| e.to_string())?;
+        if status != 200 {
+            return Err(format!("{status} {}", String::from_utf8_lossy(&body)));
+        }
+        Ok(body.to_vec())
+    }
+}
