@@ -48,6 +48,9 @@ enum Cmd {
         /// Replication factor for newly placed keys.
         #[arg(long, default_value_t = 2)]
         replicas: usize,
+        /// Shared secret for the node-internal API.
+        #[arg(long, env = "FLOTILLA_SECRET", hide_env_values = true)]
+        secret: Option<String>,
     },
 }
 
@@ -70,6 +73,9 @@ struct NodeArgs {
     /// URL routers use to reach this node (default: http://LISTEN).
     #[arg(long)]
     advertise: Option<String>,
+    /// Shared secret required on the node-internal API (`/internal/v1`).
+    #[arg(long, env = "FLOTILLA_SECRET", hide_env_values = true)]
+    secret: Option<String>,
     /// Idle upload sessions older than this many seconds are purged.
     #[arg(long, default_value_t = 3600)]
     upload_max_age_secs: u64,
@@ -104,9 +110,11 @@ fn main() -> anyhow::Result<()> {
                 listen,
                 meta,
                 replicas,
+                secret,
             } => {
                 let mut cfg = registry_router::RouterConfig::new(meta);
                 cfg.replication_factor = replicas;
+                cfg.secret = secret;
                 cfg.metrics = Some(metrics);
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
@@ -119,6 +127,7 @@ fn main() -> anyhow::Result<()> {
                 cfg.store_url = a.store;
                 cfg.meta_url = a.meta;
                 cfg.advertise = a.advertise;
+                cfg.secret = a.secret;
                 cfg.metrics = Some(metrics);
                 cfg.upload_max_age = Duration::from_secs(a.upload_max_age_secs);
                 cfg.upload_purge_interval = cfg.upload_max_age.min(Duration::from_secs(60));
@@ -144,6 +153,9 @@ async fn dev(
     let store = format!("file://{}", data.join("objects").display());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+    // One process: a fresh random secret per run guards the node-internal API.
+    let secret = std::env::var("FLOTILLA_SECRET")
+        .unwrap_or_else(|_| uuid::Uuid::new_v4().simple().to_string());
     for i in 0..nodes {
         let id: NodeId = format!("n{}", i + 1).parse()?;
         let rack = racks.get(i).cloned().unwrap_or_else(|| {
@@ -157,6 +169,7 @@ async fn dev(
         cfg.store_url = Some(store.clone());
         cfg.meta_url = Some(meta.clone());
         cfg.metrics = Some(metrics.clone());
+        cfg.secret = Some(secret.clone());
         let stop = shutdown.clone();
         tasks.spawn(async move {
             registry_node::run(listener, cfg, async move { stop.cancelled().await })
@@ -166,6 +179,7 @@ async fn dev(
     }
     let mut cfg = registry_router::RouterConfig::new(meta);
     cfg.metrics = Some(metrics);
+    cfg.secret = Some(secret);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

@@ -15,6 +15,8 @@ pub struct NodeConfig {
     pub store_url: Option<String>,
     /// Metadata store URL; with it the node registers itself for routers to find.
     pub meta_url: Option<String>,
+    /// Shared secret required on the node-internal API; `None` disables that API.
+    pub secret: Option<String>,
     /// URL routers and peers use to reach this node; defaults to `http://<listen addr>`.
     pub advertise: Option<String>,
     /// Upload sessions idle longer than this are purged with their bytes.
@@ -40,6 +42,7 @@ impl NodeConfig {
             store_url: None,
             meta_url: None,
             advertise: None,
+            secret: None,
             upload_max_age: Duration::from_secs(3600),
             upload_purge_interval: Duration::from_secs(60),
             manifest_max_bytes: 4 * 1024 * 1024,

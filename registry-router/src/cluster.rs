@@ -128,8 +128,18 @@ impl Cluster {
 
     /// Periodic refresh until cancelled. Returns the token that stops it.
     pub fn start_background(&self) -> CancellationToken {
-        let me = self.clone();
         let cancel = self.inner.cancel.child_token();
+        let (me, c) = (self.clone(), cancel.clone());
+        self.inner.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(me.inner.cfg.probe_interval);
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => me.probe_all().await,
+                }
+            }
+        });
+        let me = self.clone();
         let c = cancel.clone();
         self.inner.tasks.spawn(async move {
             let mut tick = tokio::time::interval(me.inner.cfg.refresh_interval);
@@ -157,6 +167,48 @@ impl Cluster {
 
     pub fn node(&self, id: &NodeId) -> Option<NodeRecord> {
         self.nodes().get(id).cloned()
+    }
+
+    /// Probe every registered node once (`GET /internal/v1/status`). Any HTTP answer means
+    /// the process is up; a connection error or timeout ejects the node.
+    pub async fn probe_all(&self) {
+        let nodes = self.nodes();
+        let probes = nodes.values().map(|n| {
+            let mut req = self
+                .inner
+                .http
+                .get(format!(
+                    "{}/internal/v1/status",
+                    n.url.trim_end_matches('/')
+                ))
+                .timeout(std::time::Duration::from_secs(1));
+            if let Some(s) = &self.inner.cfg.secret {
+                req = req.header("x-flotilla-secret", s);
+            }
+            async move { (n.id.clone(), req.send().await.map(|r| r.status())) }
+        });
+        for (id, result) in futures::future::join_all(probes).await {
+            match result {
+                Ok(status) if !status.is_server_error() => {
+                    let lifted = self
+                        .inner
+                        .ejected
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id)
+                        .is_some();
+                    if lifted {
+                        tracing::info!(node = %id, "probe succeeded; node back in rotation");
+                    }
+                }
+                _ => {
+                    if !self.is_ejected(&id) {
+                        metrics::counter!("flotilla_router_probe_failures_total", "node" => id.to_string()).increment(1);
+                        self.eject(&id);
+                    }
+                }
+            }
+        }
     }
 
     /// Skip `id` for a while: it just failed a request (passive health checking).

@@ -37,6 +37,11 @@ pub struct RouterConfig {
     /// Per-attempt timeout for reads forwarded to a node (headers, not the whole body).
     pub upstream_timeout: Duration,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Shared secret for the node-internal API (health probes).
+    pub secret: Option<String>,
+    /// How often every registered node is probed; a failed probe ejects it before any
+    /// client request has to fail, a successful one lifts an ejection early.
+    pub probe_interval: Duration,
 }
 
 impl RouterConfig {
@@ -49,6 +54,8 @@ impl RouterConfig {
             eject_for: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(10),
             metrics: None,
+            secret: None,
+            probe_interval: Duration::from_secs(1),
         }
     }
 }

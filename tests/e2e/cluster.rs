@@ -562,3 +562,53 @@ async fn sigterm_deregisters_and_the_partner_serves() {
             .unwrap_or_else(|e| panic!("after SIGTERM of n3: {e}"));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn internal_api_needs_the_secret_and_probes_eject_dead_nodes_fast() {
+    let mut c = ClusterProc::start(1).await;
+    let http = reqwest::Client::new();
+    let status_url = format!("{}/internal/v1/status", c.node("n1").url());
+    for secret in [
+        None,
+        Some("wrong"),
+        Some(crate::cluster_support::CLUSTER_SECRET),
+    ] {
+        let mut req = http.get(&status_url);
+        if let Some(s) = secret {
+            req = req.header("x-flotilla-secret", s);
+        }
+        let r = req.send().await.unwrap();
+        if secret == Some(crate::cluster_support::CLUSTER_SECRET) {
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["id"], "n1");
+            assert_eq!(v["ready"], true);
+        } else {
+            assert_eq!(r.status(), 401, "secret {secret:?}");
+            assert_eq!(crate::support::error_code(r).await, "UNAUTHORIZED");
+        }
+    }
+    let r = http
+        .post(format!("{}/internal/v1/catch-up", c.node("n1").url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Active probing: a SIGKILLed node is out of rotation long before its 10 s lease expires.
+    let t0 = Instant::now();
+    c.kill9("n2");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let n2 = c.admin_node(0, "n2").await;
+        if n2.as_ref().is_some_and(|n| n["live"] == false) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2 still live 5 s after kill -9: {n2:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("n2 ejected by probes {:?} after kill -9", t0.elapsed());
+}

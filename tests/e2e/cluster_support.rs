@@ -88,6 +88,9 @@ impl RouterProc {
     }
 }
 
+/// The shared secret of the node-internal API in these clusters.
+pub const CLUSTER_SECRET: &str = "cluster-test-secret";
+
 pub struct ClusterProc {
     pub nodes: Vec<ClusterNode>,
     pub routers: Vec<RouterProc>,
@@ -152,6 +155,7 @@ impl ClusterProc {
                 .stderr(log_file(
                     &c.tmp.path().join(format!("router{}.log", c.routers.len())),
                 ))
+                .env("FLOTILLA_SECRET", CLUSTER_SECRET)
                 .spawn()
                 .expect("spawn flotilla router");
             c.routers.push(RouterProc { port, child });
@@ -180,6 +184,7 @@ impl ClusterProc {
             .arg(&n.data)
             .args(["--meta", &self.meta_url, "--store", &self.store_url])
             .args(["--drain-secs", "5"])
+            .env("FLOTILLA_SECRET", CLUSTER_SECRET)
             .env("RUST_LOG", "info")
             .env("AWS_ACCESS_KEY_ID", "flotilla-test")
             .env("AWS_SECRET_ACCESS_KEY", "flotilla-test")

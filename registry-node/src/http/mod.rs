@@ -3,6 +3,7 @@
 
 pub mod blobs;
 pub mod error;
+pub mod internal;
 pub mod listing;
 pub mod manifests;
 pub mod route;
@@ -32,6 +33,7 @@ pub fn app(node: NodeService) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .nest("/internal/v1", internal::routes(node.clone()))
         .with_state(node)
 }
 

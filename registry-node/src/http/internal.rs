@@ -1,0 +1,59 @@
+//! The node-internal API (`/internal/v1`): what routers and seeders ask of a node beyond the
+//! OCI API. Every request must carry the cluster's shared secret in `x-flotilla-secret`; a
+//! node started without a secret refuses all of them.
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_core::ErrorCode;
+use http::StatusCode;
+
+use super::ApiError;
+use crate::NodeService;
+
+pub const SECRET_HEADER: &str = "x-flotilla-secret";
+
+pub fn routes(node: NodeService) -> Router<NodeService> {
+    Router::new()
+        .route("/status", get(status))
+        .route("/catch-up", post(catch_up))
+        .layer(axum::middleware::from_fn_with_state(node, require_secret))
+}
+
+/// Constant-time comparison, so the secret cannot be guessed byte by byte from timing.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_secret(State(node): State<NodeService>, req: Request, next: Next) -> Response {
+    let given = req.headers().get(SECRET_HEADER).map(|v| v.as_bytes());
+    let ok = match (&node.config().secret, given) {
+        (Some(secret), Some(given)) => same(secret.as_bytes(), given),
+        _ => false,
+    };
+    if !ok {
+        return ApiError::new(ErrorCode::Unauthorized)
+            .message("the node-internal API requires the cluster's shared secret")
+            .into_response();
+    }
+    next.run(req).await
+}
+
+async fn status(State(node): State<NodeService>) -> Response {
+    let cfg = node.config();
+    Json(serde_json::json!({
+        "id": cfg.id, "rack": cfg.rack, "ready": node.is_ready(),
+    }))
+    .into_response()
+}
+
+async fn catch_up(State(node): State<NodeService>) -> Response {
+    match node.catch_up().await {
+        Ok(changed) => Json(serde_json::json!({ "changed": changed })).into_response(),
+        Err(e) => ApiError::from(e)
+            .with_status(StatusCode::SERVICE_UNAVAILABLE)
+            .into_response(),
+    }
+}
