@@ -53,6 +53,18 @@ fn bench(c: &mut Criterion) {
         counts.iter().min().unwrap_or(&0),
         counts.iter().max().unwrap_or(&0)
     );
+    let mut per_set: std::collections::HashMap<Vec<&str>, u64> = Default::default();
+    for s in &shards {
+        let mut set: Vec<&str> = s.replicas.iter().map(|r| r.as_str()).collect();
+        set.sort_unstable();
+        *per_set.entry(set).or_default() += 1;
+    }
+    println!(
+        "replica sets: {} distinct, keys per set min {} max {}",
+        per_set.len(),
+        per_set.values().min().unwrap_or(&0),
+        per_set.values().max().unwrap_or(&0)
+    );
     let mut grown = base.clone();
     grown.push(NodeInfo {
         id: "new".parse().unwrap(),

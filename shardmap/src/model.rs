@@ -132,6 +132,10 @@ impl Record for ShardRecord {}
 /// <prefix>deployments/<encoded shard-key>/<host>
 /// <prefix>config/<name>
 /// <prefix>locks/<name>            (locks/seeder is the seeder's leader lock)
+/// <prefix>seeder/leader           the acting seeder (leased)
+/// <prefix>seeder/absent/<node-id> when a dead node was first seen missing
+/// <prefix>reseed/<node-id>        reseed progress of a node
+/// <prefix>moves/<encoded key>     a replica move in flight
 /// ```
 ///
 /// Shard keys contain `/`; they are stored with every `/` replaced by `~`, a character the
@@ -203,6 +207,39 @@ impl Keyspace {
 
     pub fn seeder_lock(&self) -> String {
         self.lock("seeder")
+    }
+
+    /// The acting seeder's self-description (bound to its lease), for the admin API.
+    pub fn seeder_leader(&self) -> String {
+        format!("{}seeder/leader", self.prefix)
+    }
+
+    /// When the seeder first saw `node` missing from `nodes/` (its replace_after clock, kept
+    /// here so a new leader does not restart it).
+    pub fn seeder_absent(&self, node: &NodeId) -> String {
+        format!("{}seeder/absent/{node}", self.prefix)
+    }
+
+    pub fn seeder_absents(&self) -> String {
+        format!("{}seeder/absent/", self.prefix)
+    }
+
+    /// Reseed progress records, one per node being (or last) reseeded.
+    pub fn reseeds(&self) -> String {
+        format!("{}reseed/", self.prefix)
+    }
+
+    pub fn reseed(&self, node: &NodeId) -> String {
+        format!("{}reseed/{node}", self.prefix)
+    }
+
+    /// Replica moves in flight (add as joining → seed → swap → drop), one per shard key.
+    pub fn moves(&self) -> String {
+        format!("{}moves/", self.prefix)
+    }
+
+    pub fn shard_move(&self, key: &ShardKey) -> String {
+        format!("{}moves/{}", self.prefix, encode_shard_key(key))
     }
 }
 
