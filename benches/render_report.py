@@ -13,6 +13,9 @@ import sys
 
 TARGETS = ["flotilla-node", "flotilla-dev", "distribution-fs", "distribution-s3"]
 BASE = "flotilla-node"
+# Ratio columns: (A, B) shows A ÷ B.
+PAIRS = [("flotilla-node", "distribution-fs"), ("flotilla-dev", "distribution-fs"),
+         ("flotilla-dev", "flotilla-node"), ("flotilla-node", "distribution-s3")]
 REFS = ["distribution-fs", "distribution-s3"]
 
 
@@ -145,9 +148,10 @@ def main():
     L.append("")
     L.append("The cores are shared with other work on this host, and the load generator runs on the")
     L.append("same cores as the server, so absolute figures are lower bounds; the ratios compare")
-    L.append("targets measured back to back under the same conditions. Today `flotilla node` and")
-    L.append("`flotilla dev` run the same code, so the gap between those two columns is a direct")
-    L.append("reading of run-to-run noise on this host; trust only ratios well outside it.")
+    L.append("targets measured back to back under the same conditions. `flotilla-node` is one node")
+    L.append("with a `file://` object store (write-through to a directory on the same disk);")
+    L.append("`flotilla-dev` is `flotilla dev`: the router in front of three such nodes (RF=2), so")
+    L.append("`dev ÷ node` reads as the cost of the router hop and replication.")
     L.append("")
 
     L.append("## Machine limits")
@@ -169,32 +173,33 @@ def main():
 
     L.append("## Results")
     L.append("")
-    L.append("Ratios are Flotilla single node ÷ Distribution (above 1× means Flotilla is faster).")
+    L.append("Ratios are A ÷ B of the throughputs (above 1× means A is faster).")
     L.append("")
+    pairs = [(a, b) for a, b in PAIRS if a in targets and b in targets]
+    short = lambda t: t.replace("flotilla-", "").replace("distribution-", "dist-")
     head = "| workload | unit | " + " | ".join(targets) + " | " + " | ".join(
-        f"node ÷ {r}" for r in REFS if r in targets) + " |"
+        f"{short(a)} ÷ {short(b)}" for a, b in pairs) + " |"
     L.append(head)
-    L.append("|---|---|" + "---:|" * (len(targets) + len([r for r in REFS if r in targets])))
+    L.append("|---|---|" + "---:|" * (len(targets) + len(pairs)))
     for label, run, field, unit in rows:
         vals = [val(t, run, field) for t in targets]
-        rat = [ratio(val(BASE, run, field), val(r, run, field)) for r in REFS if r in targets]
+        rat = [ratio(val(a, run, field), val(b, run, field)) for a, b in pairs]
         L.append(f"| {label} | {unit} | " + " | ".join(fmt(v) for v in vals) + " | " + " | ".join(rat) + " |")
     wv = [wrk[t]["rps"] if wrk[t] else None for t in targets]
-    wrat = [ratio(wrk[BASE]["rps"] if wrk.get(BASE) else None, wrk[r]["rps"] if wrk.get(r) else None)
-            for r in REFS if r in targets]
+    wrat = [ratio(wrk[a]["rps"] if wrk.get(a) else None, wrk[b]["rps"] if wrk.get(b) else None)
+            for a, b in pairs]
     L.append(f"| manifest GET, wrk -c{env.get('wrk_args', '').split('-c')[-1].split()[0] if '-c' in env.get('wrk_args', '') else '?'} | req/s | "
              + " | ".join(fmt(v) for v in wv) + " | " + " | ".join(wrat) + " |")
     wp = [wrk[t]["p99_ms"] if wrk[t] else None for t in targets]
     # Lower latency is better, so the ratio is inverted to keep "above 1× = Flotilla better".
-    wprat = [ratio(wrk[r]["p99_ms"] if wrk.get(r) else None, wrk[BASE]["p99_ms"] if wrk.get(BASE) else None)
-             for r in REFS if r in targets]
+    wprat = [ratio(wrk[b]["p99_ms"] if wrk.get(b) else None, wrk[a]["p99_ms"] if wrk.get(a) else None)
+             for a, b in pairs]
     L.append("| manifest GET, wrk p99 | ms | " + " | ".join(fmt(v, 2) for v in wp) + " | " + " | ".join(wprat) + " |")
     rv = [None if rss[t] is None else rss[t] / 1024 for t in targets]
-    rrat = [ratio(rv[targets.index(r)], rv[targets.index(BASE)]) if BASE in targets else "–"
-            for r in REFS if r in targets]
+    rrat = [ratio(rv[targets.index(b)], rv[targets.index(a)]) for a, b in pairs]
     L.append("| server peak RSS (VmHWM) | MiB | " + " | ".join(fmt(v) for v in rv) + " | " + " | ".join(rrat) + " |")
     L.append("")
-    L.append("For p99 and RSS the ratio is Distribution ÷ Flotilla, so above 1× still means Flotilla is better.")
+    L.append("For p99 and RSS the ratio is inverted (B ÷ A), so above 1× still means A is better.")
     for t in targets:
         if moto_rss.get(t):
             L.append(f"`{t}` RSS excludes the moto S3 server (peak {moto_rss[t] / 1024:.0f} MiB).")

@@ -168,6 +168,7 @@ start_target() { # $1 = target, $2 = port; sets SERVER_PID
   case "$t" in
     flotilla-node)
       RUST_LOG=warn "$FLOTILLA" node --id n1 --rack r1 --listen "127.0.0.1:$port" --data "$dir/data" \
+        --store "file://$dir/objects" \
         >"$dir/server.log" 2>&1 &
       ;;
     flotilla-dev)
@@ -245,6 +246,8 @@ run_target() {
     MOTO_PID=""
   fi
   stop_pid "$SERVER_PID"
+  # Pushed data is not needed once a target is measured; disk space is finite.
+  rm -rf "$WORK/$t/data" "$WORK/$t/objects"
 }
 
 for t in $TARGETS; do

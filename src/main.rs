@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the embedded cluster in one process: nodes in racks, the router on --listen, the
-    /// embedded metadata store and a file:// object store under --data.
+    /// seeder, the embedded metadata store and a file:// object store under --data.
     Dev {
         #[arg(long, default_value = "127.0.0.1:5000")]
         listen: SocketAddr,
@@ -52,6 +52,40 @@ enum Cmd {
         #[arg(long, env = "FLOTILLA_SECRET", hide_env_values = true)]
         secret: Option<String>,
     },
+    /// Run a seeder: reseeds empty nodes from object storage, replaces dead nodes, rebalances.
+    /// Any number may run; one (leader-elected through the metadata store) acts.
+    Seeder(SeederArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SeederArgs {
+    /// Metadata store URL (file:///DIR, consul://HOST:PORT, etcd://HOST:PORT,...).
+    #[arg(long)]
+    meta: String,
+    /// Object store URL, the one the nodes use (s3://BUCKET/PREFIX?endpoint=..., file:///DIR).
+    #[arg(long)]
+    store: String,
+    /// Shared secret for the node-internal API.
+    #[arg(long, env = "FLOTILLA_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// Replace a node missing from the map this many seconds, shard by shard.
+    #[arg(long, default_value_t = 600)]
+    replace_after_secs: u64,
+    /// This instance's name (default: random).
+    #[arg(long)]
+    id: Option<String>,
+    /// Repositories seeded in parallel per node.
+    #[arg(long, default_value_t = 4)]
+    seed_concurrency: usize,
+    /// Pace of each seeding job in bytes per second (0 = unpaced).
+    #[arg(long, default_value_t = 0)]
+    seed_bytes_per_sec: u64,
+    /// Replica moves in flight at once.
+    #[arg(long, default_value_t = 2)]
+    max_moves: usize,
+    /// Minimum seconds between starting two rebalance moves.
+    #[arg(long, default_value_t = 2)]
+    rebalance_interval_secs: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -82,6 +116,12 @@ struct NodeArgs {
     /// Seconds to wait for in-flight requests on shutdown.
     #[arg(long, default_value_t = 30)]
     drain_secs: u64,
+    /// Scrubber pace: stored blob bytes re-hashed per second (0 disables scrubbing).
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    scrub_bytes_per_sec: u64,
+    /// Seconds between two scrub passes.
+    #[arg(long, default_value_t = 60)]
+    scrub_interval_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -132,7 +172,24 @@ fn main() -> anyhow::Result<()> {
                 cfg.upload_max_age = Duration::from_secs(a.upload_max_age_secs);
                 cfg.upload_purge_interval = cfg.upload_max_age.min(Duration::from_secs(60));
                 cfg.drain_timeout = Duration::from_secs(a.drain_secs);
+                cfg.scrub_bytes_per_sec = a.scrub_bytes_per_sec;
+                cfg.scrub_interval = Duration::from_secs(a.scrub_interval_secs);
                 serve_node(a.listen, cfg).await
+            }
+            Cmd::Seeder(a) => {
+                let mut cfg = s3_seeder::SeederConfig::new(a.meta, a.store);
+                if let Some(id) = a.id {
+                    cfg.id = id;
+                }
+                cfg.secret = a.secret;
+                cfg.replace_after = Duration::from_secs(a.replace_after_secs);
+                cfg.seed_concurrency = a.seed_concurrency;
+                cfg.seed_bytes_per_sec = a.seed_bytes_per_sec;
+                cfg.max_moves = a.max_moves;
+                cfg.rebalance_interval = Duration::from_secs(a.rebalance_interval_secs);
+                let _ = metrics; // the seeder's metrics land in the process recorder
+                s3_seeder::run(cfg, shutdown_signal()).await?;
+                Ok(())
             }
         }
     })
@@ -177,6 +234,15 @@ async fn dev(
                 .map_err(anyhow::Error::from)
         });
     }
+    let mut seeder = s3_seeder::SeederConfig::new(meta.clone(), store.clone());
+    seeder.id = "dev-seeder".to_owned();
+    seeder.secret = Some(secret.clone());
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        s3_seeder::run(seeder, async move { stop.cancelled().await })
+            .await
+            .map_err(anyhow::Error::from)
+    });
     let mut cfg = registry_router::RouterConfig::new(meta);
     cfg.metrics = Some(metrics);
     cfg.secret = Some(secret);

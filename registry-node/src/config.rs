@@ -29,6 +29,13 @@ pub struct NodeConfig {
     pub catch_up_interval: Duration,
     /// Upper bound on waiting for in-flight requests at shutdown.
     pub drain_timeout: Duration,
+    /// Scrubber pace: bytes re-hashed per second (0 disables the scrubber). Modest by
+    /// default so scrubbing never competes with client reads for the disk.
+    pub scrub_bytes_per_sec: u64,
+    /// Pause between two scrub passes.
+    pub scrub_interval: Duration,
+    /// Blob fetches in flight while seeding one repository.
+    pub seed_concurrency: usize,
     /// Renders `/metrics`; the process installs one recorder and hands every node its handle.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -48,6 +55,9 @@ impl NodeConfig {
             manifest_max_bytes: 4 * 1024 * 1024,
             catch_up_interval: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
+            scrub_bytes_per_sec: 8 * 1024 * 1024,
+            scrub_interval: Duration::from_secs(60),
+            seed_concurrency: 8,
             metrics: None,
         }
     }

@@ -18,6 +18,7 @@ pub mod http;
 pub mod manifest;
 pub mod membership;
 pub mod readthrough;
+pub mod recovery;
 pub mod remote;
 pub mod service;
 pub mod store;

@@ -1,6 +1,12 @@
 //! Membership: a node with a metadata store registers itself under `nodes/<id>` bound to a
 //! lease, refreshes its heartbeat, and on shutdown marks itself draining (so routers stop
 //! sending new work first) before revoking the lease (so it disappears from the map).
+//!
+//! The node is the authority on `Seeding`: it registers as `Seeding` while its disk waits for
+//! a seeder (identity file was missing and some shard lists this id), and as `Ready` once the
+//! seeder told it the disk is full (`POST /internal/v1/seeded`, which clears the flag before
+//! the seeder flips the record). So a heartbeat can never undo the seeder's `Ready`: by then
+//! the node itself believes it. An operator's `Draining` is kept across heartbeats.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -47,6 +53,17 @@ impl Membership {
         })
     }
 
+    /// Whether any shard lists this node as a replica or as joining.
+    async fn holds_shards(&self) -> Result<bool, shardmap::StoreError> {
+        let id = &self.record.id;
+        Ok(self
+            .map
+            .list_shards()
+            .await?
+            .iter()
+            .any(|(s, _)| s.replicas.contains(id) || s.joining.contains(id)))
+    }
+
     /// Wait until `node` has caught up with object storage, register, keep the registration
     /// alive until `cancel`, then drain and deregister.
     pub async fn run(mut self, node: crate::NodeService, cancel: CancellationToken) {
@@ -58,16 +75,42 @@ impl Membership {
         }
         let mut lease = None;
         let mut tick = tokio::time::interval(LEASE_TTL / 4);
+        let mut seed_checked = !node.needs_seed();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
+                _ = node.beat_requested() => {}
+            }
+            if !seed_checked {
+                match self.holds_shards().await {
+                    // A brand-new node (or one whose shards all moved away): nothing to seed.
+                    Ok(false) => match node.mark_seeded().await {
+                        Ok(()) => seed_checked = true,
+                        Err(e) => tracing::warn!(error = %e, "could not record the identity"),
+                    },
+                    Ok(true) => {
+                        tracing::info!(node = %self.record.id, "empty or partial disk under an id that holds shards: registering as seeding");
+                        seed_checked = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metadata store unreachable; will retry");
+                        continue;
+                    }
+                }
             }
             self.record.heartbeat_ms = now_ms();
-            // An operator's drain (admin API) survives our heartbeats.
-            if let Ok(Some((current, _))) = self.map.get_node(&self.record.id).await {
-                self.record.state = current.state;
-            }
+            let stored = match self.map.get_node(&self.record.id).await {
+                Ok(r) => r.map(|(rec, _)| rec.state),
+                Err(_) => Some(self.record.state),
+            };
+            self.record.state = match stored {
+                // An operator's drain (admin API) survives our heartbeats.
+                Some(NodeState::Draining) => NodeState::Draining,
+                _ if node.needs_seed() => NodeState::Seeding,
+                Some(NodeState::Seeding) | None => NodeState::Ready,
+                Some(s) => s,
+            };
             let store = self.map.store().clone();
             let l = match &lease {
                 Some(l) => match store.keepalive(l).await {

@@ -22,6 +22,9 @@ use tokio_util::task::TaskTracker;
 use crate::remote::{Remote, RemoteError};
 use crate::store::LocalStore;
 
+/// Unit in which fetched bytes are written to the cache and forwarded to the leader.
+const FETCH_WRITE_UNIT: usize = 1024 * 1024;
+
 /// Below this size a miss is fetched whole before answering.
 pub const WAIT_WHOLE_BELOW: u64 = 4 * 1024 * 1024;
 
@@ -66,33 +69,36 @@ impl Fetches {
     /// Join the fetch of `d` in progress, or start one. With `lead`, the starter also gets a
     /// stream of the bytes as they arrive.
     pub async fn start(&self, d: &Digest, lead: bool) -> Result<Started, RemoteError> {
-        let tx = {
+        let mut pending = {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(w) = map.get(d) {
                 return Ok(Started::Wait(w.clone()));
             }
             let (tx, rx) = watch::channel(None);
             map.insert(d.clone(), rx);
-            tx
+            Pending {
+                fetches: self,
+                digest: d.clone(),
+                tx: Some(tx),
+            }
         };
         // A fetch that finished between our caller's local miss and the insert above has
         // already committed the blob (it commits before leaving the map): don't fetch again.
         if self.local.has_blob(d).await.unwrap_or(false) {
-            self.finish(d, &tx, Outcome::Cached);
-            return Ok(Started::Wait(tx.subscribe()));
+            return Ok(Started::Wait(pending.finish(Outcome::Cached)));
         }
         metrics::counter!("flotilla_node_readthrough_fetches_total").increment(1);
         let opened = self.remote.get_stream(&layout::remote_blob(d)).await;
         let (size, stream) = match opened {
             Ok(Some(s)) => s,
-            Ok(None) => {
-                self.finish(d, &tx, Outcome::NotFound);
-                return Ok(Started::Wait(tx.subscribe()));
-            }
+            Ok(None) => return Ok(Started::Wait(pending.finish(Outcome::NotFound))),
             Err(e) => {
-                self.finish(d, &tx, Outcome::Unavailable(e.to_string()));
+                pending.finish(Outcome::Unavailable(e.to_string()));
                 return Err(e);
             }
+        };
+        let Some(tx) = pending.tx.take() else {
+            return Err(RemoteError::Io(io::Error::other("fetch already finished")));
         };
         let (body_tx, body_rx) = mpsc::channel(8);
         let leader = (lead && size >= WAIT_WHOLE_BELOW).then_some(body_tx);
@@ -135,8 +141,22 @@ impl Fetches {
             let mut hasher = DigestHasher::new(d.algorithm());
             let mut held: Option<Bytes> = None;
             let mut leader = leader;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(io::Error::other)?;
+            // Stores hand out small chunks (8 KiB from a local directory); every write to a
+            // tokio file is a trip to the blocking pool, so write and forward in 1 MiB units.
+            let mut pending = bytes::BytesMut::new();
+            let mut done = false;
+            while !done {
+                match stream.next().await {
+                    Some(chunk) => {
+                        pending.extend_from_slice(&chunk.map_err(io::Error::other)?);
+                        if pending.len() < FETCH_WRITE_UNIT {
+                            continue;
+                        }
+                    }
+                    None if pending.is_empty() => break,
+                    None => done = true,
+                }
+                let chunk = pending.split().freeze();
                 file.write_all(&chunk).await?;
                 hasher.update(&chunk);
                 if let Some(prev) = held.replace(chunk) {
@@ -182,6 +202,46 @@ impl Fetches {
             let _ = tokio::fs::remove_file(&tmp).await;
         }
         outcome
+    }
+}
+
+/// The map entry of a fetch being started. If the caller's future is dropped before the
+/// fetch task takes over (a client that disconnects while object storage answers), the
+/// entry is removed on drop; otherwise every later request for the digest would join a
+/// fetch that can never finish.
+struct Pending<'a> {
+    fetches: &'a Fetches,
+    digest: Digest,
+    tx: Option<watch::Sender<Option<Outcome>>>,
+}
+
+impl Pending<'_> {
+    /// End the fetch with `outcome`; returns a waiter that sees it.
+    fn finish(&mut self, outcome: Outcome) -> Waiter {
+        let (tx, rx) = match self.tx.take() {
+            Some(tx) => {
+                let rx = tx.subscribe();
+                (tx, rx)
+            }
+            None => {
+                let (tx, rx) = watch::channel(None);
+                (tx, rx)
+            }
+        };
+        self.fetches.finish(&self.digest, &tx, outcome);
+        rx
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.fetches.finish(
+                &self.digest,
+                &tx,
+                Outcome::Unavailable("fetch abandoned".into()),
+            );
+        }
     }
 }
 

@@ -61,7 +61,13 @@ pub struct StoredManifest {
 /// Where the bytes of a blob GET come from.
 #[derive(Debug)]
 pub enum BlobBody {
+    /// A local file served without verification: only for `Range` reads of large blobs,
+    /// which cannot be checked against the digest (see ARCHITECTURE.md, invariants).
     File(tokio::fs::File),
+    /// A small local blob, already verified against its digest.
+    Bytes(Bytes),
+    /// A large local blob streamed whole, verified before its last chunk is released.
+    Verified(crate::recovery::VerifyingStream),
     /// A read-through in progress, verified before its last chunk is released.
     Fetch(readthrough::FetchStream),
 }
@@ -74,6 +80,12 @@ struct Inner {
     remote: Option<Remote>,
     fetches: Option<Fetches>,
     ready: std::sync::atomic::AtomicBool,
+    /// Set while the data directory may be missing content of the shards this node holds
+    /// (it started without its identity file); cleared once a seeder filled it.
+    needs_seed: std::sync::atomic::AtomicBool,
+    seed_id: String,
+    /// Wakes the membership loop for an immediate heartbeat (after a state change).
+    beat: tokio::sync::Notify,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -99,11 +111,20 @@ impl BackgroundTasks {
     }
 }
 
+/// `node.json`. `needs_seed` is written `true` when the file had to be created (a new or
+/// wiped disk) and cleared only once a seeder has filled the disk, so a restart in the middle
+/// of a reseed is still recognised as "same id, incomplete disk".
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Identity {
     id: String,
     rack: String,
     layout: u32,
+    #[serde(default)]
+    needs_seed: bool,
+    /// Names this disk's reseed, so a seeder resuming a reseed of the same id can tell a disk
+    /// wiped again (new `seed_id`: start over) from the one it was filling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seed_id: Option<String>,
 }
 
 impl NodeService {
@@ -118,7 +139,7 @@ impl NodeService {
         let store = LocalStore::open(cfg.data_dir.clone())
             .await
             .map_err(|e| dir_err(io::Error::other(e)))?;
-        check_identity(&store, &cfg).await?;
+        let (needs_seed, seed_id) = check_identity(&store, &cfg).await?;
         let uploads = Uploads::new(&cfg.data_dir);
         let remote = match &cfg.store_url {
             Some(url) => Some(Remote::open(url).map_err(|e| NodeError::Store(e.to_string()))?),
@@ -136,6 +157,9 @@ impl NodeService {
                 remote,
                 fetches,
                 ready: std::sync::atomic::AtomicBool::new(false),
+                needs_seed: std::sync::atomic::AtomicBool::new(needs_seed),
+                seed_id,
+                beat: tokio::sync::Notify::new(),
                 cancel: CancellationToken::new(),
                 tasks,
             }),
@@ -148,6 +172,51 @@ impl NodeService {
 
     pub fn store(&self) -> &LocalStore {
         &self.inner.store
+    }
+
+    pub(crate) fn remote(&self) -> Option<&Remote> {
+        self.inner.remote.as_ref()
+    }
+
+    pub(crate) fn fetches(&self) -> Option<&Fetches> {
+        self.inner.fetches.as_ref()
+    }
+
+    /// Whether this node's disk still waits for a seeder (see [`Identity`]).
+    pub fn needs_seed(&self) -> bool {
+        self.inner
+            .needs_seed
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Record that the disk holds everything of this node's shards: rewrite `node.json`
+    /// without the flag (durably, so a restart does not ask for another reseed), then report
+    /// ready to the membership loop.
+    pub async fn mark_seeded(&self) -> Result<()> {
+        write_identity(&self.inner.store, &self.inner.cfg, false, None)
+            .await
+            .map_err(|e| match e {
+                NodeError::DataDir { path, source } => StoreError::Io { path, source },
+                other => StoreError::Io {
+                    path: self.inner.store.path(layout::local_identity()),
+                    source: io::Error::other(other.to_string()),
+                },
+            })?;
+        self.inner
+            .needs_seed
+            .store(false, std::sync::atomic::Ordering::Release);
+        self.inner.beat.notify_one();
+        Ok(())
+    }
+
+    /// The id of the reseed this disk waits for (empty when none).
+    pub fn seed_id(&self) -> &str {
+        &self.inner.seed_id
+    }
+
+    /// Resolves when the node wants an immediate heartbeat.
+    pub async fn beat_requested(&self) {
+        self.inner.beat.notified().await
     }
 
     /// Start the upload purger (and, later, the other housekeeping loops).
@@ -181,6 +250,13 @@ impl NodeService {
                 }
             }
         });
+        if self.inner.cfg.scrub_bytes_per_sec > 0 {
+            let me = self.clone();
+            let c = cancel.clone();
+            self.inner
+                .tasks
+                .spawn(async move { crate::recovery::scrub_loop(me, c).await });
+        }
         BackgroundTasks {
             cancel,
             tasks: self.inner.tasks.clone(),
@@ -321,6 +397,19 @@ impl NodeService {
     ) -> Result<(BlobBody, u64)> {
         self.ensure_linked(repo, d).await?;
         match self.inner.store.open_blob(d).await {
+            Ok((f, len)) if len < readthrough::WAIT_WHOLE_BELOW => {
+                // Small blobs are verified whole before the response starts; a mismatch is
+                // quarantined and read through again below.
+                if let Some(bytes) = crate::recovery::read_verified(self, d, f, len).await? {
+                    return Ok((BlobBody::Bytes(bytes), len));
+                }
+            }
+            Ok((f, len)) if whole => {
+                return Ok((
+                    BlobBody::Verified(crate::recovery::verifying_stream(self.clone(), d, f)),
+                    len,
+                ))
+            }
             Ok((f, len)) => return Ok((BlobBody::File(f), len)),
             Err(StoreError::BlobUnknown(_)) => {}
             Err(e) => return Err(e.into()),
@@ -670,7 +759,16 @@ impl NodeService {
                 .await?
                 .ok_or_else(|| StoreError::ManifestUnknown(reference.to_string()))?,
         };
-        let bytes = match store.read_blob_bytes(&digest, limit).await {
+        let local = match store.read_blob_bytes(&digest, limit).await {
+            Ok(b) if Digest::of(digest.algorithm(), &b) == digest => Ok(b),
+            Ok(_) => {
+                // Bit rot or tampering: never serve it; quarantine and read through below.
+                crate::recovery::quarantine(self, &digest).await?;
+                Err(StoreError::BlobUnknown(digest.clone()))
+            }
+            Err(e) => Err(e),
+        };
+        let bytes = match local {
             Ok(b) => Bytes::from(b),
             Err(StoreError::BlobUnknown(_)) => {
                 let r = self
@@ -855,7 +953,9 @@ async fn rehash(path: PathBuf, algorithm: Algorithm) -> Result<Digest> {
     .map_err(|e| UploadError::Io(e).into())
 }
 
-async fn check_identity(store: &LocalStore, cfg: &NodeConfig) -> Result<(), NodeError> {
+/// Check (or create) `node.json`; returns whether the disk still needs a seeder, and the id of
+/// that reseed.
+async fn check_identity(store: &LocalStore, cfg: &NodeConfig) -> Result<(bool, String), NodeError> {
     let path = store.path(layout::local_identity());
     let io_err = |source| NodeError::DataDir {
         path: path.clone(),
@@ -871,19 +971,39 @@ async fn check_identity(store: &LocalStore, cfg: &NodeConfig) -> Result<(), Node
                     found: id.id,
                 });
             }
-            Ok(())
+            Ok((id.needs_seed, id.seed_id.unwrap_or_default()))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let id = Identity {
-                id: cfg.id.to_string(),
-                rack: cfg.rack.to_string(),
-                layout: layout::LAYOUT_VERSION,
-            };
-            let bytes = serde_json::to_vec_pretty(&id).map_err(|e| io_err(io::Error::other(e)))?;
-            crate::store::write_atomic(&store.tmp_dir(), &path, &bytes)
-                .await
-                .map_err(io_err)
+            // Only a cluster member with object storage can be seeded, so only it waits.
+            let needs_seed = cfg.store_url.is_some() && cfg.meta_url.is_some();
+            let seed_id = needs_seed.then(|| uuid::Uuid::new_v4().simple().to_string());
+            write_identity(store, cfg, needs_seed, seed_id.clone()).await?;
+            Ok((needs_seed, seed_id.unwrap_or_default()))
         }
         Err(e) => Err(io_err(e)),
     }
+}
+
+async fn write_identity(
+    store: &LocalStore,
+    cfg: &NodeConfig,
+    needs_seed: bool,
+    seed_id: Option<String>,
+) -> Result<(), NodeError> {
+    let path = store.path(layout::local_identity());
+    let io_err = |source| NodeError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    let id = Identity {
+        id: cfg.id.to_string(),
+        rack: cfg.rack.to_string(),
+        layout: layout::LAYOUT_VERSION,
+        needs_seed,
+        seed_id,
+    };
+    let bytes = serde_json::to_vec_pretty(&id).map_err(|e| io_err(io::Error::other(e)))?;
+    crate::store::write_atomic(&store.tmp_dir(), &path, &bytes)
+        .await
+        .map_err(io_err)
 }

@@ -19,6 +19,7 @@ pub fn routes() -> Router<Cluster> {
         .route("/shards/{*key}", get(shard).put(pin_shard))
         .route("/nodes/{id}/drain", post(drain))
         .route("/nodes/{id}/undrain", post(undrain))
+        .route("/reseed", get(reseed))
 }
 
 fn bad_request(msg: impl Into<String>) -> Response {
@@ -211,4 +212,33 @@ async fn drain(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
 
 async fn undrain(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
     set_state(&c, &id, NodeState::Ready).await
+}
+
+/// Recovery progress as the seeder records it in the metadata store: the acting leader,
+/// every node's reseed (shards, objects, bytes, rate, ETA) and the replica moves in flight.
+/// Read from the store on each call (not the router's cache) so it is current.
+async fn reseed(State(c): State<Cluster>) -> Response {
+    let keys = c.map().keys().clone();
+    let store = c.map().store().clone();
+    let decode = |v: &[u8]| serde_json::from_slice::<serde_json::Value>(v).ok();
+    let leader = match store.get(&keys.seeder_leader()).await {
+        Ok(v) => v.and_then(|(b, _)| decode(&b)),
+        Err(e) => return unavailable(e),
+    };
+    let mut lists = Vec::new();
+    for prefix in [keys.reseeds(), keys.moves()] {
+        match store.list(&prefix).await {
+            Ok(entries) => lists.push(
+                entries
+                    .iter()
+                    .filter_map(|e| decode(&e.value))
+                    .collect::<Vec<_>>(),
+            ),
+            Err(e) => return unavailable(e),
+        }
+    }
+    let moves = lists.pop().unwrap_or_default();
+    let reseeds = lists.pop().unwrap_or_default();
+    Json(serde_json::json!({ "leader": leader, "reseeds": reseeds, "moves": moves }))
+        .into_response()
 }

@@ -139,10 +139,36 @@ impl Cluster {
                 }
             }
         });
+        // A watch on the whole keyspace triggers a refresh as soon as anything changes; the
+        // periodic refresh below is the fallback when the watch breaks or lags.
+        let (me, c) = (self.clone(), cancel.clone());
+        self.inner.tasks.spawn(async move {
+            use futures::StreamExt;
+            while !c.is_cancelled() {
+                let prefix = me.inner.map.keys().prefix().to_owned();
+                match me.inner.map.store().watch(&prefix, None).await {
+                    Ok(mut events) => loop {
+                        tokio::select! {
+                            _ = c.cancelled() => return,
+                            ev = events.next() => match ev {
+                                Some(Ok(_)) => { let _ = me.refresh().await; }
+                                Some(Err(e)) => { tracing::debug!(error = %e, "shard map watch broke; re-watching"); break; }
+                                None => break,
+                            }
+                        }
+                    },
+                    Err(e) => tracing::debug!(error = %e, "shard map watch unavailable"),
+                }
+                tokio::select! {
+                    _ = c.cancelled() => return,
+                    _ = tokio::time::sleep(me.inner.cfg.refresh_interval) => {}
+                }
+            }
+        });
         let me = self.clone();
         let c = cancel.clone();
         self.inner.tasks.spawn(async move {
-            let mut tick = tokio::time::interval(me.inner.cfg.refresh_interval);
+            let mut tick = tokio::time::interval(me.inner.cfg.refresh_interval * 4);
             loop {
                 tokio::select! {
                     _ = c.cancelled() => break,
@@ -255,6 +281,25 @@ impl Cluster {
         }
         live.extend(rest);
         live
+    }
+
+    /// Nodes that take a shard's synchronous writes without serving its reads: joining
+    /// nodes and replicas still being seeded (registered and not ejected).
+    pub fn sync_only(&self, rec: &ShardRecord) -> Vec<NodeRecord> {
+        let nodes = self.nodes();
+        let joining = rec
+            .joining
+            .iter()
+            .filter_map(|id| nodes.get(id))
+            .filter(|n| {
+                matches!(n.state, NodeState::Ready | NodeState::Seeding) && !self.is_ejected(&n.id)
+            });
+        let seeding = rec
+            .replicas
+            .iter()
+            .filter_map(|id| nodes.get(id))
+            .filter(|n| n.state == NodeState::Seeding && !self.is_ejected(&n.id));
+        joining.chain(seeding).cloned().collect()
     }
 
     /// Any live node (for requests not tied to a shard, such as the catalog).

@@ -354,12 +354,25 @@ async fn replicated_write(
             return read_with_body(cluster, cluster.any_live(), req).await;
         }
     };
-    read_with_body(cluster, cluster.candidates(&rec, false), req).await
+    let extra = cluster.sync_only(&rec);
+    read_with_body_to(cluster, cluster.candidates(&rec, false), &extra, req).await
 }
 
 async fn read_with_body(
     cluster: &Cluster,
     nodes: Vec<NodeRecord>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    read_with_body_to(cluster, nodes, &[], req).await
+}
+
+/// Like [`read_with_body`]; a successful write is also sent, synchronously, to `extra`: nodes
+/// being seeded for this shard (joining, or a replica rebuilding its disk), so no write lands
+/// between the seeder's last pass and the node taking traffic.
+async fn read_with_body_to(
+    cluster: &Cluster,
+    nodes: Vec<NodeRecord>,
+    extra: &[NodeRecord],
     req: Request,
 ) -> Result<Response, ApiError> {
     let pq = path_and_query(&req);
@@ -401,10 +414,13 @@ async fn read_with_body(
     let (pi, resp) =
         primary.ok_or_else(|| unavailable("no replica of this repository is reachable"))?;
     if resp.status().is_success() {
-        for (i, node) in nodes.iter().enumerate() {
-            if i == pi || !cluster.is_live(node) {
-                continue;
-            }
+        let targets = nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != pi && cluster.is_live(n))
+            .map(|(_, n)| n)
+            .chain(extra.iter().filter(|n| n.id != nodes[pi].id));
+        for node in targets {
             let started = Instant::now();
             match upstream(
                 cluster,

@@ -1,7 +1,8 @@
 //! Multi-process cluster harness: real `flotilla node` processes (n1, n2 in rack r1; n3 in
-//! r2) and one or more `flotilla router` processes on free loopback ports, sharing an
-//! embedded (`file://`) metadata store in a temp dir and a moto S3 object store. Readiness
-//! is polled with bounded timeouts; every process is killed on drop.
+//! r2), one or more `flotilla router` processes and optionally `flotilla seeder` processes
+//! on free loopback ports, sharing an embedded (`file://`) metadata store in a temp dir and a
+//! moto S3 object store (optionally behind a [`Proxy`] a test can cut). Readiness is polled
+//! with bounded timeouts; every process is killed on drop.
 
 #![allow(dead_code)]
 
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::s3support::Moto;
+use crate::s3support::{Moto, Proxy};
 use crate::support::{free_port, sha256, Oci, OCI_MANIFEST};
 
 pub const BUCKET: &str = "flotilla";
@@ -91,11 +92,48 @@ impl RouterProc {
 /// The shared secret of the node-internal API in these clusters.
 pub const CLUSTER_SECRET: &str = "cluster-test-secret";
 
+/// Knobs of a cluster beyond the default topology.
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    /// `flotilla seeder` processes to run (0: none, the nodes alone).
+    pub seeders: usize,
+    pub replace_after_secs: u64,
+    /// Seeder pacing (0 = unpaced), to make a reseed last long enough to interfere with.
+    pub seed_bytes_per_sec: u64,
+    pub seed_concurrency: usize,
+    /// Route every object-store connection (nodes and seeders) through a cuttable proxy.
+    pub proxy: bool,
+    pub scrub_bytes_per_sec: u64,
+    pub scrub_interval_secs: u64,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        ClusterOpts {
+            seeders: 0,
+            replace_after_secs: 600,
+            seed_bytes_per_sec: 0,
+            seed_concurrency: 4,
+            proxy: false,
+            scrub_bytes_per_sec: 8 * 1024 * 1024,
+            scrub_interval_secs: 60,
+        }
+    }
+}
+
+pub struct SeederProc {
+    pub id: String,
+    pub child: Option<Child>,
+}
+
 pub struct ClusterProc {
     pub nodes: Vec<ClusterNode>,
     pub routers: Vec<RouterProc>,
+    pub seeders: Vec<SeederProc>,
+    pub opts: ClusterOpts,
     pub meta_url: String,
     pub store_url: String,
+    pub proxy: Option<Proxy>,
     pub moto: Moto,
     pub tmp: tempfile::TempDir,
     pub http: reqwest::Client,
@@ -112,20 +150,34 @@ fn log_file(path: &Path) -> std::fs::File {
 impl ClusterProc {
     /// Three nodes (see [`TOPOLOGY`]) and `routers` routers, all ready.
     pub async fn start(routers: usize) -> ClusterProc {
+        Self::start_with(routers, ClusterOpts::default()).await
+    }
+
+    /// Like [`ClusterProc::start`], with seeders and knobs from `opts`.
+    pub async fn start_with(routers: usize, opts: ClusterOpts) -> ClusterProc {
         let moto = Moto::start(BUCKET).await;
         let tmp = tempfile::tempdir().expect("tempdir");
         let meta_dir = tmp.path().join("meta");
         std::fs::create_dir_all(&meta_dir).expect("meta dir");
         let meta_url = format!("file://{}", meta_dir.display());
-        let store_url = format!(
-            "s3://{BUCKET}/{PREFIX}?endpoint={}&region=us-east-1",
-            moto.url()
-        );
+        let proxy = if opts.proxy {
+            Some(Proxy::start(moto.port).await)
+        } else {
+            None
+        };
+        let endpoint = proxy
+            .as_ref()
+            .map(Proxy::endpoint)
+            .unwrap_or_else(|| moto.url());
+        let store_url = format!("s3://{BUCKET}/{PREFIX}?endpoint={endpoint}&region=us-east-1");
         let mut c = ClusterProc {
             nodes: Vec::new(),
             routers: Vec::new(),
+            seeders: Vec::new(),
+            opts: opts.clone(),
             meta_url,
             store_url,
+            proxy,
             moto,
             tmp,
             http: reqwest::Client::builder()
@@ -170,7 +222,103 @@ impl ClusterProc {
                 c.wait_node_live(r, id).await;
             }
         }
+        for i in 0..opts.seeders {
+            let id = format!("s{}", i + 1);
+            let child = c.spawn_seeder(&id);
+            c.seeders.push(SeederProc {
+                id,
+                child: Some(child),
+            });
+        }
         c
+    }
+
+    fn spawn_seeder(&self, id: &str) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args([
+                "seeder",
+                "--meta",
+                &self.meta_url,
+                "--store",
+                &self.store_url,
+            ])
+            .args(["--id", id])
+            .arg("--replace-after-secs")
+            .arg(self.opts.replace_after_secs.to_string())
+            .arg("--seed-bytes-per-sec")
+            .arg(self.opts.seed_bytes_per_sec.to_string())
+            .arg("--seed-concurrency")
+            .arg(self.opts.seed_concurrency.to_string())
+            .args(["--rebalance-interval-secs", "1"])
+            .env("FLOTILLA_SECRET", CLUSTER_SECRET)
+            .env("RUST_LOG", "info")
+            .env("AWS_ACCESS_KEY_ID", "flotilla-test")
+            .env("AWS_SECRET_ACCESS_KEY", "flotilla-test")
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.tmp.path().join(format!("seeder-{id}.log"))))
+            .spawn()
+            .expect("spawn flotilla seeder")
+    }
+
+    /// SIGKILL seeder `id`.
+    pub fn kill_seeder(&mut self, id: &str) {
+        let s = self
+            .seeders
+            .iter_mut()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("no seeder {id}"));
+        if let Some(mut c) = s.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Start a new node `id` in `rack` (not waiting for it).
+    pub fn add_node(&mut self, id: &str, rack: &str) {
+        let mut n = ClusterNode {
+            id: id.to_owned(),
+            rack: rack.to_owned(),
+            port: free_port(),
+            data: self.tmp.path().join(id),
+            child: None,
+        };
+        n.child = Some(self.spawn_node(&n));
+        self.nodes.push(n);
+    }
+
+    /// SIGKILL `id`, delete its whole data directory (identity file included) and start it
+    /// again under the same id and port, without waiting: it comes back as seeding.
+    pub fn wipe_and_restart(&mut self, id: &str) {
+        self.kill9(id);
+        let data = self.node(id).data.clone();
+        std::fs::remove_dir_all(&data).expect("wipe data dir");
+        let child = self.spawn_node(self.node(id));
+        self.node_mut(id).child = Some(child);
+    }
+
+    /// The state router `router` lists for `id` (`None` when unregistered).
+    pub async fn node_state(&self, router: usize, id: &str) -> Option<String> {
+        self.admin_node(router, id)
+            .await
+            .map(|n| n["state"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// `GET /admin/v1/reseed`.
+    pub async fn reseed_status(&self, router: usize) -> Value {
+        let (s, v) = self.admin_get(router, "/reseed").await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    /// The reseed record of `node`, if any.
+    pub async fn reseed_of(&self, router: usize, node: &str) -> Option<Value> {
+        let v = self.reseed_status(router).await;
+        v["reseeds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["node"] == node)
+            .cloned()
     }
 
     fn spawn_node(&self, n: &ClusterNode) -> Child {
@@ -184,6 +332,10 @@ impl ClusterProc {
             .arg(&n.data)
             .args(["--meta", &self.meta_url, "--store", &self.store_url])
             .args(["--drain-secs", "5"])
+            .arg("--scrub-bytes-per-sec")
+            .arg(self.opts.scrub_bytes_per_sec.to_string())
+            .arg("--scrub-interval-secs")
+            .arg(self.opts.scrub_interval_secs.to_string())
             .env("FLOTILLA_SECRET", CLUSTER_SECRET)
             .env("RUST_LOG", "info")
             .env("AWS_ACCESS_KEY_ID", "flotilla-test")
@@ -312,6 +464,42 @@ impl ClusterProc {
         .await
     }
 
+    /// Every key under `repos/<key>/` in object storage whose repository belongs to shard
+    /// `key` (depth 2), relative to the store prefix.
+    pub async fn s3_shard_keys(&self, key: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        let prefix = format!("{PREFIX}/repos/{key}/");
+        let metas: Vec<_> =
+            object_store::ObjectStore::list(&self.moto.s3(BUCKET), Some(&prefix.as_str().into()))
+                .try_collect()
+                .await
+                .expect("list s3");
+        let depth_ok = |rest: &str| {
+            // rest = "<sub...>/tags|manifests|blobs/...": the repository is the key itself
+            // (rest starts with a kind) or a deeper name of the same key.
+            let first = rest.split('/').next().unwrap_or_default();
+            matches!(first, "tags" | "manifests" | "blobs") || key.contains('/')
+        };
+        metas
+            .into_iter()
+            .map(|m| m.location.to_string())
+            .filter_map(|k| k.strip_prefix(&format!("{PREFIX}/")).map(str::to_owned))
+            .filter(|k| depth_ok(&k[format!("repos/{key}/").len()..]))
+            .collect()
+    }
+
+    /// Object bytes at `key` (relative to the store prefix).
+    pub async fn s3_get(&self, key: &str) -> Vec<u8> {
+        let key = format!("{PREFIX}/{key}");
+        object_store::ObjectStore::get(&self.moto.s3(BUCKET), &key.as_str().into())
+            .await
+            .expect("s3 get")
+            .bytes()
+            .await
+            .expect("s3 body")
+            .to_vec()
+    }
+
     pub async fn s3_has(&self, key: &str) -> bool {
         let key = format!("{PREFIX}/{key}");
         object_store::ObjectStore::head(&self.moto.s3(BUCKET), &key.into())
@@ -327,6 +515,29 @@ impl ClusterProc {
 
 impl Drop for ClusterProc {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The temp dir (and the logs in it) goes with us: show the tail of each log.
+            let mut logs: Vec<_> = std::fs::read_dir(self.tmp.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log"))
+                .collect();
+            logs.sort();
+            for p in logs {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(25)..];
+                eprintln!("==== {} ====\n{}", p.display(), tail.join("\n"));
+            }
+        }
+        for s in &mut self.seeders {
+            if let Some(mut c) = s.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
         for r in &mut self.routers {
             let _ = r.child.kill();
             let _ = r.child.wait();

@@ -10,5 +10,6 @@ mod clients;
 mod cluster;
 mod crash;
 mod hostile;
+mod recovery;
 mod s3;
 mod spec;

@@ -96,8 +96,15 @@ pub async fn get(
             }
             Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK))
         }
+        BlobBody::Bytes(bytes) => {
+            // Verified whole; a range is a slice of it.
+            let from = start as usize;
+            let to = (start + len) as usize;
+            Body::from(bytes.slice(from.min(bytes.len())..to.min(bytes.len())))
+        }
         // Only ever handed out for whole-blob requests.
         BlobBody::Fetch(stream) => Body::from_stream(stream),
+        BlobBody::Verified(stream) => Body::from_stream(stream),
     };
     metrics::counter!("flotilla_node_blob_bytes_out_total").increment(len);
     let mut resp = Response::builder()

@@ -19,6 +19,8 @@ pub fn routes(node: NodeService) -> Router<NodeService> {
     Router::new()
         .route("/status", get(status))
         .route("/catch-up", post(catch_up))
+        .route("/seed", post(seed))
+        .route("/seeded", post(seeded))
         .layer(axum::middleware::from_fn_with_state(node, require_secret))
 }
 
@@ -45,6 +47,7 @@ async fn status(State(node): State<NodeService>) -> Response {
     let cfg = node.config();
     Json(serde_json::json!({
         "id": cfg.id, "rack": cfg.rack, "ready": node.is_ready(),
+        "needs_seed": node.needs_seed(), "seed_id": node.seed_id(),
     }))
     .into_response()
 }
@@ -52,6 +55,53 @@ async fn status(State(node): State<NodeService>) -> Response {
 async fn catch_up(State(node): State<NodeService>) -> Response {
     match node.catch_up().await {
         Ok(changed) => Json(serde_json::json!({ "changed": changed })).into_response(),
+        Err(e) => ApiError::from(e)
+            .with_status(StatusCode::SERVICE_UNAVAILABLE)
+            .into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SeedRequest {
+    repo: flotilla_core::RepoName,
+    /// Re-hash blobs already on disk (the first pass); a final catch-up pass skips it.
+    #[serde(default = "yes")]
+    verify: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Copy one repository from object storage onto this disk, verified (see `recovery`). The
+/// seeder calls it per repository so its progress record advances in small, resumable steps.
+async fn seed(
+    State(node): State<NodeService>,
+    body: Result<Json<SeedRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Ok(Json(req)) = body else {
+        return ApiError::new(ErrorCode::Unsupported)
+            .with_status(StatusCode::BAD_REQUEST)
+            .message("body must be JSON: {\"repo\": \"name\"}")
+            .into_response();
+    };
+    let concurrency = node.config().seed_concurrency;
+    match crate::recovery::seed_repo(&node, &req.repo, concurrency, req.verify).await {
+        Ok(stats) => Json(stats).into_response(),
+        Err(e) => {
+            tracing::warn!(repo = %req.repo, error = %e, "seeding a repository failed");
+            ApiError::from(e)
+                .with_status(StatusCode::SERVICE_UNAVAILABLE)
+                .into_response()
+        }
+    }
+}
+
+/// The seeder finished this node: clear the reseed flag (durably) so the membership loop
+/// reports the node ready from its next heartbeat on.
+async fn seeded(State(node): State<NodeService>) -> Response {
+    match node.mark_seeded().await {
+        Ok(()) => Json(serde_json::json!({ "needs_seed": false })).into_response(),
         Err(e) => ApiError::from(e)
             .with_status(StatusCode::SERVICE_UNAVAILABLE)
             .into_response(),

@@ -1,0 +1,207 @@
+//! Flotilla's auto-recovery: the seeder.
+//!
+//! Brief overview:
+//! - [`run`] campaigns for leadership: a lease plus `ShardMap::try_lock_seeder`. Any number
+//!   of seeders may run; the one holding the lock acts, the others retry every tick and take
+//!   over within a lease TTL (a few seconds) of the leader dying.
+//! - The leader reconciles every tick ([`work`]): nodes registered as `Seeding` are reseeded
+//!   from object storage; shards on a node absent longer than `replace_after`, or on a
+//!   drained node, move to rack-valid nodes; a node below its fair share receives moves
+//!   (rate-limited). A move is add as joining → seed → swap in → drop, each step a CAS on the
+//!   shard record with the epoch bumped.
+//! - All work state lives in the metadata store ([`records`]), so a successor resumes.
+//! - Bytes never pass through the seeder: it asks nodes to fetch (`/internal/v1/seed`), and
+//!   the node verifies every byte on the same path a client read uses ([`nodes`]).
+
+pub mod nodes;
+pub mod records;
+pub mod work;
+
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use shardmap::{Keyspace, MetaStore, ShardMap};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Seeder settings, built by the binary.
+#[derive(Clone, Debug)]
+pub struct SeederConfig {
+    /// This instance's name in the leader record and progress records.
+    pub id: String,
+    pub meta_url: String,
+    /// Object store URL, the same the nodes use (listing only; the seeder reads no bytes).
+    pub store_url: String,
+    /// Shared secret of the node-internal API.
+    pub secret: Option<String>,
+    /// A node missing from `nodes/` this long is replaced shard by shard.
+    pub replace_after: Duration,
+    pub shard_key_depth: NonZeroUsize,
+    /// Leader lease TTL: how long a dead leader blocks a successor.
+    pub lease_ttl: Duration,
+    /// Reconcile period (also how often standbys try to take the lock).
+    pub tick: Duration,
+    /// Repositories seeded in parallel per node.
+    pub seed_concurrency: usize,
+    /// Moves in flight at once, cluster-wide.
+    pub max_moves: usize,
+    /// At least this long between starting two rebalance moves, so production traffic is not
+    /// starved by a new node filling up.
+    pub rebalance_interval: Duration,
+    /// Pace of seeding per job in fetched bytes per second (0 = as fast as nodes go).
+    pub seed_bytes_per_sec: u64,
+    /// Wait after adding a joining node before its final seeding pass: routers must have
+    /// seen the joining node (their refresh interval) so they send it every later write.
+    pub join_settle: Duration,
+}
+
+impl SeederConfig {
+    pub fn new(meta_url: String, store_url: String) -> Self {
+        SeederConfig {
+            id: format!("seeder-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+            meta_url,
+            store_url,
+            secret: None,
+            replace_after: Duration::from_secs(600),
+            shard_key_depth: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+            lease_ttl: Duration::from_secs(3),
+            tick: Duration::from_secs(1),
+            seed_concurrency: 4,
+            max_moves: 2,
+            rebalance_interval: Duration::from_secs(2),
+            seed_bytes_per_sec: 0,
+            join_settle: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Seeder failures. Most are retried on the next tick; only startup errors end [`run`].
+#[derive(Debug, thiserror::Error)]
+pub enum SeederError {
+    #[error("metadata store: {0}")]
+    Meta(#[from] shardmap::StoreError),
+    #[error("object store: {0}")]
+    Remote(#[from] registry_node::remote::RemoteError),
+    #[error("node {node}: {detail}")]
+    Node { node: String, detail: String },
+    #[error("leadership lost")]
+    LostLeadership,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Sleep unless cancelled first; `false` if cancelled.
+pub(crate) async fn sleep_or(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
+    }
+}
+
+/// Run until `shutdown`: campaign, act while leader, stand by otherwise.
+pub async fn run(
+    cfg: SeederConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), SeederError> {
+    let store: Arc<dyn MetaStore> = shardmap::open(&cfg.meta_url)?;
+    let map = ShardMap::new(store, Keyspace::new(shardmap::DEFAULT_PREFIX));
+    let remote = registry_node::remote::Remote::open(&cfg.store_url)?;
+    let client = nodes::NodeClient::new(cfg.secret.clone())?;
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    {
+        let c = cancel.clone();
+        tasks.spawn(async move {
+            shutdown.await;
+            c.cancel();
+        });
+    }
+    tracing::info!(seeder = %cfg.id, "seeder started; campaigning for leadership");
+    metrics::gauge!("flotilla_seeder_leader").set(0.0);
+    while !cancel.is_cancelled() {
+        let lease = match map.store().lease(cfg.lease_ttl).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata store unreachable; retrying");
+                sleep_or(&cancel, cfg.tick).await;
+                continue;
+            }
+        };
+        // Stand by: keep the lease alive and retry the lock every tick.
+        let won = loop {
+            match map.try_lock_seeder(&lease).await {
+                Ok(true) => break true,
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "seeder lock attempt failed"),
+            }
+            if !sleep_or(&cancel, cfg.tick).await {
+                break false;
+            }
+            if map.store().keepalive(&lease).await.is_err() {
+                break false;
+            }
+        };
+        if !won {
+            let _ = map.store().revoke(&lease).await;
+            continue;
+        }
+        tracing::info!(seeder = %cfg.id, "acting as the seeder leader");
+        metrics::gauge!("flotilla_seeder_leader").set(1.0);
+        let leader = serde_json::json!({ "id": cfg.id, "since_ms": now_ms() });
+        let _ = map
+            .store()
+            .put_with_lease(
+                &map.keys().seeder_leader(),
+                Bytes::from(leader.to_string()),
+                &lease,
+            )
+            .await;
+        let term = cancel.child_token();
+        let keeper = {
+            let (store, lease, term, every) = (
+                map.store().clone(),
+                lease.clone(),
+                term.clone(),
+                cfg.lease_ttl / 3,
+            );
+            tasks.spawn(async move {
+                while sleep_or(&term, every).await {
+                    if let Err(e) = store.keepalive(&lease).await {
+                        tracing::warn!(error = %e, "seeder lease lost; stepping down");
+                        term.cancel();
+                    }
+                }
+            })
+        };
+        let ctx = work::Ctx::new(
+            cfg.clone(),
+            map.clone(),
+            remote.clone(),
+            client.clone(),
+            term.clone(),
+        );
+        while !term.is_cancelled() {
+            if let Err(e) = ctx.reconcile().await {
+                tracing::warn!(error = %e, "reconcile failed; retrying next tick");
+            }
+            sleep_or(&term, cfg.tick).await;
+        }
+        ctx.stop().await;
+        let _ = keeper.await;
+        metrics::gauge!("flotilla_seeder_leader").set(0.0);
+        let _ = map.store().unlock(&map.keys().seeder_lock(), &lease).await;
+        let _ = map.store().revoke(&lease).await;
+        tracing::info!(seeder = %cfg.id, "no longer the seeder leader");
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
