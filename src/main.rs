@@ -243,6 +243,32 @@ async fn dev(
             .await
             .map_err(anyhow::Error::from)
     });
+    // Open the front door only once every node is registered and ready, so the first push
+    // after `flotilla dev` prints its address can always be placed.
+    let map = shardmap::ShardMap::new(
+        shardmap::open(&meta)?,
+        shardmap::Keyspace::new(shardmap::DEFAULT_PREFIX),
+    );
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let ready = map
+            .list_nodes()
+            .await
+            .map(|n| {
+                n.iter()
+                    .filter(|(r, _)| r.state == shardmap::NodeState::Ready)
+                    .count()
+            })
+            .unwrap_or(0);
+        if ready >= nodes {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "only {ready} of {nodes} nodes became ready within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let mut cfg = registry_router::RouterConfig::new(meta);
     cfg.metrics = Some(metrics);
     cfg.secret = Some(secret);

@@ -134,57 +134,64 @@ pub async fn read_verified(
 /// Stream a local blob, releasing the last chunk only once the whole file hashed to `d`; on
 /// a mismatch the stream ends with an error (the client sees an aborted transfer) and the
 /// blob is quarantined, so the next read fetches it again from object storage.
+///
+/// Reading and hashing run on a blocking thread in 1 MiB units and hand chunks over a small
+/// bounded channel, so verification overlaps with sending instead of adding to it: a read is
+/// bounded by the slower of sha256 and the network, not by their sum.
 pub fn verifying_stream(node: NodeService, d: &Digest, file: tokio::fs::File) -> VerifyingStream {
-    struct St {
-        node: NodeService,
-        d: Digest,
-        file: Option<tokio::fs::File>,
-        hasher: Option<DigestHasher>,
-        held: Option<Bytes>,
-    }
-    let st = St {
-        node,
-        d: d.clone(),
-        file: Some(file),
-        hasher: Some(DigestHasher::new(d.algorithm())),
-        held: None,
-    };
-    let stream = futures::stream::unfold(st, |mut st| async move {
+    const UNIT: usize = 1024 * 1024;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, io::Error>>(4);
+    let d = d.clone();
+    let handle = tokio::runtime::Handle::current();
+    let file = file.try_into_std();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut file = match file {
+            Ok(f) => f,
+            Err(_) => {
+                let _ = tx.blocking_send(Err(io::Error::other("blob file busy")));
+                return;
+            }
+        };
+        let mut hasher = DigestHasher::new(d.algorithm());
+        let mut held: Option<Bytes> = None;
         loop {
-            let file = st.file.as_mut()?;
-            let mut buf = vec![0u8; CHUNK];
-            let n = match file.read(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => {
-                    st.file = None;
-                    return Some((Err(e), st));
+            let mut buf = vec![0u8; UNIT];
+            let mut filled = 0;
+            while filled < UNIT {
+                match file.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
                 }
-            };
-            if n > 0 {
-                buf.truncate(n);
-                if let Some(h) = st.hasher.as_mut() {
-                    h.update(&buf);
+            }
+            if filled == 0 {
+                break;
+            }
+            buf.truncate(filled);
+            hasher.update(&buf);
+            if let Some(prev) = held.replace(Bytes::from(buf)) {
+                if tx.blocking_send(Ok(prev)).is_err() {
+                    return; // the client went away
                 }
-                if let Some(prev) = st.held.replace(Bytes::from(buf)) {
-                    return Some((Ok(prev), st));
-                }
-                continue;
             }
-            st.file = None;
-            let actual = st.hasher.take().map(DigestHasher::finish);
-            if actual.as_ref() == Some(&st.d) {
-                return st.held.take().map(|last| (Ok(last), st));
-            }
-            metrics::counter!("flotilla_node_read_corrupt_total").increment(1);
-            if let Err(e) = quarantine(&st.node, &st.d).await {
-                tracing::warn!(digest = %st.d, error = %e, "could not quarantine a corrupt blob");
-            }
-            st.held = None;
-            return Some((Err(io::Error::other("blob failed digest verification")), st));
         }
-    })
-    .boxed();
-    VerifyingStream(stream)
+        if hasher.finish() == d {
+            if let Some(last) = held {
+                let _ = tx.blocking_send(Ok(last));
+            }
+            return;
+        }
+        metrics::counter!("flotilla_node_read_corrupt_total").increment(1);
+        if let Err(e) = handle.block_on(quarantine(&node, &d)) {
+            tracing::warn!(digest = %d, error = %e, "could not quarantine a corrupt blob");
+        }
+        let _ = tx.blocking_send(Err(io::Error::other("blob failed digest verification")));
+    });
+    VerifyingStream(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
 }
 
 /// Hash a file with `d`'s algorithm, optionally paced to `bytes_per_sec` (0 = unpaced).
