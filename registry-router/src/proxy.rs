@@ -384,12 +384,9 @@ async fn read_with_body_to(
                 .with_status(StatusCode::PAYLOAD_TOO_LARGE)
                 .message("manifest exceeds the 4 MiB limit")
         })?;
-    let mut primary: Option<(usize, reqwest::Response)> = None;
-    for (i, node) in nodes.iter().enumerate() {
-        if !cluster.is_live(node) && i + 1 < nodes.len() {
-            continue;
-        }
-        match upstream(
+    // The same buffered request, to any node.
+    let send = |node: &NodeRecord| {
+        upstream(
             cluster,
             node,
             &parts.method,
@@ -398,8 +395,13 @@ async fn read_with_body_to(
             reqwest::Body::from(bytes.clone()),
         )
         .send()
-        .await
-        {
+    };
+    let mut primary: Option<(usize, reqwest::Response)> = None;
+    for (i, node) in nodes.iter().enumerate() {
+        if !cluster.is_live(node) && i + 1 < nodes.len() {
+            continue;
+        }
+        match send(node).await {
             Ok(r) => {
                 primary = Some((i, r));
                 break;
@@ -422,17 +424,7 @@ async fn read_with_body_to(
             .chain(extra.iter().filter(|n| n.id != nodes[pi].id));
         for node in targets {
             let started = Instant::now();
-            match upstream(
-                cluster,
-                node,
-                &parts.method,
-                &pq,
-                &parts.headers,
-                reqwest::Body::from(bytes.clone()),
-            )
-            .send()
-            .await
-            {
+            match send(node).await {
                 Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
                     metrics::histogram!("flotilla_router_sync_replication_seconds")
                         .record(started.elapsed().as_secs_f64());

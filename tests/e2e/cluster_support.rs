@@ -9,6 +9,8 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -697,5 +699,55 @@ impl GetChecked for Oci {
             return Err(format!("{status} {}", String::from_utf8_lossy(&body)));
         }
         Ok(body.to_vec())
+    }
+}
+
+/// A background client pulling every image in a loop through the router.
+pub struct PullLoop {
+    stop: Arc<AtomicBool>,
+    rounds: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PullLoop {
+    pub fn start(oci: Oci, images: Vec<Pushed>) -> PullLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rounds = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (s, r, f) = (stop.clone(), rounds.clone(), failures.clone());
+        let task = tokio::spawn(async move {
+            while !s.load(Ordering::SeqCst) {
+                for p in &images {
+                    if let Err(e) = try_pull(&oci, p).await {
+                        f.lock().unwrap().push(e);
+                    }
+                }
+                r.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        PullLoop {
+            stop,
+            rounds,
+            failures,
+            task,
+        }
+    }
+
+    /// Wait until at least `n` more full rounds ran and `min` time passed.
+    pub async fn run_for(&self, n: usize, min: Duration) {
+        let start = self.rounds.load(Ordering::SeqCst);
+        let t0 = Instant::now();
+        poll("pull rounds", Duration::from_secs(60), || async {
+            (self.rounds.load(Ordering::SeqCst) >= start + n && t0.elapsed() >= min).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("pull loop");
+        let f = self.failures.lock().unwrap().clone();
+        (self.rounds.load(Ordering::SeqCst), f)
     }
 }

@@ -4,16 +4,15 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::cluster_support::{
-    layer_for, poll, push_image, try_pull, try_push_image, ClusterOpts, ClusterProc, Pushed,
+    layer_for, poll, push_image, try_pull, try_push_image, ClusterOpts, ClusterProc, PullLoop,
+    Pushed,
 };
-use crate::support::{sha256, Oci};
+use crate::support::sha256;
 
 /// Generous bound on any recovery step in these tests (moto is slow; the machine is shared).
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -120,46 +119,6 @@ async fn assert_rack_valid(c: &ClusterProc) {
             .map(|r| rack_of(c, r.as_str().expect("id")))
             .collect();
         assert_eq!(racks.len(), 2, "replicas of {} share a rack: {s}", s["key"]);
-    }
-}
-
-/// Pulls every image in a loop until stopped, recording failures.
-struct PullLoop {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl PullLoop {
-    fn start(oci: Oci, images: Vec<Pushed>) -> PullLoop {
-        let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let (s, r, f) = (stop.clone(), rounds.clone(), failures.clone());
-        let task = tokio::spawn(async move {
-            while !s.load(Ordering::SeqCst) {
-                for p in &images {
-                    if let Err(e) = try_pull(&oci, p).await {
-                        f.lock().unwrap().push(e);
-                    }
-                }
-                r.fetch_add(1, Ordering::SeqCst);
-            }
-        });
-        PullLoop {
-            stop,
-            rounds,
-            failures,
-            task,
-        }
-    }
-
-    async fn finish(self) -> (usize, Vec<String>) {
-        self.stop.store(true, Ordering::SeqCst);
-        self.task.await.expect("pull loop");
-        let f = self.failures.lock().unwrap().clone();
-        (self.rounds.load(Ordering::SeqCst), f)
     }
 }
 
