@@ -86,6 +86,9 @@ struct SeederArgs {
     /// Minimum seconds between starting two rebalance moves.
     #[arg(long, default_value_t = 2)]
     rebalance_interval_secs: u64,
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -187,8 +190,35 @@ fn main() -> anyhow::Result<()> {
                 cfg.seed_bytes_per_sec = a.seed_bytes_per_sec;
                 cfg.max_moves = a.max_moves;
                 cfg.rebalance_interval = Duration::from_secs(a.rebalance_interval_secs);
-                let _ = metrics; // the seeder's metrics land in the process recorder
-                s3_seeder::run(cfg, shutdown_signal()).await?;
+                let Some(addr) = a.metrics_listen else {
+                    s3_seeder::run(cfg, shutdown_signal()).await?;
+                    return Ok(());
+                };
+                // The seeder has no HTTP API of its own; this small listener exposes its
+                // metrics and stops with it.
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                let app = axum::Router::new()
+                    .route(
+                        "/metrics",
+                        axum::routing::get(move || {
+                            let h = metrics.clone();
+                            async move { h.render() }
+                        }),
+                    )
+                    .route("/healthz", axum::routing::get(|| async { "ok" }));
+                let stop = tokio_util::sync::CancellationToken::new();
+                let server = axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.clone().cancelled_owned());
+                let seeder = async {
+                    let r = s3_seeder::run(cfg, shutdown_signal()).await;
+                    stop.cancel();
+                    r
+                };
+                let (seeded, served) = tokio::join!(seeder, server);
+                seeded?;
+                served?;
                 Ok(())
             }
         }

@@ -505,3 +505,45 @@ async fn s3_outage_mid_reseed_keeps_the_node_unready_until_it_resumes() {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A standalone seeder exposes its metrics: alone on its metadata store it becomes leader,
+/// and `/metrics` says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn standalone_seeder_serves_metrics_and_takes_leadership() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let log = std::fs::File::create(tmp.path().join("seeder.log")).unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["seeder", "--id", "s1"])
+            .arg("--meta")
+            .arg(format!("file://{}", tmp.path().join("meta").display()))
+            .arg("--store")
+            .arg(format!("file://{}", tmp.path().join("objects").display()))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn seeder"),
+    );
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    poll(
+        "seeder leadership in /metrics",
+        Duration::from_secs(20),
+        || async {
+            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            text.lines()
+                .any(|l| l.starts_with("flotilla_seeder_leader") && l.trim_end().ends_with(" 1"))
+                .then_some(())
+        },
+    )
+    .await
+}
