@@ -69,6 +69,21 @@ pub struct SeedStats {
     pub missing: u64,
 }
 
+impl SeedStats {
+    /// Count one object: `(size, bytes fetched)` when present, `None` when object storage
+    /// lacks it.
+    fn count(&mut self, got: Option<(u64, u64)>) {
+        match got {
+            Some((size, fetched)) => {
+                self.objects += 1;
+                self.bytes += size;
+                self.fetched_bytes += fetched;
+            }
+            None => self.missing += 1,
+        }
+    }
+}
+
 /// Move a blob that failed verification out of `blobs/` so it is never served again.
 pub async fn quarantine(node: &NodeService, d: &Digest) -> Result<(), StoreError> {
     let store = node.store();
@@ -314,14 +329,7 @@ pub async fn seed_repo(
     }))
     .buffer_unordered(concurrency);
     while let Some(r) = results.next().await {
-        match r? {
-            Some((size, fetched)) => {
-                stats.objects += 1;
-                stats.bytes += size;
-                stats.fetched_bytes += fetched;
-            }
-            None => stats.missing += 1,
-        }
+        stats.count(r?);
     }
     drop(results);
 
@@ -332,14 +340,7 @@ pub async fn seed_repo(
     }))
     .buffer_unordered(concurrency);
     while let Some(r) = results.next().await {
-        match r? {
-            Some((size, fetched)) => {
-                stats.objects += 1;
-                stats.bytes += size;
-                stats.fetched_bytes += fetched;
-            }
-            None => stats.missing += 1,
-        }
+        stats.count(r?);
     }
     drop(results);
 

@@ -5,7 +5,7 @@
 //! podman root is removed at the end, also when a test fails.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use serde_json::{json, Value};
 
@@ -15,21 +15,6 @@ const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
-
-/// Run a command; panic with its output on failure; return the whole output.
-pub(crate) fn run_out(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Run blocking commands off the async workers.
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -543,6 +528,19 @@ pub(crate) struct Podman {
 }
 
 impl Podman {
+    /// Pull `src` and check podman's image id is the config digest it was pushed with.
+    pub(crate) fn pull_checked(&self, src: &str, config_hex: &str) {
+        run(self.cmd().args(["pull", "--tls-verify=false", src]));
+        let id = run(self
+            .cmd()
+            .args(["image", "inspect", "--format", "{{.Id}}", src]));
+        assert_eq!(
+            id.trim(),
+            config_hex,
+            "podman image id is the config digest"
+        );
+    }
+
     pub(crate) fn new() -> Podman {
         require_tool("podman");
         Podman {
@@ -593,15 +591,7 @@ async fn podman_pull_tag_push() {
     let pm = Podman::new();
     let config_hex = img.config.hex().to_owned();
     let pm = blocking(move || {
-        run(pm.cmd().args(["pull", "--tls-verify=false", &src]));
-        let id = run(pm
-            .cmd()
-            .args(["image", "inspect", "--format", "{{.Id}}", &src]));
-        assert_eq!(
-            id.trim(),
-            config_hex,
-            "podman image id is the config digest"
-        );
+        pm.pull_checked(&src, &config_hex);
         run(pm.cmd().args(["tag", &src, &dst]));
         run(pm.cmd().args(["push", "--tls-verify=false", &dst]));
         pm

@@ -304,15 +304,7 @@ async fn real_clients_through_the_router() {
     let src = format!("{host}/clients/skopeo/app:v1");
     let config_hex = img.config.hex().to_owned();
     let pm = blocking(move || {
-        run(pm.cmd().args(["pull", "--tls-verify=false", &src]));
-        let id = run(pm
-            .cmd()
-            .args(["image", "inspect", "--format", "{{.Id}}", &src]));
-        assert_eq!(
-            id.trim(),
-            config_hex,
-            "podman image id is the config digest"
-        );
+        pm.pull_checked(&src, &config_hex);
         pm
     })
     .await;

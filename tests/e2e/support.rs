@@ -261,8 +261,8 @@ pub fn require_tool(name: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Run a command, panic with its output on failure; returns stdout.
-pub fn run(cmd: &mut Command) -> String {
+/// Run a command; panic with its output on failure; return the whole output.
+pub fn run_out(cmd: &mut Command) -> std::process::Output {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -273,7 +273,12 @@ pub fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out
+}
+
+/// Run a command, panic with its output on failure; returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    String::from_utf8_lossy(&run_out(cmd).stdout).into_owned()
 }
 
 /// Every regular file under `dir`, relative paths, sorted.
