@@ -51,6 +51,13 @@ enum Cmd {
         /// Shared secret for the node-internal API.
         #[arg(long, env = "FLOTILLA_SECRET", hide_env_values = true)]
         secret: Option<String>,
+        /// MiB of manifests answered from the router's memory (0 disables the cache).
+        #[arg(long, default_value_t = 64)]
+        manifest_cache_mib: u64,
+        /// Longest a cached manifest is served when no newer shard epoch has been seen (a
+        /// bound for writes this router cannot observe, e.g. while the metadata store is away).
+        #[arg(long, default_value_t = 10)]
+        manifest_cache_ttl_secs: u64,
     },
     /// Run a seeder: reseeds empty nodes from object storage, replaces dead nodes, rebalances.
     /// Any number may run; one (leader-elected through the metadata store) acts.
@@ -154,10 +161,14 @@ fn main() -> anyhow::Result<()> {
                 meta,
                 replicas,
                 secret,
+                manifest_cache_mib,
+                manifest_cache_ttl_secs,
             } => {
                 let mut cfg = registry_router::RouterConfig::new(meta);
                 cfg.replication_factor = replicas;
                 cfg.secret = secret;
+                cfg.manifest_cache_bytes = manifest_cache_mib * 1024 * 1024;
+                cfg.manifest_cache_ttl = Duration::from_secs(manifest_cache_ttl_secs);
                 cfg.metrics = Some(metrics);
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await

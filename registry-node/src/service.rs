@@ -61,13 +61,12 @@ pub struct StoredManifest {
 /// Where the bytes of a blob GET come from.
 #[derive(Debug)]
 pub enum BlobBody {
-    /// A local file served without verification: only for `Range` reads of large blobs,
-    /// which cannot be checked against the digest (see ARCHITECTURE.md, invariants).
+    /// A local file verified since its bytes last changed (see `store::verified`).
     File(tokio::fs::File),
     /// A small local blob, already verified against its digest.
     Bytes(Bytes),
-    /// A large local blob streamed whole, verified before its last chunk is released.
-    Verified(crate::recovery::VerifyingStream),
+    /// A large local blob to stream whole, verified before its last chunk is released.
+    Checked(tokio::fs::File, crate::recovery::Check),
     /// A read-through in progress, verified before its last chunk is released.
     Fetch(readthrough::FetchStream),
 }
@@ -396,21 +395,32 @@ impl NodeService {
         whole: bool,
     ) -> Result<(BlobBody, u64)> {
         self.ensure_linked(repo, d).await?;
-        match self.inner.store.open_blob(d).await {
-            Ok((f, len)) if len < readthrough::WAIT_WHOLE_BELOW => {
+        let store = &self.inner.store;
+        match store.open_blob(d).await {
+            Ok((f, len, stamp)) if store.is_verified(d, stamp) => {
+                return Ok((BlobBody::File(f), len));
+            }
+            Ok((f, len, stamp)) if len < readthrough::WAIT_WHOLE_BELOW => {
                 // Small blobs are verified whole before the response starts; a mismatch is
                 // quarantined and read through again below.
-                if let Some(bytes) = crate::recovery::read_verified(self, d, f, len).await? {
+                if let Some(bytes) = crate::recovery::read_verified(self, d, f, len, stamp).await? {
                     return Ok((BlobBody::Bytes(bytes), len));
                 }
             }
-            Ok((f, len)) if whole => {
-                return Ok((
-                    BlobBody::Verified(crate::recovery::verifying_stream(self.clone(), d, f)),
-                    len,
-                ))
+            Ok((f, len, stamp)) if whole => {
+                let check = crate::recovery::Check {
+                    node: self.clone(),
+                    digest: d.clone(),
+                    stamp,
+                };
+                return Ok((BlobBody::Checked(f, check), len));
             }
-            Ok((f, len)) => return Ok((BlobBody::File(f), len)),
+            Ok((f, len, stamp)) => {
+                // A range of a blob not verified in its current state: hash it all first.
+                if let Some(f) = crate::recovery::verify_open(self, d, f, stamp).await? {
+                    return Ok((BlobBody::File(f), len));
+                }
+            }
             Err(StoreError::BlobUnknown(_)) => {}
             Err(e) => return Err(e.into()),
         }
@@ -423,7 +433,8 @@ impl NodeService {
         };
         match readthrough::wait(waiter).await {
             Outcome::Cached => {
-                let (f, len) = self.inner.store.open_blob(d).await?;
+                // Just fetched, hashed and committed (which remembered it as verified).
+                let (f, len, _) = self.inner.store.open_blob(d).await?;
                 Ok((BlobBody::File(f), len))
             }
             Outcome::NotFound => Err(StoreError::BlobUnknown(d.clone()).into()),

@@ -12,6 +12,7 @@ use shardmap::{Keyspace, Loads, NodeInfo, NodeRecord, NodeState, ShardMap, Shard
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::manifest_cache::ManifestCache;
 use crate::{RouterConfig, RouterError};
 
 type Snapshot<K, V> = Arc<HashMap<K, V>>;
@@ -26,6 +27,7 @@ struct Inner {
     ejected: Mutex<HashMap<NodeId, Instant>>,
     rr: AtomicUsize,
     store_ok: AtomicBool,
+    manifests: ManifestCache,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -55,6 +57,7 @@ impl Cluster {
             .connect_timeout(std::time::Duration::from_secs(2))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let manifests = ManifestCache::new(cfg.manifest_cache_bytes, cfg.manifest_cache_ttl);
         let c = Cluster {
             inner: Arc::new(Inner {
                 map: ShardMap::new(store, Keyspace::new(shardmap::DEFAULT_PREFIX)),
@@ -65,6 +68,7 @@ impl Cluster {
                 ejected: Mutex::default(),
                 rr: AtomicUsize::new(0),
                 store_ok: AtomicBool::new(false),
+                manifests,
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -85,6 +89,10 @@ impl Cluster {
 
     pub fn map(&self) -> &ShardMap {
         &self.inner.map
+    }
+
+    pub fn manifests(&self) -> &ManifestCache {
+        &self.inner.manifests
     }
 
     pub fn tasks(&self) -> &TaskTracker {
@@ -108,9 +116,16 @@ impl Cluster {
             Ok((nodes, shards)) => {
                 let nodes: HashMap<_, _> =
                     nodes.into_iter().map(|(n, _)| (n.id.clone(), n)).collect();
+                // Never step a record back to an older epoch: a slow refresh can land after a
+                // newer record was cached, and the manifest cache relies on epochs only
+                // moving forward.
+                let current = self.shards();
                 let shards: HashMap<_, _> = shards
                     .into_iter()
-                    .map(|(s, _)| (s.key.clone(), s))
+                    .map(|(s, _)| match current.get(&s.key) {
+                        Some(c) if c.epoch > s.epoch => (s.key.clone(), c.clone()),
+                        _ => (s.key.clone(), s),
+                    })
                     .collect();
                 metrics::gauge!("flotilla_router_nodes").set(nodes.len() as f64);
                 metrics::gauge!("flotilla_router_shards").set(shards.len() as f64);
@@ -361,10 +376,48 @@ impl Cluster {
         Ok(Some(won))
     }
 
+    /// Adopt `rec` unless a newer epoch of it is already known.
     pub fn cache_shard(&self, rec: ShardRecord) {
         let mut guard = self.inner.shards.write().unwrap_or_else(|p| p.into_inner());
+        if guard.get(&rec.key).is_some_and(|c| c.epoch > rec.epoch) {
+            return;
+        }
         let mut next = (**guard).clone();
         next.insert(rec.key.clone(), rec);
         *guard = Arc::new(next);
+    }
+
+    /// After a manifest or tag write in `key`: bump the shard record's epoch (CAS), so every
+    /// router's manifest cache drops what it holds for the key. If the bump cannot be written,
+    /// this router's cache is cleared and other routers fall back on their TTL.
+    pub async fn manifests_changed(&self, key: &ShardKey) {
+        if !self.inner.manifests.enabled() {
+            return;
+        }
+        for _ in 0..10 {
+            let got = match self.inner.map.get_shard(key).await {
+                Ok(Some(g)) => g,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "could not read the shard record to bump its epoch");
+                    break;
+                }
+            };
+            let (mut rec, v) = got;
+            rec.epoch += 1;
+            match self.inner.map.cas_shard(&rec, Some(v)).await {
+                Ok(Ok(_)) => {
+                    self.cache_shard(rec);
+                    return;
+                }
+                Ok(Err(_)) => continue, // lost a race: re-read and bump again
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "could not bump the shard epoch");
+                    break;
+                }
+            }
+        }
+        metrics::counter!("flotilla_router_manifest_cache_clears_total").increment(1);
+        self.inner.manifests.clear();
     }
 }

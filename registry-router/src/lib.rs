@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod manifest_cache;
 pub mod proxy;
 
 use std::future::Future;
@@ -42,6 +43,10 @@ pub struct RouterConfig {
     /// How often every registered node is probed; a failed probe ejects it before any
     /// client request has to fail, a successful one lifts an ejection early.
     pub probe_interval: Duration,
+    /// Bytes of manifests kept in memory (0 disables the cache; see `manifest_cache`).
+    pub manifest_cache_bytes: u64,
+    /// Longest a cached manifest is served without a newer epoch being seen.
+    pub manifest_cache_ttl: Duration,
 }
 
 impl RouterConfig {
@@ -56,6 +61,8 @@ impl RouterConfig {
             metrics: None,
             secret: None,
             probe_interval: Duration::from_secs(1),
+            manifest_cache_bytes: 64 * 1024 * 1024,
+            manifest_cache_ttl: Duration::from_secs(10),
         }
     }
 }

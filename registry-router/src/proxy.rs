@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use flotilla_core::{ErrorCode, RepoName, UploadId};
+use flotilla_core::{ErrorCode, Reference, RepoName, UploadId};
 use futures::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use registry_node::http::{ApiError, OciRoute, API_VERSION_HEADER};
@@ -89,7 +89,15 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             Ok(after_blob_write(cluster, &repo, node, &nodes, resp))
         }
         OciRoute::Manifest { repo, .. } if method == Method::PUT || method == Method::DELETE => {
-            replicated_write(cluster, &repo, method == Method::PUT, req).await
+            let resp = replicated_write(cluster, &repo, method == Method::PUT, req).await;
+            // A refused request changed nothing; anything else may have.
+            if resp.as_ref().is_ok_and(|r| !r.status().is_client_error()) {
+                cluster.manifests_changed(&repo.shard_key(depth)).await;
+            }
+            resp
+        }
+        OciRoute::Manifest { repo, reference } if cluster.manifests().enabled() => {
+            read_manifest(cluster, &repo, &reference, req).await
         }
         OciRoute::Blob { repo, .. } if method == Method::DELETE => {
             replicated_write(cluster, &repo, false, req).await
@@ -107,6 +115,60 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             read(cluster, nodes, req).await
         }
     }
+}
+
+/// Manifest GET/HEAD through the manifest cache (see `manifest_cache` for why a hit is as
+/// fresh as the shard map). A miss is an ordinary read that fills the cache on a 200 GET.
+async fn read_manifest(
+    cluster: &Cluster,
+    repo: &RepoName,
+    reference: &Reference,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let depth = cluster.config().shard_key_depth;
+    // The epoch is read before the upstream request, so an answer that raced a write is
+    // labelled with the epoch that write's bump supersedes.
+    let rec = match cluster.shard(&repo.shard_key(depth), false).await {
+        Ok(Some(rec)) => rec,
+        Ok(None) => return read(cluster, cluster.any_live(), req).await,
+        Err(e) => return Err(shard_error(e)),
+    };
+    let head = req.method() == Method::HEAD;
+    if let Some(hit) = cluster.manifests().get(repo, reference, rec.epoch) {
+        metrics::counter!("flotilla_router_manifest_cache_hits_total").increment(1);
+        let body = if head {
+            Body::empty()
+        } else {
+            Body::from(hit.body.clone())
+        };
+        let mut out = Response::new(body);
+        *out.headers_mut() = hit.headers.clone();
+        return Ok(out);
+    }
+    metrics::counter!("flotilla_router_manifest_cache_misses_total").increment(1);
+    let resp = read(cluster, cluster.candidates(&rec, true), req).await?;
+    let bounded = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n <= MANIFEST_LIMIT);
+    if head || resp.status() != StatusCode::OK || !bounded {
+        return Ok(resp);
+    }
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, MANIFEST_LIMIT)
+        .await
+        .map_err(|_| unavailable("the replica's manifest response broke off; retry"))?;
+    cluster.manifests().fill(
+        repo,
+        reference,
+        rec.epoch,
+        parts.status,
+        &parts.headers,
+        &bytes,
+    );
+    Ok(Response::from_parts(parts, Body::from(bytes)))
 }
 
 /// Build the upstream request: same method, path and query, end-to-end headers.

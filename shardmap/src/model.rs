@@ -66,7 +66,9 @@ pub struct ShardRecord {
     /// Nodes being seeded to become replicas (the first half of a move).
     #[serde(default)]
     pub joining: Vec<NodeId>,
-    /// Bumped on every change so caches can tell which of two records is newer.
+    /// Bumped on every change so caches can tell which of two records is newer, and by
+    /// routers after every manifest or tag write in the shard (it invalidates their
+    /// manifest caches).
     pub epoch: u64,
     /// Operator override: placement planning never moves a pinned shard.
     #[serde(default)]

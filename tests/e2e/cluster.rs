@@ -222,8 +222,21 @@ async fn two_routers_agree_on_concurrent_first_placement() {
         let (s0, r0) = c.admin_get(0, &format!("/shards/{key}")).await;
         let (s1, r1) = c.admin_get(1, &format!("/shards/{key}")).await;
         assert_eq!((s0, s1), (200, 200), "{r0} {r1}");
-        assert_eq!(r0, r1, "{key}: routers disagree");
-        assert_eq!(r0["epoch"], 1, "{r0}");
+        // One placement: the same replicas and creation on both routers. Each of the two
+        // manifest writes then bumped the epoch once (manifest cache invalidation).
+        for field in ["replicas", "created_ms", "key"] {
+            assert_eq!(r0[field], r1[field], "{key}: routers disagree on {field}");
+        }
+        poll(
+            &format!("{key} at epoch 3 on both routers"),
+            CLUSTER_TIMEOUT,
+            || async {
+                let (_, r0) = c.admin_get(0, &format!("/shards/{key}")).await;
+                let (_, r1) = c.admin_get(1, &format!("/shards/{key}")).await;
+                (r0 == r1 && r0["epoch"] == 3).then_some(())
+            },
+        )
+        .await;
         let replicas = c.replicas(0, &key).await;
         // Both pushes went to the one agreed pair.
         assert_on_pair_disks(&c, pa, &replicas).await;
@@ -551,4 +564,169 @@ async fn internal_api_needs_the_secret_and_probes_eject_dead_nodes_fast() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!("n2 ejected by probes {:?} after kill -9", t0.elapsed());
+}
+
+/// Sum of a router's manifest-cache counter (`hits` or `misses`).
+async fn router_cache(c: &ClusterProc, router: usize, what: &str) -> f64 {
+    let text = reqwest::get(c.router(router).url("/metrics"))
+        .await
+        .expect("router metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let name = format!("flotilla_router_manifest_cache_{what}_total ");
+    text.lines()
+        .filter(|l| l.starts_with(&name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What a router answers for a manifest GET: status and digest header.
+async fn manifest_at(c: &ClusterProc, router: usize, repo: &str, reference: &str) -> (u16, String) {
+    let r = c
+        .router(router)
+        .http
+        .get(
+            c.router(router)
+                .url(&format!("/v2/{repo}/manifests/{reference}")),
+        )
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("manifest GET");
+    let status = r.status().as_u16();
+    let digest = r
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if status == 200 {
+        let body = r.bytes().await.expect("manifest body");
+        assert_eq!(
+            crate::support::sha256(&body),
+            digest,
+            "body is the digest served"
+        );
+    }
+    (status, digest)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manifest_cache_is_as_fresh_as_the_shard_map() {
+    let c = ClusterProc::start(2).await;
+    let repo = "cache/prod/app";
+    let first = push_image(&c.router(0), repo, "live").await;
+    // Warm both routers' caches and check they serve from memory.
+    for r in [0, 1] {
+        for _ in 0..5 {
+            assert_eq!(
+                manifest_at(&c, r, repo, "live").await,
+                (200, first.manifest.clone())
+            );
+        }
+    }
+    let replicas = c.replicas(0, "cache/prod").await;
+    let before: f64 = futures::future::join_all(replicas.iter().map(|n| node_requests(&c, n)))
+        .await
+        .into_iter()
+        .sum();
+    for r in [0, 1] {
+        assert_eq!(
+            manifest_at(&c, r, repo, "live").await,
+            (200, first.manifest.clone())
+        );
+        let head = c
+            .router(r)
+            .http
+            .head(c.router(r).url(&format!("/v2/{repo}/manifests/live")))
+            .send()
+            .await
+            .expect("HEAD");
+        assert_eq!(head.status(), 200);
+        assert_eq!(
+            head.headers()["docker-content-digest"].to_str().unwrap(),
+            first.manifest
+        );
+        assert!(head.headers().contains_key("content-length"));
+    }
+    let after: f64 = futures::future::join_all(replicas.iter().map(|n| node_requests(&c, n)))
+        .await
+        .into_iter()
+        .sum();
+    assert_eq!(after, before, "warm manifest reads reached a node");
+    assert!(router_cache(&c, 0, "hits").await >= 6.0);
+    assert!(router_cache(&c, 1, "hits").await >= 6.0);
+    let epoch = |v: Value| v["epoch"].as_u64().expect("epoch");
+    let e0 = epoch(c.admin_get(0, "/shards/cache/prod").await.1);
+
+    // Re-point the tag through router 0: router 0 serves the new manifest at once (read your
+    // writes), router 1 as soon as it sees the bumped epoch (bounded well under the TTL).
+    let layer = layer_for("cache second", 4096);
+    let second = try_push_image(&c.router(0), repo, "live", &layer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(second.manifest, first.manifest);
+    assert_eq!(
+        manifest_at(&c, 0, repo, "live").await,
+        (200, second.manifest.clone())
+    );
+    // Five seconds is half the cache TTL: only the epoch bump can make this pass.
+    poll(
+        "router 1 to serve the re-pointed tag",
+        Duration::from_secs(5),
+        || async {
+            (manifest_at(&c, 1, repo, "live").await == (200, second.manifest.clone())).then_some(())
+        },
+    )
+    .await;
+    assert!(epoch(c.admin_get(1, "/shards/cache/prod").await.1) > e0);
+
+    // Delete by digest through router 1: router 1 at once, router 0 soon after, say 404.
+    let by_digest = second.manifest.clone();
+    assert_eq!(manifest_at(&c, 0, repo, &by_digest).await.0, 200);
+    assert_eq!(manifest_at(&c, 0, repo, &by_digest).await.0, 200);
+    let del = c
+        .router(1)
+        .http
+        .delete(
+            c.router(1)
+                .url(&format!("/v2/{repo}/manifests/{by_digest}")),
+        )
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(del.status(), 202);
+    assert_eq!(manifest_at(&c, 1, repo, &by_digest).await.0, 404);
+    poll(
+        "router 0 to forget the deleted manifest",
+        Duration::from_secs(5),
+        || async { (manifest_at(&c, 0, repo, &by_digest).await.0 == 404).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        manifest_at(&c, 0, repo, "live").await.0,
+        404,
+        "its tag went with it"
+    );
+
+    // A refused write (a manifest naming a missing blob) leaves the epoch alone.
+    let e1 = epoch(c.admin_get(0, "/shards/cache/prod").await.1);
+    let bad = crate::support::image_manifest(
+        &format!("sha256:{}", "0".repeat(64)),
+        2,
+        &first.blobs[1],
+        4096,
+    );
+    let r = c
+        .router(0)
+        .http
+        .put(c.router(0).url(&format!("/v2/{repo}/manifests/bad")))
+        .header("content-type", OCI_MANIFEST)
+        .body(bad)
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), 400);
+    assert_eq!(epoch(c.admin_get(0, "/shards/cache/prod").await.1), e1);
 }

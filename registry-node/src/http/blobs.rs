@@ -4,14 +4,11 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use flotilla_core::{Digest, ErrorCode, RepoName};
 use http::{header, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use super::{header_str, ApiError};
+use crate::recovery::file_stream;
 use crate::service::BlobBody;
 use crate::NodeService;
-
-const READ_CHUNK: usize = 256 * 1024;
 
 /// A parsed `Range: bytes=...` against a blob of `size` bytes: `Ok(None)` means serve it
 /// whole (no header, or a multi-range we choose to ignore as RFC 9110 allows).
@@ -88,14 +85,8 @@ pub async fn get(
         None => (StatusCode::OK, 0, size),
     };
     let body = match blob {
-        BlobBody::File(mut file) => {
-            if start > 0 {
-                file.seek(std::io::SeekFrom::Start(start))
-                    .await
-                    .map_err(ApiError::internal)?;
-            }
-            Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK))
-        }
+        BlobBody::File(file) => Body::from_stream(file_stream(file, start, len, None)),
+        BlobBody::Checked(file, check) => Body::from_stream(file_stream(file, 0, len, Some(check))),
         BlobBody::Bytes(bytes) => {
             // Verified whole; a range is a slice of it.
             let from = start as usize;
@@ -104,7 +95,6 @@ pub async fn get(
         }
         // Only ever handed out for whole-blob requests.
         BlobBody::Fetch(stream) => Body::from_stream(stream),
-        BlobBody::Verified(stream) => Body::from_stream(stream),
     };
     metrics::counter!("flotilla_node_blob_bytes_out_total").increment(len);
     let mut resp = Response::builder()

@@ -8,15 +8,22 @@
 //! referrer entry, tag: a tag can never point at a manifest that is not there.
 
 mod fsutil;
+mod verified;
 
 use std::collections::BTreeSet;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use flotilla_core::{layout, Digest, RepoName, Tag};
 use serde::{Deserialize, Serialize};
 
 pub use fsutil::{fsync_dir, write_atomic};
+pub use verified::FileStamp;
+use verified::VerifiedMemo;
+
+/// Blobs remembered as verified (see `verified`): ~100 bytes each, so about 6 MiB at most.
+const VERIFIED_MEMO_CAP: usize = 65_536;
 
 /// Failures of local store operations, with the identifiers callers branch on.
 #[derive(Debug, thiserror::Error)]
@@ -62,13 +69,17 @@ pub struct ReferrerDescriptor {
 #[derive(Clone, Debug)]
 pub struct LocalStore {
     root: PathBuf,
+    verified: std::sync::Arc<VerifiedMemo>,
 }
 
 impl LocalStore {
     /// Open (creating if needed) the directory tree and sweep leftovers of a previous run:
     /// temp files and upload sessions cannot be resumed after a restart.
     pub async fn open(root: PathBuf) -> Result<Self, StoreError> {
-        let store = LocalStore { root };
+        let store = LocalStore {
+            root,
+            verified: std::sync::Arc::new(VerifiedMemo::new(VERIFIED_MEMO_CAP)),
+        };
         for dir in [
             layout::local_tmp_dir(),
             layout::local_uploads_dir(),
@@ -86,6 +97,20 @@ impl LocalStore {
             tokio::fs::create_dir_all(&p).await.map_err(io_err(&p))?;
         }
         Ok(store)
+    }
+
+    /// Remember that the blob file whose metadata was `stamp` before hashing matched `d`.
+    pub fn mark_verified(&self, d: &Digest, stamp: FileStamp) {
+        self.verified.mark(d, stamp);
+    }
+
+    /// True when `d`'s file still has exactly the metadata it had when it last verified.
+    pub fn is_verified(&self, d: &Digest, stamp: FileStamp) -> bool {
+        self.verified.is_verified(d, stamp)
+    }
+
+    pub fn forget_verified(&self, d: &Digest) {
+        self.verified.forget(d);
     }
 
     pub fn root(&self) -> &Path {
@@ -110,7 +135,12 @@ impl LocalStore {
         }
     }
 
-    pub async fn open_blob(&self, d: &Digest) -> Result<(tokio::fs::File, u64), StoreError> {
+    /// Open a blob; its size and its metadata stamp (for [`Self::is_verified`]) are taken from
+    /// the open descriptor, so they describe exactly the file that will be read.
+    pub async fn open_blob(
+        &self,
+        d: &Digest,
+    ) -> Result<(tokio::fs::File, u64, FileStamp), StoreError> {
         let p = self.path(&layout::local_blob(d));
         let f = match tokio::fs::File::open(&p).await {
             Ok(f) => f,
@@ -119,8 +149,8 @@ impl LocalStore {
             }
             Err(e) => return Err(io_err(&p)(e)),
         };
-        let len = f.metadata().await.map_err(io_err(&p))?.len();
-        Ok((f, len))
+        let meta = f.metadata().await.map_err(io_err(&p))?;
+        Ok((f, meta.len(), FileStamp::of(&meta)))
     }
 
     /// Move a complete, verified, fsynced file to its content-addressed path. Concurrent
@@ -131,10 +161,21 @@ impl LocalStore {
         tokio::fs::create_dir_all(&parent)
             .await
             .map_err(io_err(&parent))?;
+        let meta = tokio::fs::metadata(verified_file)
+            .await
+            .map_err(io_err(verified_file))?;
         tokio::fs::rename(verified_file, &dest)
             .await
             .map_err(io_err(&dest))?;
-        fsync_dir(&parent).await.map_err(io_err(&parent))
+        fsync_dir(&parent).await.map_err(io_err(&parent))?;
+        // Rename keeps the inode and moves only the ctime, so take the stamp at the final
+        // path (the bytes are the ones the caller hashed: nothing else writes there).
+        let meta = match tokio::fs::metadata(&dest).await {
+            Ok(m) if m.ino() == meta.ino() => m,
+            _ => return Ok(()), // replaced by a concurrent commit: it will be verified on read
+        };
+        self.mark_verified(d, FileStamp::of(&meta));
+        Ok(())
     }
 
     /// Store small content (a manifest) under its digest, atomically.
