@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use flotilla_core::{layout, Digest, DigestHasher};
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
@@ -137,40 +136,51 @@ impl Fetches {
             .tmp_dir()
             .join(format!("fetch-{}", uuid::Uuid::new_v4().simple()));
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
-            let mut hasher = DigestHasher::new(d.algorithm());
-            let mut held: Option<Bytes> = None;
+            let file = tokio::fs::File::create(&tmp).await?.into_std().await;
+            let (to_writer, from_fetch) = mpsc::channel::<Vec<Bytes>>(4);
+            let writer = tokio::task::spawn_blocking({
+                let alg = d.algorithm();
+                move || write_and_hash(file, alg, from_fetch)
+            });
+            let mut held: Option<Vec<Bytes>> = None;
             let mut leader = leader;
-            // Stores hand out small chunks (8 KiB from a local directory); every write to a
-            // tokio file is a trip to the blocking pool, so write and forward in 1 MiB units.
-            let mut pending = bytes::BytesMut::new();
+            // Stores hand out small chunks (8–64 KiB); they are batched, not copied, into
+            // 1 MiB units, each one thread hop and one writev for the writer.
+            let mut batch: Vec<Bytes> = Vec::new();
+            let mut batch_len = 0;
             let mut done = false;
             while !done {
                 match stream.next().await {
                     Some(chunk) => {
-                        pending.extend_from_slice(&chunk.map_err(io::Error::other)?);
-                        if pending.len() < FETCH_WRITE_UNIT {
+                        let chunk = chunk.map_err(io::Error::other)?;
+                        batch_len += chunk.len();
+                        batch.push(chunk);
+                        if batch_len < FETCH_WRITE_UNIT {
                             continue;
                         }
                     }
-                    None if pending.is_empty() => break,
+                    None if batch.is_empty() => break,
                     None => done = true,
                 }
-                let chunk = pending.split().freeze();
-                file.write_all(&chunk).await?;
-                hasher.update(&chunk);
-                if let Some(prev) = held.replace(chunk) {
+                let unit = std::mem::take(&mut batch);
+                batch_len = 0;
+                if to_writer.send(unit.clone()).await.is_err() {
+                    break; // the writer failed; its result says why
+                }
+                if let Some(prev) = held.replace(unit) {
                     // A client that went away does not stop the fetch others wait on.
                     if let Some(l) = &leader {
-                        if l.send(Ok(prev)).await.is_err() {
-                            leader = None;
+                        for chunk in prev {
+                            if l.send(Ok(chunk)).await.is_err() {
+                                leader = None;
+                                break;
+                            }
                         }
                     }
                 }
             }
-            file.sync_all().await?;
-            drop(file);
-            let actual = hasher.finish();
+            drop(to_writer);
+            let actual = writer.await.map_err(io::Error::other)??;
             if &actual != d {
                 tracing::error!(expected = %d, %actual, "object storage returned corrupt blob; not cached");
                 metrics::counter!("flotilla_node_readthrough_corrupt_total").increment(1);
@@ -186,7 +196,11 @@ impl Fetches {
                 .await
                 .map_err(io::Error::other)?;
             if let (Some(l), Some(last)) = (&leader, held) {
-                let _ = l.send(Ok(last)).await;
+                for chunk in last {
+                    if l.send(Ok(chunk)).await.is_err() {
+                        break;
+                    }
+                }
             }
             Ok(Outcome::Cached)
         }
@@ -203,6 +217,33 @@ impl Fetches {
         }
         outcome
     }
+}
+
+/// The cache file's writer, on a blocking thread: hash and `writev` each unit as it comes
+/// (no copy of the fetched chunks), then fsync; returns the digest of what was written.
+fn write_and_hash(
+    mut file: std::fs::File,
+    alg: flotilla_core::Algorithm,
+    mut units: mpsc::Receiver<Vec<Bytes>>,
+) -> io::Result<Digest> {
+    use std::io::{IoSlice, Write};
+    let mut hasher = DigestHasher::new(alg);
+    while let Some(unit) = units.blocking_recv() {
+        for chunk in &unit {
+            hasher.update(chunk);
+        }
+        let mut slices: Vec<IoSlice<'_>> = unit.iter().map(|c| IoSlice::new(c)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = file.write_vectored(rest)?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut rest, n);
+        }
+    }
+    file.sync_all()?;
+    Ok(hasher.finish())
 }
 
 /// The map entry of a fetch being started. If the caller's future is dropped before the
