@@ -3,7 +3,8 @@
 # a 3-node cluster (n1, n2 in r1; n3 in r2) + router + seeder on moto S3; BLOBS blobs of SIZE
 # pushed into one service/mode; one of its replicas is wiped and restarted under the same id;
 # the seeder rebuilds it from S3. Then every blob object is read straight from moto with the
-# same concurrency (boto3), for the raw figure. Needs a release build.
+# same concurrency (boto3), for the raw figure, and read + sha256 + write + fsync, for the
+# figure of the same work done by a plain client. Needs a release build.
 # Usage: benches/reseed.sh        (BLOBS=400 SIZE=5MiB CONC=4 by default: 2000 MiB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -73,5 +74,35 @@ with ThreadPoolExecutor(conc) as ex:
     total = sum(ex.map(get, keys))
 secs = time.time() - t
 print(f"| raw S3 read (boto3, {conc} threads) | {len(keys)} objects, {total/2**20:.0f} MiB in {secs:.1f} s "
+      f"| {total/2**20/secs:.1f} MiB/s | {len(keys)/secs:.1f} objects/s |")
+PY
+# A second reference: what the reseed must do per byte, done by the simplest client — read
+# each object, sha256 it and write it to a file, fsynced (boto3 + hashlib, same threads).
+python3 - "$MP" "$CONC" "$WORK/raw-store" <<'PY'
+import hashlib, os, sys, time, boto3
+from concurrent.futures import ThreadPoolExecutor
+port, conc, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+os.makedirs(out, exist_ok=True)
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                  aws_access_key_id="bench", aws_secret_access_key="bench")
+keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix="flotilla/blobs/")
+        for o in p.get("Contents", [])]
+def get(k):
+    body = s3.get_object(Bucket="bench", Key=k)["Body"]
+    h, n = hashlib.sha256(), 0
+    with open(os.path.join(out, k.rsplit("/", 1)[1]), "wb") as f:
+        for chunk in iter(lambda: body.read(1 << 20), b""):
+            h.update(chunk)
+            f.write(chunk)
+            n += len(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    assert h.hexdigest() == k.rsplit("/", 1)[1], k
+    return n
+t = time.time()
+with ThreadPoolExecutor(conc) as ex:
+    total = sum(ex.map(get, keys))
+secs = time.time() - t
+print(f"| raw S3 read + sha256 + write + fsync (boto3, {conc} threads) | {len(keys)} objects, {total/2**20:.0f} MiB in {secs:.1f} s "
       f"| {total/2**20/secs:.1f} MiB/s | {len(keys)/secs:.1f} objects/s |")
 PY

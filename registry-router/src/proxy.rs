@@ -146,6 +146,11 @@ async fn read_manifest(
         return Ok(out);
     }
     metrics::counter!("flotilla_router_manifest_cache_misses_total").increment(1);
+    // A HEAD miss asks the node for the whole manifest (small, bounded), so the cache fills
+    // on the HEAD that starts every pull as well as on GETs.
+    let (mut parts, body) = req.into_parts();
+    parts.method = Method::GET;
+    let req = Request::from_parts(parts, body);
     let resp = read(cluster, cluster.candidates(&rec, true), req).await?;
     let bounded = resp
         .headers()
@@ -153,14 +158,16 @@ async fn read_manifest(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n <= MANIFEST_LIMIT);
-    if head || resp.status() != StatusCode::OK || !bounded {
-        return Ok(resp);
-    }
     let (parts, body) = resp.into_parts();
+    if parts.status != StatusCode::OK || !bounded {
+        let body = if head { Body::empty() } else { body };
+        return Ok(Response::from_parts(parts, body));
+    }
     let bytes = axum::body::to_bytes(body, MANIFEST_LIMIT)
         .await
         .map_err(|_| unavailable("the replica's manifest response broke off; retry"))?;
-    cluster.manifests().fill(
+    let m = cluster.manifests();
+    m.fill(
         repo,
         reference,
         rec.epoch,
@@ -168,7 +175,12 @@ async fn read_manifest(
         &parts.headers,
         &bytes,
     );
-    Ok(Response::from_parts(parts, Body::from(bytes)))
+    let body = if head {
+        Body::empty()
+    } else {
+        Body::from(bytes)
+    };
+    Ok(Response::from_parts(parts, body))
 }
 
 /// Build the upstream request: same method, path and query, end-to-end headers.

@@ -617,6 +617,15 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
     let c = ClusterProc::start(2).await;
     let repo = "cache/prod/app";
     let first = push_image(&c.router(0), repo, "live").await;
+    let epoch = |v: Value| v["epoch"].as_u64().expect("epoch");
+    // Once router 1 has seen the push's epoch bump (router 0 made it), so warm entries stay.
+    let now = epoch(c.admin_get(0, "/shards/cache/prod").await.1);
+    poll(
+        "router 1 to see the latest epoch",
+        CLUSTER_TIMEOUT,
+        || async { (epoch(c.admin_get(1, "/shards/cache/prod").await.1) == now).then_some(()) },
+    )
+    .await;
     // Warm both routers' caches and check they serve from memory.
     for r in [0, 1] {
         for _ in 0..5 {
@@ -657,7 +666,6 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
     assert_eq!(after, before, "warm manifest reads reached a node");
     assert!(router_cache(&c, 0, "hits").await >= 6.0);
     assert!(router_cache(&c, 1, "hits").await >= 6.0);
-    let epoch = |v: Value| v["epoch"].as_u64().expect("epoch");
     let e0 = epoch(c.admin_get(0, "/shards/cache/prod").await.1);
 
     // Re-point the tag through router 0: router 0 serves the new manifest at once (read your
@@ -729,4 +737,43 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
         .expect("PUT");
     assert_eq!(r.status(), 400);
     assert_eq!(epoch(c.admin_get(0, "/shards/cache/prod").await.1), e1);
+
+    // A pull starts with a HEAD by tag: a HEAD miss fills the cache too.
+    let third = push_image(&c.router(0), repo, "headfirst").await;
+    // Once router 1 has seen that push's epoch bump (else its fill could be outdated at once).
+    let now = epoch(c.admin_get(0, "/shards/cache/prod").await.1);
+    poll(
+        "router 1 to see the latest epoch",
+        CLUSTER_TIMEOUT,
+        || async { (epoch(c.admin_get(1, "/shards/cache/prod").await.1) == now).then_some(()) },
+    )
+    .await;
+    let hits = router_cache(&c, 1, "hits").await;
+    for _ in 0..2 {
+        let head = c
+            .router(1)
+            .http
+            .head(c.router(1).url(&format!("/v2/{repo}/manifests/headfirst")))
+            .send()
+            .await
+            .expect("HEAD");
+        assert_eq!(head.status(), 200);
+        assert_eq!(
+            head.headers()["docker-content-digest"].to_str().unwrap(),
+            third.manifest
+        );
+    }
+    assert_eq!(
+        router_cache(&c, 1, "hits").await,
+        hits + 1.0,
+        "the second HEAD is a hit"
+    );
+    let missing = c
+        .router(1)
+        .http
+        .head(c.router(1).url(&format!("/v2/{repo}/manifests/nosuchtag")))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(missing.status(), 404);
 }
