@@ -11,11 +11,12 @@ import os
 import re
 import sys
 
-TARGETS = ["flotilla-node", "flotilla-dev", "distribution-fs", "distribution-s3"]
+TARGETS = ["flotilla-node", "flotilla-dev", "flotilla-dev-redirect", "distribution-fs", "distribution-s3"]
 BASE = "flotilla-node"
 # Ratio columns: (A, B) shows A ÷ B.
 PAIRS = [("flotilla-node", "distribution-fs"), ("flotilla-dev", "distribution-fs"),
-         ("flotilla-dev", "flotilla-node"), ("flotilla-node", "distribution-s3")]
+         ("flotilla-dev-redirect", "distribution-fs"), ("flotilla-dev", "flotilla-node"),
+         ("flotilla-node", "distribution-s3")]
 REFS = ["distribution-fs", "distribution-s3"]
 
 
@@ -152,6 +153,9 @@ def main():
     L.append("with a `file://` object store (write-through to a directory on the same disk);")
     L.append("`flotilla-dev` is `flotilla dev`: the router in front of three such nodes (RF=2), so")
     L.append("`dev ÷ node` reads as the cost of the router hop and replication.")
+    L.append("`flotilla-dev-redirect` is `flotilla dev --blob-redirect`: the router answers blob GETs")
+    L.append("with a 307 to a live replica (probed first) instead of proxying the bytes, as registries")
+    L.append("backed by S3 or a CDN do; clients must be able to reach the nodes.")
     L.append("")
 
     L.append("## Machine limits")
@@ -298,7 +302,7 @@ def main():
     L.append("```")
     L.append("")
     L.append("- Targets: `flotilla-node` = `flotilla node` (one node, local store); `flotilla-dev` = "
-             "`flotilla dev`; `distribution-fs` / `distribution-s3` = CNCF Distribution "
+             "`flotilla dev`; `flotilla-dev-redirect` = `flotilla dev --blob-redirect`; `distribution-fs` / `distribution-s3` = CNCF Distribution "
              f"{env.get('distribution', '')} with filesystem storage / the s3-aws driver against a local "
              "moto server. Distribution runs with access logs off, `redirect: disable: true` (so "
              "pulls stream through the registry instead of redirecting the client to S3) and the "

@@ -35,6 +35,9 @@ enum Cmd {
         /// Rack of each node in order, comma-separated (default: n1,n2 in r1; n3 in r2).
         #[arg(long, value_delimiter = ',', default_value = "r1,r1,r2")]
         racks: Vec<RackId>,
+        /// Router answers blob GETs with a 307 to a live replica (see `router --blob-redirect`).
+        #[arg(long)]
+        blob_redirect: bool,
     },
     /// Run one registry node serving the OCI API.
     Node(NodeArgs),
@@ -58,6 +61,10 @@ enum Cmd {
         /// bound for writes this router cannot observe, e.g. while the metadata store is away).
         #[arg(long, default_value_t = 10)]
         manifest_cache_ttl_secs: u64,
+        /// Answer blob GETs with a 307 to a live replica (probed first) instead of proxying
+        /// the bytes: the router leaves the data path, clients must reach the nodes' URLs.
+        #[arg(long)]
+        blob_redirect: bool,
     },
     /// Run a seeder: reseeds empty nodes from object storage, replaces dead nodes, rebalances.
     /// Any number may run; one (leader-elected through the metadata store) acts.
@@ -155,7 +162,8 @@ fn main() -> anyhow::Result<()> {
                 data,
                 nodes,
                 racks,
-            } => dev(listen, data, nodes, racks, metrics).await,
+                blob_redirect,
+            } => dev(listen, data, nodes, racks, blob_redirect, metrics).await,
             Cmd::Router {
                 listen,
                 meta,
@@ -163,12 +171,14 @@ fn main() -> anyhow::Result<()> {
                 secret,
                 manifest_cache_mib,
                 manifest_cache_ttl_secs,
+                blob_redirect,
             } => {
                 let mut cfg = registry_router::RouterConfig::new(meta);
                 cfg.replication_factor = replicas;
                 cfg.secret = secret;
                 cfg.manifest_cache_bytes = manifest_cache_mib * 1024 * 1024;
                 cfg.manifest_cache_ttl = Duration::from_secs(manifest_cache_ttl_secs);
+                cfg.blob_redirect = blob_redirect;
                 cfg.metrics = Some(metrics);
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
@@ -242,6 +252,7 @@ async fn dev(
     data: PathBuf,
     nodes: usize,
     racks: Vec<RackId>,
+    blob_redirect: bool,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(nodes >= 1, "--nodes must be at least 1");
@@ -313,6 +324,7 @@ async fn dev(
     let mut cfg = registry_router::RouterConfig::new(meta);
     cfg.metrics = Some(metrics);
     cfg.secret = Some(secret);
+    cfg.blob_redirect = blob_redirect;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;

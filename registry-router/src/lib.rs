@@ -47,6 +47,8 @@ pub struct RouterConfig {
     pub manifest_cache_bytes: u64,
     /// Longest a cached manifest is served without a newer epoch being seen.
     pub manifest_cache_ttl: Duration,
+    /// Answer blob GETs with a 307 to a live replica instead of proxying the bytes.
+    pub blob_redirect: bool,
 }
 
 impl RouterConfig {
@@ -63,6 +65,7 @@ impl RouterConfig {
             probe_interval: Duration::from_secs(1),
             manifest_cache_bytes: 64 * 1024 * 1024,
             manifest_cache_ttl: Duration::from_secs(10),
+            blob_redirect: false,
         }
     }
 }

@@ -71,6 +71,9 @@ fn shard_error(e: crate::RouterError) -> ApiError {
 async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Response, ApiError> {
     let depth = cluster.config().shard_key_depth;
     let method = req.method().clone();
+    let redirect = cluster.config().blob_redirect
+        && method == Method::GET
+        && matches!(route, OciRoute::Blob { .. });
     match route {
         OciRoute::Base => Ok(StatusCode::OK.into_response()),
         OciRoute::Catalog => read(cluster, cluster.any_live(), req).await,
@@ -112,9 +115,61 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
                 Ok(None) => cluster.any_live(),
                 Err(e) => return Err(shard_error(e)),
             };
+            if redirect {
+                return redirect_blob(cluster, nodes, req).await;
+            }
             read(cluster, nodes, req).await
         }
     }
+}
+
+/// `--blob-redirect`: send the client to a replica for the bytes (307), as registries backed
+/// by S3 or a CDN do, so blob bytes never cross the router. A HEAD to each replica in turn
+/// first, so a node that is down or failing is skipped exactly as for a proxied read, and a
+/// missing blob gets the node's 404 from the router itself.
+async fn redirect_blob(
+    cluster: &Cluster,
+    nodes: Vec<NodeRecord>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let pq = path_and_query(&req);
+    let mut last: Option<Response> = None;
+    for node in &nodes {
+        let probe = upstream(
+            cluster,
+            node,
+            &Method::HEAD,
+            &pq,
+            req.headers(),
+            reqwest::Body::from(Bytes::new()),
+        )
+        .timeout(cluster.config().upstream_timeout)
+        .send()
+        .await;
+        match probe {
+            Ok(r) if r.status().is_success() => {
+                let location = format!("{}{}", node.url.trim_end_matches('/'), pq);
+                metrics::counter!("flotilla_router_blob_redirects_total").increment(1);
+                return Response::builder()
+                    .status(StatusCode::TEMPORARY_REDIRECT)
+                    .header(http::header::LOCATION, location)
+                    .header(http::header::CONTENT_LENGTH, 0)
+                    .body(Body::empty())
+                    .map_err(ApiError::internal);
+            }
+            Ok(r) if !r.status().is_server_error() => {
+                // The node's authoritative answer (404, 416...): proxy it as a read would.
+                return read(cluster, vec![node.clone()], req).await;
+            }
+            Ok(r) => last = Some(downstream(r, true)),
+            Err(e) => {
+                tracing::warn!(node = %node.id, error = %e, "blob probe failed; trying the partner");
+                cluster.eject(&node.id);
+            }
+        }
+        metrics::counter!("flotilla_router_failovers_total").increment(1);
+    }
+    last.ok_or_else(|| unavailable("no replica of this repository is reachable"))
 }
 
 /// Manifest GET/HEAD through the manifest cache (see `manifest_cache` for why a hit is as

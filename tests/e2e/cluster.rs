@@ -566,19 +566,28 @@ async fn internal_api_needs_the_secret_and_probes_eject_dead_nodes_fast() {
     println!("n2 ejected by probes {:?} after kill -9", t0.elapsed());
 }
 
-/// Sum of a router's manifest-cache counter (`hits` or `misses`).
-async fn router_cache(c: &ClusterProc, router: usize, what: &str) -> f64 {
+/// A router's counter `name` (unlabelled).
+async fn router_metric(c: &ClusterProc, router: usize, name: &str) -> f64 {
     let text = reqwest::get(c.router(router).url("/metrics"))
         .await
         .expect("router metrics")
         .text()
         .await
         .expect("metrics text");
-    let name = format!("flotilla_router_manifest_cache_{what}_total ");
+    let name = format!("{name} ");
     text.lines()
         .filter(|l| l.starts_with(&name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+async fn router_cache(c: &ClusterProc, router: usize, what: &str) -> f64 {
+    router_metric(
+        c,
+        router,
+        &format!("flotilla_router_manifest_cache_{what}_total"),
+    )
+    .await
 }
 
 /// What a router answers for a manifest GET: status and digest header.
@@ -776,4 +785,101 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
         .await
         .expect("HEAD");
     assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blob_redirect_sends_clients_to_a_live_replica() {
+    let mut c = ClusterProc::start(1).await;
+    let r = c.add_router(&["--blob-redirect"]).await;
+    let oci = c.router(r);
+    let p = push_image(&oci, "redir/prod/app", "v1").await;
+    let replicas = c.replicas(0, "redir/prod").await;
+    let urls: Vec<String> = replicas.iter().map(|id| c.node(id).url()).collect();
+    let no_follow = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let path = format!("/v2/{}/blobs/{}", p.repo, p.blobs[1]);
+    let location = |resp: &reqwest::Response| {
+        resp.headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..8 {
+        let resp = no_follow.get(oci.url(&path)).send().await.expect("GET");
+        assert_eq!(resp.status(), 307);
+        let loc = location(&resp);
+        let node = urls
+            .iter()
+            .find(|u| loc == format!("{u}{path}"))
+            .unwrap_or_else(|| panic!("redirected outside the pair {urls:?}: {loc}"));
+        seen.insert(node.clone());
+    }
+    assert_eq!(seen.len(), 2, "reads are spread over both replicas");
+    // A client that follows redirects (reqwest's default policy) gets every blob intact.
+    let follow = reqwest::Client::new();
+    let pull_blobs = || async {
+        for d in &p.blobs {
+            let resp = follow
+                .get(oci.url(&format!("/v2/{}/blobs/{d}", p.repo)))
+                .send()
+                .await
+                .expect("GET");
+            assert_eq!(resp.status(), 200);
+            assert_eq!(
+                crate::support::sha256(&resp.bytes().await.expect("body")),
+                *d
+            );
+        }
+    };
+    pull_blobs().await;
+    // skopeo follows the redirects too (as it does for registries that redirect to S3).
+    let before_skopeo = router_metric(&c, r, "flotilla_router_blob_redirects_total").await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (src, out) = (
+        format!(
+            "docker://{}/{}:v1",
+            oci.url("").trim_start_matches("http://"),
+            p.repo
+        ),
+        tmp.path().join("out"),
+    );
+    let o = out.clone();
+    blocking(move || {
+        run(skopeo()
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(src)
+            .arg(format!("oci:{}:v1", o.display())))
+    })
+    .await;
+    // skopeo verified every digest it fetched (it recompresses the uncompressed test layer
+    // for the OCI layout, so only the config is stored as fetched).
+    assert_eq!(
+        crate::support::sha256(&layout_blob(&out, &p.blobs[0])),
+        p.blobs[0]
+    );
+    assert!(
+        router_metric(&c, r, "flotilla_router_blob_redirects_total").await >= before_skopeo + 2.0,
+        "skopeo was redirected"
+    );
+    let head = no_follow.head(oci.url(&path)).send().await.expect("HEAD");
+    assert_eq!(head.status(), 200);
+    let missing = no_follow
+        .get(oci.url(&format!("/v2/{}/blobs/sha256:{}", p.repo, "0".repeat(64))))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(missing.status(), 404);
+    assert_eq!(crate::support::error_code(missing).await, "BLOB_UNKNOWN");
+    // A dead replica is probed, skipped and ejected: every redirect names the partner.
+    c.kill9(&replicas[0]);
+    for _ in 0..6 {
+        let resp = no_follow.get(oci.url(&path)).send().await.expect("GET");
+        assert_eq!(resp.status(), 307);
+        assert_eq!(location(&resp), format!("{}{path}", urls[1]));
+    }
+    pull_blobs().await;
 }

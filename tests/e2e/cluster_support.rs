@@ -199,20 +199,7 @@ impl ClusterProc {
             c.nodes.push(n);
         }
         for _ in 0..routers {
-            let port = free_port();
-            let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-                .args(["router", "--meta", &c.meta_url])
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(log_file(
-                    &c.tmp.path().join(format!("router{}.log", c.routers.len())),
-                ))
-                .env("FLOTILLA_SECRET", CLUSTER_SECRET)
-                .spawn()
-                .expect("spawn flotilla router");
-            c.routers.push(RouterProc { port, child });
+            c.spawn_router(&[]);
         }
         for r in 0..c.routers.len() {
             crate::support::wait_http_ok(
@@ -263,6 +250,42 @@ impl ClusterProc {
     }
 
     /// SIGKILL seeder `id`.
+    /// Start one more router with `extra` flags; returns its index (ready once it answers).
+    pub async fn add_router(&mut self, extra: &[&str]) -> usize {
+        self.spawn_router(extra);
+        let r = self.routers.len() - 1;
+        crate::support::wait_http_ok(
+            &format!("{}/readyz", self.routers[r].url()),
+            CLUSTER_TIMEOUT,
+        )
+        .await;
+        for (id, _) in TOPOLOGY {
+            self.wait_node_live(r, id).await;
+        }
+        r
+    }
+
+    fn spawn_router(&mut self, extra: &[&str]) {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["router", "--meta", &self.meta_url])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file(
+                &self
+                    .tmp
+                    .path()
+                    .join(format!("router{}.log", self.routers.len())),
+            ))
+            .env("FLOTILLA_SECRET", CLUSTER_SECRET)
+            .spawn()
+            .expect("spawn flotilla router");
+        self.routers.push(RouterProc { port, child });
+    }
+
     pub fn kill_seeder(&mut self, id: &str) {
         let s = self
             .seeders
