@@ -139,6 +139,13 @@ struct NodeArgs {
     /// Seconds between two scrub passes.
     #[arg(long, default_value_t = 60)]
     scrub_interval_secs: u64,
+    /// Seconds between two sweeps for data of shards moved away (0 disables; needs --meta
+    /// and --store).
+    #[arg(long, default_value_t = 60)]
+    gc_interval_secs: u64,
+    /// Seconds a repository stays orphaned (and an unlinked blob unmodified) before deletion.
+    #[arg(long, default_value_t = 600)]
+    gc_grace_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -198,6 +205,8 @@ fn main() -> anyhow::Result<()> {
                 cfg.drain_timeout = Duration::from_secs(a.drain_secs);
                 cfg.scrub_bytes_per_sec = a.scrub_bytes_per_sec;
                 cfg.scrub_interval = Duration::from_secs(a.scrub_interval_secs);
+                cfg.gc_interval = Duration::from_secs(a.gc_interval_secs);
+                cfg.gc_grace = Duration::from_secs(a.gc_grace_secs);
                 serve_node(a.listen, cfg).await
             }
             Cmd::Seeder(a) => {

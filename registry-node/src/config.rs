@@ -34,6 +34,12 @@ pub struct NodeConfig {
     pub scrub_bytes_per_sec: u64,
     /// Pause between two scrub passes.
     pub scrub_interval: Duration,
+    /// How often the node drops data of shards it no longer holds (zero disables it; it
+    /// also needs a metadata and an object store).
+    pub gc_interval: Duration,
+    /// How long a repository must have been orphaned (and an unlinked blob unmodified)
+    /// before it is deleted; longer than any router's view of the shard map can lag.
+    pub gc_grace: Duration,
     /// Blob fetches in flight while seeding one repository.
     pub seed_concurrency: usize,
     /// Renders `/metrics`; the process installs one recorder and hands every node its handle.
@@ -57,6 +63,8 @@ impl NodeConfig {
             drain_timeout: Duration::from_secs(30),
             scrub_bytes_per_sec: 8 * 1024 * 1024,
             scrub_interval: Duration::from_secs(60),
+            gc_interval: Duration::from_secs(60),
+            gc_grace: Duration::from_secs(600),
             seed_concurrency: 8,
             metrics: None,
         }

@@ -14,6 +14,7 @@
 //! [`run`] serves a bound listener until the shutdown future resolves, then drains.
 
 pub mod config;
+pub mod gc;
 pub mod http;
 pub mod manifest;
 pub mod membership;
@@ -61,6 +62,21 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     tracing::info!(node = %cfg.id, ?addr, "registry node serving");
 
+    let gc_cancel = tokio_util::sync::CancellationToken::new();
+    let gc_task = match (&cfg.meta_url, &cfg.store_url) {
+        (Some(url), Some(_)) if !cfg.gc_interval.is_zero() => {
+            let map = shardmap::ShardMap::new(
+                shardmap::open(url)?,
+                shardmap::Keyspace::new(shardmap::DEFAULT_PREFIX),
+            );
+            Some(tokio::spawn(gc::gc_loop(
+                node.clone(),
+                map,
+                gc_cancel.clone(),
+            )))
+        }
+        _ => None,
+    };
     let member_cancel = tokio_util::sync::CancellationToken::new();
     let member_task = match &cfg.meta_url {
         Some(url) => {
@@ -98,6 +114,10 @@ pub async fn run(
             Ok(())
         }
     };
+    gc_cancel.cancel();
+    if let Some(t) = gc_task {
+        let _ = t.await;
+    }
     tasks.shutdown().await;
     tracing::info!(node = %cfg.id, "registry node stopped");
     result

@@ -505,7 +505,7 @@ async fn seed_manifest(
 }
 
 /// Every blob file under `blobs/` with the digest its path names.
-fn list_blob_files(root: &Path) -> io::Result<Vec<(PathBuf, Digest)>> {
+pub(crate) fn list_blob_files(root: &Path) -> io::Result<Vec<(PathBuf, Digest)>> {
     let mut out = Vec::new();
     for alg in ["sha256", "sha512"] {
         let dir = root.join("blobs").join(alg);

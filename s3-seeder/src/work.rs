@@ -660,8 +660,8 @@ impl Ctx {
         match swapped {
             Some(s) if s.replicas.contains(&rec.to) && !s.replicas.contains(&rec.from) => {
                 tracing::info!(key = %rec.key, from = %rec.from, to = %rec.to, replicas = ?s.replicas, epoch = s.epoch, "replica move complete");
-                // Drop: the old copy stops receiving traffic with the swap; its bytes stay on
-                // its disk until garbage collection (object storage remains the truth).
+                // Drop: the old copy stops receiving traffic with the swap; the donor deletes
+                // its bytes itself once the grace period has passed (registry-node `gc`).
                 self.end_move(rec, "done").await?;
                 Ok(true)
             }

@@ -107,6 +107,9 @@ pub struct ClusterOpts {
     pub proxy: bool,
     pub scrub_bytes_per_sec: u64,
     pub scrub_interval_secs: u64,
+    /// Nodes' sweep for data of shards moved away: interval and grace, in seconds.
+    pub gc_interval_secs: u64,
+    pub gc_grace_secs: u64,
 }
 
 impl Default for ClusterOpts {
@@ -119,6 +122,8 @@ impl Default for ClusterOpts {
             proxy: false,
             scrub_bytes_per_sec: 8 * 1024 * 1024,
             scrub_interval_secs: 60,
+            gc_interval_secs: 60,
+            gc_grace_secs: 600,
         }
     }
 }
@@ -361,6 +366,10 @@ impl ClusterProc {
             .arg(self.opts.scrub_bytes_per_sec.to_string())
             .arg("--scrub-interval-secs")
             .arg(self.opts.scrub_interval_secs.to_string())
+            .arg("--gc-interval-secs")
+            .arg(self.opts.gc_interval_secs.to_string())
+            .arg("--gc-grace-secs")
+            .arg(self.opts.gc_grace_secs.to_string())
             .env("FLOTILLA_SECRET", CLUSTER_SECRET)
             .env("RUST_LOG", "info")
             .env("AWS_ACCESS_KEY_ID", "flotilla-test")

@@ -245,6 +245,8 @@ async fn dead_node_is_replaced_on_rack_valid_nodes() {
 async fn new_node_gets_its_fair_share_seeded_before_traffic() {
     let opts = ClusterOpts {
         seeders: 1,
+        gc_interval_secs: 1,
+        gc_grace_secs: 2,
         ..ClusterOpts::default()
     };
     let mut c = ClusterProc::start_with(1, opts).await;
@@ -286,6 +288,40 @@ async fn new_node_gets_its_fair_share_seeded_before_traffic() {
         "n4 holds {held} shards, fair share {target} of {total}"
     );
     assert_rack_valid(&c).await;
+    // Drop: the donors delete what moved away (after the grace period), and only that; every
+    // image still pulls.
+    let on_disk = |id: &str, p: &Pushed| {
+        let data = &c.node(id).data;
+        let layer = p.blobs[1].strip_prefix("sha256:").expect("sha256");
+        (
+            data.join(format!("repos/{}/_manifests", p.repo)).exists(),
+            data.join("blobs/sha256")
+                .join(&layer[..2])
+                .join(layer)
+                .exists(),
+        )
+    };
+    poll(
+        "donors to drop the shards that moved",
+        RECOVERY_TIMEOUT,
+        || async {
+            let mut pending = Vec::new();
+            for p in &images {
+                let key = p.repo.split('/').take(2).collect::<Vec<_>>().join("/");
+                let replicas = c.replicas(0, &key).await;
+                for id in ["n1", "n2", "n3", "n4"] {
+                    let (repo, layer) = on_disk(id, p);
+                    let holds = replicas.iter().any(|r| r == id);
+                    assert!(!holds || repo, "{id} lost {} which it holds", p.repo);
+                    if !holds && (repo || layer) {
+                        pending.push(format!("{id}: {}", p.repo));
+                    }
+                }
+            }
+            pending.is_empty().then_some(())
+        },
+    )
+    .await;
     for p in &images {
         try_pull(&c.router(0), p)
             .await
