@@ -231,6 +231,12 @@ def main():
             L.append(f"| {t} | {fmt(p)} | {pp} | {fmt(q)} | {qq} |")
         L.append("")
 
+    # The hand-written reading of the figures: targets, bottlenecks, what remains.
+    analysis = os.path.join(os.path.dirname(os.path.abspath(__file__)), "analysis.md")
+    if os.path.exists(analysis):
+        with open(analysis) as f:
+            L.extend(f.read().rstrip("\n").split("\n"))
+        L.append("")
     L.append("## Latency (flotilla-bench, per operation)")
     L.append("")
     L.append("One operation is the client's whole unit of work (a chunked push is POST + PATCHes + PUT).")

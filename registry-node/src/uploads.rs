@@ -18,6 +18,12 @@ use flotilla_core::{layout, Algorithm, DigestHasher, RepoName, UploadId};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 
+/// Chunks queued between the request body and the writer thread. Each chunk can pin a whole
+/// HTTP read buffer (up to ~400 KiB), so this depth, not the blob size, bounds an upload's
+/// memory: 4 keeps 64 concurrent pushes near 100 MiB while still overlapping network reads
+/// with hashing and disk writes.
+const UPLOAD_QUEUE_CHUNKS: usize = 4;
+
 /// Failures while receiving upload bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -66,7 +72,7 @@ impl Session {
         let sink = self.sink.take().ok_or_else(|| {
             UploadError::Io(io::Error::other("session sink lost by an earlier failure"))
         })?;
-        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        let (tx, rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE_CHUNKS);
         let writer = tokio::task::spawn_blocking(move || write_chunks(sink, rx));
         let mut body = body;
         let mut body_err = None;
