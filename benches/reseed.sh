@@ -55,29 +55,9 @@ while time.time() < deadline:
     time.sleep(0.5)
 sys.exit("reseed did not finish")
 PY
-python3 - "$MP" "$CONC" <<'PY'
-import sys, time, boto3
-from concurrent.futures import ThreadPoolExecutor
-port, conc = sys.argv[1], int(sys.argv[2])
-s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                  aws_access_key_id="bench", aws_secret_access_key="bench")
-keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix="flotilla/blobs/")
-        for o in p.get("Contents", [])]
-def get(k):
-    body = s3.get_object(Bucket="bench", Key=k)["Body"]
-    n = 0
-    for chunk in iter(lambda: body.read(1 << 20), b""):
-        n += len(chunk)
-    return n
-t = time.time()
-with ThreadPoolExecutor(conc) as ex:
-    total = sum(ex.map(get, keys))
-secs = time.time() - t
-print(f"| raw S3 read (boto3, {conc} threads) | {len(keys)} objects, {total/2**20:.0f} MiB in {secs:.1f} s "
-      f"| {total/2**20/secs:.1f} MiB/s | {len(keys)/secs:.1f} objects/s |")
-PY
-# A second reference: what the reseed must do per byte, done by the simplest client — read
-# each object, sha256 it and write it to a file, fsynced (boto3 + hashlib, same threads).
+# Two references on the same S3 server with the same threads (boto3): read and discard
+# (the raw figure), and read + sha256 + write + fsync (what a reseed must do per byte, done
+# by the simplest client).
 python3 - "$MP" "$CONC" "$WORK/raw-store" <<'PY'
 import hashlib, os, sys, time, boto3
 from concurrent.futures import ThreadPoolExecutor
@@ -87,22 +67,26 @@ s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us
                   aws_access_key_id="bench", aws_secret_access_key="bench")
 keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket="bench", Prefix="flotilla/blobs/")
         for o in p.get("Contents", [])]
-def get(k):
+def discard(k):
     body = s3.get_object(Bucket="bench", Key=k)["Body"]
-    h, n = hashlib.sha256(), 0
-    with open(os.path.join(out, k.rsplit("/", 1)[1]), "wb") as f:
+    return sum(len(c) for c in iter(lambda: body.read(1 << 20), b""))
+def store(k):
+    body = s3.get_object(Bucket="bench", Key=k)["Body"]
+    h, n, hexd = hashlib.sha256(), 0, k.rsplit("/", 1)[1]
+    with open(os.path.join(out, hexd), "wb") as f:
         for chunk in iter(lambda: body.read(1 << 20), b""):
             h.update(chunk)
             f.write(chunk)
             n += len(chunk)
         f.flush()
         os.fsync(f.fileno())
-    assert h.hexdigest() == k.rsplit("/", 1)[1], k
+    assert h.hexdigest() == hexd, k
     return n
-t = time.time()
-with ThreadPoolExecutor(conc) as ex:
-    total = sum(ex.map(get, keys))
-secs = time.time() - t
-print(f"| raw S3 read + sha256 + write + fsync (boto3, {conc} threads) | {len(keys)} objects, {total/2**20:.0f} MiB in {secs:.1f} s "
-      f"| {total/2**20/secs:.1f} MiB/s | {len(keys)/secs:.1f} objects/s |")
+for label, fn in [("raw S3 read", discard), ("raw S3 read + sha256 + write + fsync", store)]:
+    t = time.time()
+    with ThreadPoolExecutor(conc) as ex:
+        total = sum(ex.map(fn, keys))
+    secs = time.time() - t
+    print(f"| {label} (boto3, {conc} threads) | {len(keys)} objects, {total/2**20:.0f} MiB in {secs:.1f} s "
+          f"| {total/2**20/secs:.1f} MiB/s | {len(keys)/secs:.1f} objects/s |")
 PY

@@ -47,11 +47,10 @@ fn scan_repos(root: &Path) -> io::Result<(HashSet<RepoName>, HashSet<Digest>)> {
                 Err(e) => return Err(e),
             };
             for f in rd {
-                let f = f?;
-                if let Some(d) = f
-                    .file_name()
+                let name = f?.file_name();
+                if let Some(d) = name
                     .to_str()
-                    .and_then(|hex| format!("{alg}:{hex}").parse().ok())
+                    .and_then(|h| format!("{alg}:{h}").parse().ok())
                 {
                     out.insert(d);
                 }
@@ -59,47 +58,15 @@ fn scan_repos(root: &Path) -> io::Result<(HashSet<RepoName>, HashSet<Digest>)> {
         }
         Ok(())
     }
-    fn walk(
-        root: &Path,
-        dir: &Path,
-        repos: &mut HashSet<RepoName>,
-        refs: &mut HashSet<Digest>,
-    ) -> io::Result<()> {
-        let rd = match std::fs::read_dir(dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        for entry in rd {
-            let entry = entry?;
-            if !entry.file_type()?.is_dir() {
-                continue;
-            }
-            let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            match name {
-                "_layers" => digests_under(&entry.path(), refs)?,
-                "_manifests" => digests_under(&entry.path().join("revisions"), refs)?,
-                n if n.starts_with('_') => {}
-                _ => {
-                    walk(root, &entry.path(), repos, refs)?;
-                    continue;
-                }
-            }
-            if let Some(repo) = dir
-                .strip_prefix(root)
-                .ok()
-                .and_then(|p| p.to_str())
-                .and_then(|p| p.parse().ok())
-            {
-                repos.insert(repo);
-            }
-        }
-        Ok(())
-    }
     let (mut repos, mut refs) = (HashSet::new(), HashSet::new());
-    let root = root.join(layout::local_repos_root());
-    walk(&root, &root, &mut repos, &mut refs)?;
+    crate::store::visit_repo_dirs(root, &mut |repo, dir, name| {
+        repos.insert(repo);
+        match name {
+            "_layers" => digests_under(dir, &mut refs),
+            "_manifests" => digests_under(&dir.join("revisions"), &mut refs),
+            _ => Ok(()),
+        }
+    })?;
     Ok((repos, refs))
 }
 

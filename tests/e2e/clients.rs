@@ -25,6 +25,18 @@ pub(crate) fn skopeo() -> Command {
     Command::new(require_tool("skopeo"))
 }
 
+/// `skopeo copy` from a plain-HTTP registry `src` to `dest` (`oci:DIR:TAG`, `dir:DIR`), off
+/// the async runtime; panics with skopeo's output on failure.
+pub(crate) async fn skopeo_copy_from(src: String, dest: String) {
+    blocking(move || {
+        run(skopeo()
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(src)
+            .arg(dest))
+    })
+    .await;
+}
+
 /// A unique suffix for names that outlive the node (Docker tags).
 pub(crate) fn unique() -> String {
     let nanos = std::time::SystemTime::now()
@@ -351,16 +363,11 @@ async fn skopeo_single_arch_roundtrip_and_schema2() {
     let by_digest = get_manifest(&c, "clients/v2s2", &v2_digest).await;
     assert_eq!(by_digest.2, v2_bytes);
     let out_v2 = tmp.path().join("out-v2s2");
-    {
-        let (src, o) = (format!("docker://{host}/clients/v2s2:v1"), out_v2.clone());
-        blocking(move || {
-            run(skopeo()
-                .args(["copy", "--src-tls-verify=false"])
-                .arg(src)
-                .arg(format!("dir:{}", o.display())))
-        })
-        .await;
-    }
+    skopeo_copy_from(
+        format!("docker://{host}/clients/v2s2:v1"),
+        format!("dir:{}", out_v2.display()),
+    )
+    .await;
     let back = std::fs::read(out_v2.join("manifest.json")).expect("v2s2 manifest.json");
     assert_eq!(sha256(&back), v2_digest);
 }

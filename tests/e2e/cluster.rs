@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::clients::{
     assert_manifest_blobs, blocking, get_manifest, guard_cleanup, layout_blob, single_image,
-    skopeo, unique, DockerImages, Layout, Podman, DOCKER_MANIFEST,
+    skopeo, skopeo_copy_from, unique, DockerImages, Layout, Podman, DOCKER_MANIFEST,
 };
 use crate::cluster_support::*;
 use crate::support::{run, tar_bytes, OCI_MANIFEST};
@@ -300,13 +300,7 @@ async fn real_clients_through_the_router() {
         format!("docker://{host}/clients/skopeo/app:v1"),
         out.clone(),
     );
-    blocking(move || {
-        run(skopeo()
-            .args(["copy", "--src-tls-verify=false"])
-            .arg(src)
-            .arg(format!("oci:{}:v1", o.display())))
-    })
-    .await;
+    skopeo_copy_from(src, format!("oci:{}:v1", o.display())).await;
     assert_eq!(layout_blob(&out, &img.manifest.digest), img.manifest.bytes);
     for b in img.blobs() {
         assert_eq!(layout_blob(&out, &b.digest), b.bytes);
@@ -590,6 +584,24 @@ async fn router_cache(c: &ClusterProc, router: usize, what: &str) -> f64 {
     .await
 }
 
+/// A router's answer to a manifest HEAD.
+async fn head_manifest(
+    c: &ClusterProc,
+    router: usize,
+    repo: &str,
+    reference: &str,
+) -> reqwest::Response {
+    c.router(router)
+        .http
+        .head(
+            c.router(router)
+                .url(&format!("/v2/{repo}/manifests/{reference}")),
+        )
+        .send()
+        .await
+        .expect("HEAD")
+}
+
 /// What a router answers for a manifest GET: status and digest header.
 async fn manifest_at(c: &ClusterProc, router: usize, repo: &str, reference: &str) -> (u16, String) {
     let r = c
@@ -654,13 +666,7 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
             manifest_at(&c, r, repo, "live").await,
             (200, first.manifest.clone())
         );
-        let head = c
-            .router(r)
-            .http
-            .head(c.router(r).url(&format!("/v2/{repo}/manifests/live")))
-            .send()
-            .await
-            .expect("HEAD");
+        let head = head_manifest(&c, r, repo, "live").await;
         assert_eq!(head.status(), 200);
         assert_eq!(
             head.headers()["docker-content-digest"].to_str().unwrap(),
@@ -759,13 +765,7 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
     .await;
     let hits = router_cache(&c, 1, "hits").await;
     for _ in 0..2 {
-        let head = c
-            .router(1)
-            .http
-            .head(c.router(1).url(&format!("/v2/{repo}/manifests/headfirst")))
-            .send()
-            .await
-            .expect("HEAD");
+        let head = head_manifest(&c, 1, repo, "headfirst").await;
         assert_eq!(head.status(), 200);
         assert_eq!(
             head.headers()["docker-content-digest"].to_str().unwrap(),
@@ -777,14 +777,7 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
         hits + 1.0,
         "the second HEAD is a hit"
     );
-    let missing = c
-        .router(1)
-        .http
-        .head(c.router(1).url(&format!("/v2/{repo}/manifests/nosuchtag")))
-        .send()
-        .await
-        .expect("HEAD");
-    assert_eq!(missing.status(), 404);
+    assert_eq!(head_manifest(&c, 1, repo, "nosuchtag").await.status(), 404);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -847,14 +840,7 @@ async fn blob_redirect_sends_clients_to_a_live_replica() {
         ),
         tmp.path().join("out"),
     );
-    let o = out.clone();
-    blocking(move || {
-        run(skopeo()
-            .args(["copy", "--src-tls-verify=false"])
-            .arg(src)
-            .arg(format!("oci:{}:v1", o.display())))
-    })
-    .await;
+    skopeo_copy_from(src, format!("oci:{}:v1", out.display())).await;
     // skopeo verified every digest it fetched (it recompresses the uncompressed test layer
     // for the OCI layout, so only the config is stored as fetched).
     assert_eq!(

@@ -207,14 +207,7 @@ impl ClusterProc {
             c.spawn_router(&[]);
         }
         for r in 0..c.routers.len() {
-            crate::support::wait_http_ok(
-                &format!("{}/readyz", c.routers[r].url()),
-                CLUSTER_TIMEOUT,
-            )
-            .await;
-            for (id, _) in TOPOLOGY {
-                c.wait_node_live(r, id).await;
-            }
+            c.wait_router_ready(r).await;
         }
         for i in 0..opts.seeders {
             let id = format!("s{}", i + 1);
@@ -254,11 +247,16 @@ impl ClusterProc {
             .expect("spawn flotilla seeder")
     }
 
-    /// SIGKILL seeder `id`.
-    /// Start one more router with `extra` flags; returns its index (ready once it answers).
+    /// Start one more router with `extra` flags; returns its index once it is ready.
     pub async fn add_router(&mut self, extra: &[&str]) -> usize {
         self.spawn_router(extra);
         let r = self.routers.len() - 1;
+        self.wait_router_ready(r).await;
+        r
+    }
+
+    /// Until router `r` answers `/readyz` and sees every node live.
+    async fn wait_router_ready(&self, r: usize) {
         crate::support::wait_http_ok(
             &format!("{}/readyz", self.routers[r].url()),
             CLUSTER_TIMEOUT,
@@ -267,7 +265,6 @@ impl ClusterProc {
         for (id, _) in TOPOLOGY {
             self.wait_node_live(r, id).await;
         }
-        r
     }
 
     fn spawn_router(&mut self, extra: &[&str]) {
@@ -291,6 +288,7 @@ impl ClusterProc {
         self.routers.push(RouterProc { port, child });
     }
 
+    /// SIGKILL seeder `id`.
     pub fn kill_seeder(&mut self, id: &str) {
         let s = self
             .seeders

@@ -415,10 +415,16 @@ impl LocalStore {
     /// Every repository on this node, in lexical order. A directory under `repos/` is a
     /// repository when it holds the `_manifests` marker; names nest, so we keep descending.
     pub async fn list_repos(&self) -> Result<Vec<RepoName>, StoreError> {
-        let root = self.path(layout::local_repos_root());
+        let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = BTreeSet::new();
-            walk_repos(&root, &root, &mut out).map_err(io_err(&root))?;
+            visit_repo_dirs(&root, &mut |repo, _, name| {
+                if name == layout::local_repo_marker() {
+                    out.insert(repo);
+                }
+                Ok(())
+            })
+            .map_err(io_err(&root))?;
             Ok(out.into_iter().collect())
         })
         .await
@@ -434,32 +440,47 @@ impl LocalStore {
     }
 }
 
-fn walk_repos(root: &Path, dir: &Path, out: &mut BTreeSet<RepoName>) -> io::Result<()> {
-    let rd = match std::fs::read_dir(dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in rd {
-        let entry = entry?;
-        if !entry.file_type()?.is_dir() {
-            continue;
-        }
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if name.starts_with('_') {
-            if name == layout::local_repo_marker() && dir != root {
-                if let Some(rel) = dir.strip_prefix(root).ok().and_then(|p| p.to_str()) {
-                    if let Ok(repo) = rel.parse() {
-                        out.insert(repo);
-                    }
-                }
+/// Walk `repos/` under the data directory `root`: `visit(repo, dir, name)` for every
+/// repository's own `_`-prefixed directory (`_manifests`, `_layers`, `_referrers`); nested
+/// repositories are visited too.
+pub(crate) fn visit_repo_dirs(
+    root: &Path,
+    visit: &mut dyn FnMut(RepoName, &Path, &str) -> io::Result<()>,
+) -> io::Result<()> {
+    fn walk(
+        base: &Path,
+        dir: &Path,
+        visit: &mut dyn FnMut(RepoName, &Path, &str) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in rd {
+            let entry = entry?;
+            if !entry.file_type()?.is_dir() {
+                continue;
             }
-            continue;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !name.starts_with('_') {
+                walk(base, &entry.path(), visit)?;
+                continue;
+            }
+            let repo = dir
+                .strip_prefix(base)
+                .ok()
+                .and_then(|p| p.to_str())
+                .and_then(|p| p.parse().ok());
+            if let Some(repo) = repo {
+                visit(repo, &entry.path(), name)?;
+            }
         }
-        walk_repos(root, &entry.path(), out)?;
+        Ok(())
     }
-    Ok(())
+    let base = root.join(layout::local_repos_root());
+    walk(&base, &base, visit)
 }
 
 async fn list_dir(dir: &Path) -> Result<Vec<String>, StoreError> {
