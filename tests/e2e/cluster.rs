@@ -584,6 +584,18 @@ async fn router_cache(c: &ClusterProc, router: usize, what: &str) -> f64 {
     .await
 }
 
+/// Until router 1's record of `key` has router 0's epoch (router 0 made the last write).
+async fn routers_agree_on_epoch(c: &ClusterProc, key: &str) {
+    let path = format!("/shards/{key}");
+    let now = c.admin_get(0, &path).await.1["epoch"].clone();
+    poll(
+        "router 1 to see the latest epoch",
+        CLUSTER_TIMEOUT,
+        || async { (c.admin_get(1, &path).await.1["epoch"] == now).then_some(()) },
+    )
+    .await;
+}
+
 /// A router's answer to a manifest HEAD.
 async fn head_manifest(
     c: &ClusterProc,
@@ -640,13 +652,7 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
     let first = push_image(&c.router(0), repo, "live").await;
     let epoch = |v: Value| v["epoch"].as_u64().expect("epoch");
     // Once router 1 has seen the push's epoch bump (router 0 made it), so warm entries stay.
-    let now = epoch(c.admin_get(0, "/shards/cache/prod").await.1);
-    poll(
-        "router 1 to see the latest epoch",
-        CLUSTER_TIMEOUT,
-        || async { (epoch(c.admin_get(1, "/shards/cache/prod").await.1) == now).then_some(()) },
-    )
-    .await;
+    routers_agree_on_epoch(&c, "cache/prod").await;
     // Warm both routers' caches and check they serve from memory.
     for r in [0, 1] {
         for _ in 0..5 {
@@ -756,13 +762,7 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
     // A pull starts with a HEAD by tag: a HEAD miss fills the cache too.
     let third = push_image(&c.router(0), repo, "headfirst").await;
     // Once router 1 has seen that push's epoch bump (else its fill could be outdated at once).
-    let now = epoch(c.admin_get(0, "/shards/cache/prod").await.1);
-    poll(
-        "router 1 to see the latest epoch",
-        CLUSTER_TIMEOUT,
-        || async { (epoch(c.admin_get(1, "/shards/cache/prod").await.1) == now).then_some(()) },
-    )
-    .await;
+    routers_agree_on_epoch(&c, "cache/prod").await;
     let hits = router_cache(&c, 1, "hits").await;
     for _ in 0..2 {
         let head = head_manifest(&c, 1, repo, "headfirst").await;
