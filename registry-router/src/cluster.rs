@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use flotilla_core::{NodeId, ShardKey};
-use shardmap::{Keyspace, Loads, NodeInfo, NodeRecord, NodeState, ShardMap, ShardRecord};
+use shardmap::{
+    Keyspace, Loads, NodeInfo, NodeRecord, NodeState, Record, ShardMap, ShardRecord, WatchEvent,
+};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,6 +18,9 @@ use crate::manifest_cache::ManifestCache;
 use crate::{RouterConfig, RouterError};
 
 type Snapshot<K, V> = Arc<HashMap<K, V>>;
+
+/// Full refresh period while the watch is healthy: only a guard against a missed event.
+const WATCHED_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug)]
 struct Inner {
@@ -27,6 +32,8 @@ struct Inner {
     ejected: Mutex<HashMap<NodeId, Instant>>,
     rr: AtomicUsize,
     store_ok: AtomicBool,
+    /// Whether the metadata-store watch is established (events reach the snapshots).
+    watch_ok: AtomicBool,
     manifests: ManifestCache,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -68,6 +75,7 @@ impl Cluster {
                 ejected: Mutex::default(),
                 rr: AtomicUsize::new(0),
                 store_ok: AtomicBool::new(false),
+                watch_ok: AtomicBool::new(false),
                 manifests,
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -154,24 +162,35 @@ impl Cluster {
                 }
             }
         });
-        // A watch on the whole keyspace triggers a refresh as soon as anything changes; the
-        // periodic refresh below is the fallback when the watch breaks or lags.
+        // A watch on the whole keyspace applies each change to the snapshots as it happens
+        // (no listing: a heartbeat or a manifest write's epoch bump costs one decode); a full
+        // refresh runs when the watch is (re)established, to cover what happened while it
+        // was down, and whenever an event cannot be applied.
         let (me, c) = (self.clone(), cancel.clone());
         self.inner.tasks.spawn(async move {
             use futures::StreamExt;
             while !c.is_cancelled() {
                 let prefix = me.inner.map.keys().prefix().to_owned();
                 match me.inner.map.store().watch(&prefix, None).await {
-                    Ok(mut events) => loop {
-                        tokio::select! {
-                            _ = c.cancelled() => return,
-                            ev = events.next() => match ev {
-                                Some(Ok(_)) => { let _ = me.refresh().await; }
-                                Some(Err(e)) => { tracing::debug!(error = %e, "shard map watch broke; re-watching"); break; }
-                                None => break,
+                    Ok(mut events) => {
+                        let _ = me.refresh().await;
+                        me.inner.watch_ok.store(true, Ordering::Relaxed);
+                        loop {
+                            tokio::select! {
+                                _ = c.cancelled() => return,
+                                ev = events.next() => match ev {
+                                    Some(Ok(ev)) => {
+                                        if !me.apply_event(&ev) {
+                                            let _ = me.refresh().await;
+                                        }
+                                    }
+                                    Some(Err(e)) => { tracing::debug!(error = %e, "shard map watch broke; re-watching"); break; }
+                                    None => break,
+                                }
                             }
                         }
-                    },
+                        me.inner.watch_ok.store(false, Ordering::Relaxed);
+                    }
                     Err(e) => tracing::debug!(error = %e, "shard map watch unavailable"),
                 }
                 tokio::select! {
@@ -180,14 +199,22 @@ impl Cluster {
                 }
             }
         });
+        // The fallback: a full refresh every few intervals while the watch is down, and a
+        // slow one while it is up (a guard against a missed event, not the normal path).
         let me = self.clone();
         let c = cancel.clone();
         self.inner.tasks.spawn(async move {
             let mut tick = tokio::time::interval(me.inner.cfg.refresh_interval * 4);
+            let mut last = Instant::now();
             loop {
                 tokio::select! {
                     _ = c.cancelled() => break,
                     _ = tick.tick() => {
+                        let healthy = me.inner.watch_ok.load(Ordering::Relaxed);
+                        if healthy && last.elapsed() < WATCHED_REFRESH {
+                            continue;
+                        }
+                        last = Instant::now();
                         if let Err(e) = me.refresh().await {
                             tracing::debug!(error = %e, "shard map refresh failed; serving from cache");
                         }
@@ -374,6 +401,50 @@ impl Cluster {
         metrics::counter!("flotilla_router_placements_total").increment(1);
         self.cache_shard(won.clone());
         Ok(Some(won))
+    }
+
+    /// Apply one watch event to the snapshots. False when it cannot be (a record that does
+    /// not decode), so the caller refreshes instead; keys that do not affect routing (locks,
+    /// seeder progress, moves) are ignored.
+    fn apply_event(&self, ev: &WatchEvent) -> bool {
+        let keys = self.inner.map.keys();
+        let key = ev.key();
+        if let Some(shard) = keys.shard_key_of(key) {
+            match ev {
+                WatchEvent::Put { value, .. } => match ShardRecord::decode(key, value) {
+                    Ok(rec) => self.cache_shard(rec),
+                    Err(_) => return false,
+                },
+                WatchEvent::Delete { .. } => {
+                    let mut guard = self.inner.shards.write().unwrap_or_else(|p| p.into_inner());
+                    let mut next = (**guard).clone();
+                    next.remove(&shard);
+                    *guard = Arc::new(next);
+                }
+            }
+            return true;
+        }
+        let Some(id) = key.strip_prefix(&keys.nodes()) else {
+            return true;
+        };
+        let mut guard = self.inner.nodes.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = (**guard).clone();
+        match ev {
+            WatchEvent::Put { value, .. } => match NodeRecord::decode(key, value) {
+                Ok(rec) => {
+                    next.insert(rec.id.clone(), rec);
+                }
+                Err(_) => return false,
+            },
+            WatchEvent::Delete { .. } => match id.parse::<NodeId>() {
+                Ok(id) => {
+                    next.remove(&id);
+                }
+                Err(_) => return false,
+            },
+        }
+        *guard = Arc::new(next);
+        true
     }
 
     /// Adopt `rec` unless a newer epoch of it is already known.
