@@ -55,8 +55,23 @@ impl std::fmt::Debug for ManifestCache {
     }
 }
 
-fn key(repo: &RepoName, reference: &Reference) -> String {
-    format!("{repo}:{reference}")
+/// What a cached answer is for. Everything here changes only through a manifest or tag
+/// write in the repository's shard, so the shard epoch invalidates all of it.
+#[derive(Debug)]
+pub enum Cacheable<'a> {
+    /// A manifest by tag or digest: stored only if its body hashes to its digest.
+    Manifest(&'a RepoName, &'a Reference),
+    /// A tag or referrers listing, by its full path and query (pagination included).
+    Listing(&'a str),
+}
+
+impl Cacheable<'_> {
+    fn key(&self) -> String {
+        match self {
+            Cacheable::Manifest(repo, reference) => format!("m:{repo}:{reference}"),
+            Cacheable::Listing(path_and_query) => format!("l:{path_and_query}"),
+        }
+    }
 }
 
 impl ManifestCache {
@@ -74,10 +89,10 @@ impl ManifestCache {
         self.entries.is_some()
     }
 
-    /// The entry for `repo`/`reference` if it was filled under `epoch` and is within its TTL.
-    pub fn get(&self, repo: &RepoName, reference: &Reference, epoch: u64) -> Option<Arc<Entry>> {
+    /// The entry for `what` if it was filled under `epoch` and is within its TTL.
+    pub fn get(&self, what: &Cacheable<'_>, epoch: u64) -> Option<Arc<Entry>> {
         let entries = self.entries.as_ref()?;
-        let k = key(repo, reference);
+        let k = what.key();
         let e = entries.get(&k)?;
         if e.epoch == epoch && e.filled.elapsed() < self.ttl {
             return Some(e);
@@ -86,12 +101,11 @@ impl ManifestCache {
         None
     }
 
-    /// Store a node's 200 answer to a manifest GET, if its body is the manifest it claims to
-    /// be. Returns whether it was stored.
+    /// Store a node's 200 answer to a GET; a manifest only if its body is the manifest it
+    /// claims (and was asked) to be. Returns whether it was stored.
     pub fn fill(
         &self,
-        repo: &RepoName,
-        reference: &Reference,
+        what: &Cacheable<'_>,
         epoch: u64,
         status: StatusCode,
         headers: &HeaderMap,
@@ -103,26 +117,28 @@ impl ManifestCache {
         if status != StatusCode::OK {
             return false;
         }
-        let Some(claimed) = headers
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<Digest>().ok())
-        else {
-            return false;
-        };
-        if let Reference::Digest(asked) = reference {
-            if *asked != claimed {
+        if let Cacheable::Manifest(repo, reference) = what {
+            let Some(claimed) = headers
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<Digest>().ok())
+            else {
+                return false;
+            };
+            if let Reference::Digest(asked) = reference {
+                if *asked != claimed {
+                    return false;
+                }
+            }
+            if Digest::of(claimed.algorithm(), body) != claimed {
+                tracing::warn!(%repo, %reference, "a node served a manifest that does not match its digest; not cached");
                 return false;
             }
-        }
-        if Digest::of(claimed.algorithm(), body) != claimed {
-            tracing::warn!(%repo, %reference, "a node served a manifest that does not match its digest; not cached");
-            return false;
         }
         let mut headers = headers.clone();
         headers.remove(http::header::DATE);
         entries.insert(
-            key(repo, reference),
+            what.key(),
             Arc::new(Entry {
                 epoch,
                 headers,
@@ -163,21 +179,41 @@ mod tests {
         let repo: RepoName = "a/b/c".parse().unwrap();
         let tag: Reference = "t".parse().unwrap();
         let (body, h, _) = manifest(1);
-        assert!(c.fill(&repo, &tag, 7, StatusCode::OK, &h, &body));
-        let e = c.get(&repo, &tag, 7).expect("hit under the same epoch");
+        assert!(c.fill(
+            &Cacheable::Manifest(&repo, &tag),
+            7,
+            StatusCode::OK,
+            &h,
+            &body
+        ));
+        let e = c
+            .get(&Cacheable::Manifest(&repo, &tag), 7)
+            .expect("hit under the same epoch");
         assert_eq!(e.body, body);
         assert!(
             e.headers.get(http::header::DATE).is_none(),
             "per-response headers are dropped"
         );
-        assert!(c.get(&repo, &tag, 8).is_none(), "a newer epoch invalidates");
         assert!(
-            c.get(&repo, &tag, 7).is_none(),
+            c.get(&Cacheable::Manifest(&repo, &tag), 8).is_none(),
+            "a newer epoch invalidates"
+        );
+        assert!(
+            c.get(&Cacheable::Manifest(&repo, &tag), 7).is_none(),
             "and the stale entry is gone"
         );
-        assert!(c.fill(&repo, &tag, 8, StatusCode::OK, &h, &body));
+        assert!(c.fill(
+            &Cacheable::Manifest(&repo, &tag),
+            8,
+            StatusCode::OK,
+            &h,
+            &body
+        ));
         std::thread::sleep(Duration::from_millis(250));
-        assert!(c.get(&repo, &tag, 8).is_none(), "expired by TTL");
+        assert!(
+            c.get(&Cacheable::Manifest(&repo, &tag), 8).is_none(),
+            "expired by TTL"
+        );
     }
 
     #[test]
@@ -188,24 +224,68 @@ mod tests {
         let (other_body, _, other) = manifest(2);
         let tag: Reference = "t".parse().unwrap();
         assert!(
-            !c.fill(&repo, &tag, 1, StatusCode::OK, &h, &other_body),
+            !c.fill(
+                &Cacheable::Manifest(&repo, &tag),
+                1,
+                StatusCode::OK,
+                &h,
+                &other_body
+            ),
             "body/digest mismatch"
         );
         let by_other: Reference = other.to_string().parse().unwrap();
         assert!(
-            !c.fill(&repo, &by_other, 1, StatusCode::OK, &h, &body),
+            !c.fill(
+                &Cacheable::Manifest(&repo, &by_other),
+                1,
+                StatusCode::OK,
+                &h,
+                &body
+            ),
             "not the digest asked for"
         );
-        assert!(!c.fill(&repo, &tag, 1, StatusCode::NOT_FOUND, &h, &body));
+        assert!(!c.fill(
+            &Cacheable::Manifest(&repo, &tag),
+            1,
+            StatusCode::NOT_FOUND,
+            &h,
+            &body
+        ));
         assert!(
-            !c.fill(&repo, &tag, 1, StatusCode::OK, &HeaderMap::new(), &body),
+            !c.fill(
+                &Cacheable::Manifest(&repo, &tag),
+                1,
+                StatusCode::OK,
+                &HeaderMap::new(),
+                &body
+            ),
             "no digest header"
         );
         let by_d: Reference = d.to_string().parse().unwrap();
-        assert!(c.fill(&repo, &by_d, 1, StatusCode::OK, &h, &body));
-        assert!(c.get(&repo, &by_d, 1).is_some());
+        assert!(c.fill(
+            &Cacheable::Manifest(&repo, &by_d),
+            1,
+            StatusCode::OK,
+            &h,
+            &body
+        ));
+        assert!(c.get(&Cacheable::Manifest(&repo, &by_d), 1).is_some());
         c.clear();
-        assert!(c.get(&repo, &by_d, 1).is_none());
+        assert!(c.get(&Cacheable::Manifest(&repo, &by_d), 1).is_none());
+    }
+
+    #[test]
+    fn listings_are_kept_apart_from_manifests_and_need_no_digest() {
+        let c = ManifestCache::new(1 << 20, Duration::from_secs(60));
+        let body = Bytes::from_static(br#"{"name":"a/b","tags":["t"]}"#);
+        let list = Cacheable::Listing("/v2/a/b/tags/list?n=1");
+        assert!(c.fill(&list, 3, StatusCode::OK, &HeaderMap::new(), &body));
+        assert_eq!(c.get(&list, 3).expect("hit").body, body);
+        assert!(
+            c.get(&Cacheable::Listing("/v2/a/b/tags/list"), 3).is_none(),
+            "query is part of the key"
+        );
+        assert!(c.get(&list, 4).is_none());
     }
 
     #[test]
@@ -214,7 +294,13 @@ mod tests {
         let repo: RepoName = "a/b".parse().unwrap();
         let tag: Reference = "t".parse().unwrap();
         let (body, h, _) = manifest(1);
-        assert!(!c.fill(&repo, &tag, 1, StatusCode::OK, &h, &body));
+        assert!(!c.fill(
+            &Cacheable::Manifest(&repo, &tag),
+            1,
+            StatusCode::OK,
+            &h,
+            &body
+        ));
         assert!(!c.enabled());
     }
 
@@ -228,7 +314,13 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert("docker-content-digest", d.to_string().parse().unwrap());
             let r: Reference = d.to_string().parse().unwrap();
-            c.fill(&repo, &r, 1, StatusCode::OK, &h, &body);
+            c.fill(
+                &Cacheable::Manifest(&repo, &r),
+                1,
+                StatusCode::OK,
+                &h,
+                &body,
+            );
         }
         let weight = c.entries.as_ref().unwrap().weight();
         assert!(

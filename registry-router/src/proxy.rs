@@ -9,12 +9,13 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use flotilla_core::{ErrorCode, Reference, RepoName, UploadId};
+use flotilla_core::{ErrorCode, RepoName, UploadId};
 use futures::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use registry_node::http::{ApiError, OciRoute, API_VERSION_HEADER};
 use shardmap::NodeRecord;
 
+use crate::manifest_cache::Cacheable;
 use crate::Cluster;
 
 const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
@@ -100,7 +101,13 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             resp
         }
         OciRoute::Manifest { repo, reference } if cluster.manifests().enabled() => {
-            read_manifest(cluster, &repo, &reference, req).await
+            read_cached(cluster, &repo, Cacheable::Manifest(&repo, &reference), req).await
+        }
+        OciRoute::Tags { repo } | OciRoute::Referrers { repo, .. }
+            if method == Method::GET && cluster.manifests().enabled() =>
+        {
+            let pq = path_and_query(&req);
+            read_cached(cluster, &repo, Cacheable::Listing(&pq), req).await
         }
         OciRoute::Blob { repo, .. } if method == Method::DELETE => {
             replicated_write(cluster, &repo, false, req).await
@@ -172,12 +179,13 @@ async fn redirect_blob(
     last.ok_or_else(|| unavailable("no replica of this repository is reachable"))
 }
 
-/// Manifest GET/HEAD through the manifest cache (see `manifest_cache` for why a hit is as
-/// fresh as the shard map). A miss is an ordinary read that fills the cache on a 200 GET.
-async fn read_manifest(
+/// Manifest GET/HEAD and tag/referrer listings through the router's cache (see
+/// `manifest_cache` for why a hit is as fresh as the shard map). A miss is an ordinary read
+/// that fills the cache on a 200.
+async fn read_cached(
     cluster: &Cluster,
     repo: &RepoName,
-    reference: &Reference,
+    what: Cacheable<'_>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let depth = cluster.config().shard_key_depth;
@@ -189,7 +197,8 @@ async fn read_manifest(
         Err(e) => return Err(shard_error(e)),
     };
     let head = req.method() == Method::HEAD;
-    if let Some(hit) = cluster.manifests().get(repo, reference, rec.epoch) {
+    let cache = cluster.manifests();
+    if let Some(hit) = cache.get(&what, rec.epoch) {
         metrics::counter!("flotilla_router_manifest_cache_hits_total").increment(1);
         let body = if head {
             Body::empty()
@@ -201,8 +210,8 @@ async fn read_manifest(
         return Ok(out);
     }
     metrics::counter!("flotilla_router_manifest_cache_misses_total").increment(1);
-    // A HEAD miss asks the node for the whole manifest (small, bounded), so the cache fills
-    // on the HEAD that starts every pull as well as on GETs.
+    // A HEAD miss asks the node for the whole answer (small, bounded), so the cache fills on
+    // the HEAD that starts every pull as well as on GETs.
     let (mut parts, body) = req.into_parts();
     parts.method = Method::GET;
     let req = Request::from_parts(parts, body);
@@ -220,16 +229,8 @@ async fn read_manifest(
     }
     let bytes = axum::body::to_bytes(body, MANIFEST_LIMIT)
         .await
-        .map_err(|_| unavailable("the replica's manifest response broke off; retry"))?;
-    let m = cluster.manifests();
-    m.fill(
-        repo,
-        reference,
-        rec.epoch,
-        parts.status,
-        &parts.headers,
-        &bytes,
-    );
+        .map_err(|_| unavailable("the replica's response broke off; retry"))?;
+    cache.fill(&what, rec.epoch, parts.status, &parts.headers, &bytes);
     let body = if head {
         Body::empty()
     } else {

@@ -759,8 +759,38 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
     assert_eq!(r.status(), 400);
     assert_eq!(epoch(c.admin_get(0, "/shards/cache/prod").await.1), e1);
 
+    // Tag listings are cached under the same epochs: a new tag shows up once seen.
+    let tags = |r: usize| {
+        let url = c.router(r).url(&format!("/v2/{repo}/tags/list"));
+        let http = c.router(r).http.clone();
+        async move {
+            let resp = http.get(url).send().await.expect("tags list");
+            assert_eq!(resp.status(), 200);
+            let v: Value = resp.json().await.expect("tags json");
+            v["tags"].clone()
+        }
+    };
+    routers_agree_on_epoch(&c, "cache/prod").await;
+    let before = router_cache(&c, 1, "hits").await;
+    assert_eq!(
+        tags(1).await,
+        serde_json::json!([]),
+        "the only tag went with its manifest"
+    );
+    assert_eq!(tags(1).await, serde_json::json!([]));
+    assert_eq!(
+        router_cache(&c, 1, "hits").await,
+        before + 1.0,
+        "the second listing is a hit"
+    );
+
     // A pull starts with a HEAD by tag: a HEAD miss fills the cache too.
     let third = push_image(&c.router(0), repo, "headfirst").await;
+    assert_eq!(
+        tags(0).await,
+        serde_json::json!(["headfirst"]),
+        "read your write"
+    );
     // Once router 1 has seen that push's epoch bump (else its fill could be outdated at once).
     routers_agree_on_epoch(&c, "cache/prod").await;
     let hits = router_cache(&c, 1, "hits").await;
@@ -778,6 +808,7 @@ async fn manifest_cache_is_as_fresh_as_the_shard_map() {
         "the second HEAD is a hit"
     );
     assert_eq!(head_manifest(&c, 1, repo, "nosuchtag").await.status(), 404);
+    assert_eq!(tags(1).await, serde_json::json!(["headfirst"]));
 }
 
 #[tokio::test(flavor = "multi_thread")]
