@@ -318,10 +318,28 @@ async fn real_clients_through_the_router() {
     drop(pm);
 
     // docker import → push → rmi → pull, through the router (127.0.0.1 is insecure-ok).
+    let pushed = docker_push_fresh(&host, "clients/docker/api", tmp.path()).await;
+    let (ct, digest, bytes) = get_manifest(&oci, "clients/docker/api", &pushed.tag).await;
+    assert_eq!(ct, DOCKER_MANIFEST);
+    assert_eq!(digest, pushed.digest);
+    assert_manifest_blobs(&oci, "clients/docker/api", &bytes).await;
+    docker_pull_same(pushed).await;
+}
+
+/// An image `docker push`ed to a registry and removed from the engine.
+struct DockerPushed {
+    reference: String,
+    tag: String,
+    id: String,
+    digest: String,
+    guard: DockerImages,
+}
+
+/// `docker import` a fresh one-file image as `{host}/{repo}:<unique tag>`, push it, `rmi` it.
+async fn docker_push_fresh(host: &str, repo: &str, tmp: &std::path::Path) -> DockerPushed {
     let tag = format!("e2e-{}", unique());
-    let repo = format!("{host}/clients/docker/api");
-    let reference = format!("{repo}:{tag}");
-    let tarball = tmp.path().join("rootfs.tar");
+    let reference = format!("{host}/{repo}:{tag}");
+    let tarball = tmp.join(format!("rootfs-{tag}.tar"));
     std::fs::write(
         &tarball,
         tar_bytes(&[(
@@ -332,7 +350,7 @@ async fn real_clients_through_the_router() {
     .expect("write tarball");
     let guard = DockerImages(vec![reference.clone()]);
     let r2 = reference.clone();
-    let (id, pushed_digest, mut guard) = blocking(move || {
+    let (id, digest, guard) = blocking(move || {
         let mut guard = guard;
         run(Command::new("docker").arg("import").arg(&tarball).arg(&r2));
         let id = run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &r2]))
@@ -352,11 +370,19 @@ async fn real_clients_through_the_router() {
         (id, digest, guard)
     })
     .await;
-    let (ct, digest, bytes) = get_manifest(&oci, "clients/docker/api", &tag).await;
-    assert_eq!(ct, DOCKER_MANIFEST);
-    assert_eq!(digest, pushed_digest);
-    assert_manifest_blobs(&oci, "clients/docker/api", &bytes).await;
-    let r2 = reference.clone();
+    DockerPushed {
+        reference,
+        tag,
+        id,
+        digest,
+        guard,
+    }
+}
+
+/// `docker pull` what [`docker_push_fresh`] pushed: the engine must end up with the same
+/// image id. Cleans the engine up afterwards.
+async fn docker_pull_same(p: DockerPushed) {
+    let r2 = p.reference.clone();
     let pulled_id = blocking(move || {
         run(Command::new("docker").args(["pull", &r2]));
         run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &r2]))
@@ -364,7 +390,8 @@ async fn real_clients_through_the_router() {
             .to_owned()
     })
     .await;
-    assert_eq!(pulled_id, id, "docker pulled the image it pushed");
+    assert_eq!(pulled_id, p.id, "docker pulled the image it pushed");
+    let mut guard = p.guard;
     guard.0.dedup();
     guard_cleanup(guard).await;
 }
@@ -881,6 +908,16 @@ async fn blob_redirect_sends_clients_to_a_live_replica() {
     assert!(
         router_metric(&c, r, "flotilla_router_blob_redirects_total").await >= before_skopeo + 2.0,
         "skopeo was redirected"
+    );
+    // And the Docker engine pulls through the redirects.
+    let host = oci.url("").trim_start_matches("http://").to_owned();
+    let pushed = docker_push_fresh(&host, "redir/prod/docker", tmp.path()).await;
+    let before_docker = router_metric(&c, r, "flotilla_router_blob_redirects_total").await;
+    docker_pull_same(pushed).await;
+    let after_docker = router_metric(&c, r, "flotilla_router_blob_redirects_total").await;
+    assert!(
+        after_docker >= before_docker + 2.0,
+        "docker was redirected (config + layer)"
     );
     let head = no_follow.head(oci.url(&path)).send().await.expect("HEAD");
     assert_eq!(head.status(), 200);
