@@ -123,6 +123,32 @@ pub fn remote_repos_root() -> &'static str {
     "repos/"
 }
 
+/// The catalog entry of a repository: an empty object written before the first object of
+/// the repository, so `_catalog` lists `catalog/` (one key per repository) instead of every
+/// key under `repos/`. The `_repo` leaf cannot be a name component (components never start
+/// with `_`), and keeps a name from being both an object and a "directory" of a nested name.
+pub fn remote_catalog_entry(name: &RepoName) -> String {
+    format!("catalog/{name}/_repo")
+}
+
+pub fn remote_catalog_root() -> &'static str {
+    "catalog/"
+}
+
+/// Present once every repository in object storage has its catalog entry (entries were
+/// backfilled from `repos/` for data written before the catalog existed).
+pub fn remote_catalog_complete() -> &'static str {
+    "meta/catalog-v1-complete"
+}
+
+/// The repository a `catalog/` key names.
+pub fn repo_of_catalog_key(key: &str) -> Option<RepoName> {
+    key.strip_prefix("catalog/")?
+        .strip_suffix("/_repo")?
+        .parse()
+        .ok()
+}
+
 /// The repository a remote key under `repos/` belongs to. Parsed from the right, because a
 /// name may itself contain `tags`, `manifests` or `blobs` components: a tag key ends in
 /// `tags/<tag>`, a link key in `manifests|blobs/<alg>/<hex>`.
@@ -180,7 +206,17 @@ mod tests {
                 remote_blob_link(&n, &d),
                 format!("repos/billing/api/blobs/sha256/{h}"),
             ),
+            (
+                remote_catalog_entry(&n),
+                "catalog/billing/api/_repo".to_owned(),
+            ),
         ];
+        assert_eq!(
+            repo_of_catalog_key("catalog/billing/api/_repo"),
+            Some(n.clone())
+        );
+        assert_eq!(repo_of_catalog_key("catalog/billing/api"), None);
+        assert_eq!(repo_of_catalog_key("repos/billing/api/_repo"), None);
         for (got, want) in cases {
             assert_eq!(got, want);
         }

@@ -82,6 +82,9 @@ struct Inner {
     /// Set while the data directory may be missing content of the shards this node holds
     /// (it started without its identity file); cleared once a seeder filled it.
     needs_seed: std::sync::atomic::AtomicBool,
+    /// Repositories whose catalog entry this process has written or seen (each is written
+    /// once per process, before the repository's first object).
+    cataloged: std::sync::Mutex<std::collections::HashSet<RepoName>>,
     seed_id: String,
     /// Wakes the membership loop for an immediate heartbeat (after a state change).
     beat: tokio::sync::Notify,
@@ -157,6 +160,7 @@ impl NodeService {
                 fetches,
                 ready: std::sync::atomic::AtomicBool::new(false),
                 needs_seed: std::sync::atomic::AtomicBool::new(needs_seed),
+                cataloged: std::sync::Mutex::default(),
                 seed_id,
                 beat: tokio::sync::Notify::new(),
                 cancel: CancellationToken::new(),
@@ -279,6 +283,7 @@ impl NodeService {
                 .store(true, std::sync::atomic::Ordering::Release);
             return Ok(0);
         };
+        self.backfill_catalog(r).await?;
         let store = &self.inner.store;
         let mut changed = 0;
         for repo in store.list_repos().await? {
@@ -443,6 +448,29 @@ impl NodeService {
         }
     }
 
+    /// Make sure `repo` has its catalog entry in object storage before any object of it is
+    /// written there (see `layout::remote_catalog_entry`); once per repository per process.
+    async fn catalog(&self, r: &Remote, repo: &RepoName) -> Result<()> {
+        let known = |s: &Self| {
+            s.inner
+                .cataloged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(repo)
+        };
+        if known(self) {
+            return Ok(());
+        }
+        r.put_bytes(&layout::remote_catalog_entry(repo), Bytes::new())
+            .await?;
+        self.inner
+            .cataloged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(repo.clone());
+        Ok(())
+    }
+
     pub async fn delete_blob(&self, repo: &RepoName, d: &Digest) -> Result<()> {
         let mut existed = false;
         if let Some(r) = &self.inner.remote {
@@ -479,6 +507,7 @@ impl NodeService {
         };
         if found {
             if let Some(r) = &self.inner.remote {
+                self.catalog(r, repo).await?;
                 r.put_bytes(&layout::remote_blob_link(repo, d), Bytes::new())
                     .await?;
             }
@@ -620,6 +649,7 @@ impl NodeService {
         if let Some(r) = &self.inner.remote {
             r.put_blob_file(expected, &store.path(&layout::local_blob(expected)), s.size)
                 .await?;
+            self.catalog(r, repo).await?;
             r.put_bytes(&layout::remote_blob_link(repo, expected), Bytes::new())
                 .await?;
         }
@@ -677,6 +707,7 @@ impl NodeService {
             if r.head(&blob_key).await? != Some(bytes.len() as u64) {
                 r.put_bytes(&blob_key, bytes.clone()).await?;
             }
+            self.catalog(r, repo).await?;
             r.put_bytes(
                 &layout::remote_manifest_link(repo, &digest),
                 Bytes::from(m.media_type.clone()),
@@ -901,20 +932,52 @@ impl NodeService {
         Ok(tags)
     }
 
-    /// Every repository, from object storage when configured (see [`layout::repo_of_remote_key`]).
+    /// Every repository, from object storage when configured: its catalog entries (one key
+    /// per repository) once they are complete, else every key under `repos/`.
     pub async fn list_repos(&self) -> Result<Vec<RepoName>> {
         let Some(r) = &self.inner.remote else {
             return Ok(self.inner.store.list_repos().await?);
         };
-        let mut repos: Vec<RepoName> = r
-            .list_keys(layout::remote_repos_root())
-            .await?
-            .iter()
-            .filter_map(|k| layout::repo_of_remote_key(k))
-            .collect();
+        let mut repos: Vec<RepoName> = if r.head(layout::remote_catalog_complete()).await?.is_some()
+        {
+            r.list_keys(layout::remote_catalog_root())
+                .await?
+                .iter()
+                .filter_map(|k| layout::repo_of_catalog_key(k))
+                .collect()
+        } else {
+            self.repos_from_keys(r).await?
+        };
         repos.sort();
         repos.dedup();
         Ok(repos)
+    }
+
+    async fn repos_from_keys(&self, r: &Remote) -> Result<Vec<RepoName>> {
+        Ok(r.list_keys(layout::remote_repos_root())
+            .await?
+            .iter()
+            .filter_map(|k| layout::repo_of_remote_key(k))
+            .collect())
+    }
+
+    /// Give every repository in object storage its catalog entry, once per store: data
+    /// written before the catalog existed has none. Idempotent, so nodes starting together
+    /// may all run it.
+    async fn backfill_catalog(&self, r: &Remote) -> Result<()> {
+        if r.head(layout::remote_catalog_complete()).await?.is_some() {
+            return Ok(());
+        }
+        let mut repos = self.repos_from_keys(r).await?;
+        repos.sort();
+        repos.dedup();
+        for repo in &repos {
+            self.catalog(r, repo).await?;
+        }
+        r.put_bytes(layout::remote_catalog_complete(), Bytes::new())
+            .await?;
+        tracing::info!(repos = repos.len(), "catalog entries backfilled");
+        Ok(())
     }
 
     /// Referrers of `subject` still present in the repository, optionally filtered.

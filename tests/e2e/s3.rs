@@ -99,6 +99,55 @@ async fn wiped_node_serves_everything_from_s3_through_skopeo() {
     );
 }
 
+/// The catalog lists one entry per repository (`catalog/<name>/_repo`, written before a
+/// repository's first object) instead of every key under `repos/`; a store written before
+/// entries existed is backfilled once, when a node catches up.
+#[tokio::test]
+async fn catalog_is_an_index_and_old_stores_are_backfilled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let objects = tmp.path().join("objects");
+    let mut n = NodeProc::spawn(
+        tmp.path().join("d"),
+        free_port(),
+        "n1",
+        vec!["--store".into(), format!("file://{}", objects.display())],
+    );
+    n.wait_ready().await;
+    let c = n.client();
+    c.push_image("team/app", "1", b"catalog layer").await;
+    c.push_image("team/app/worker", "1", b"nested layer").await;
+    c.push_blob("blobs/only", b"a blob without a manifest")
+        .await;
+    let want = serde_json::json!(["blobs/only", "team/app", "team/app/worker"]);
+    let entry = |name: &str| objects.join(format!("catalog/{name}/_repo"));
+    for name in ["team/app", "team/app/worker", "blobs/only"] {
+        assert!(entry(name).is_file(), "catalog entry of {name}");
+    }
+    assert!(objects.join("meta/catalog-v1-complete").is_file());
+    let catalog = |c: crate::support::Oci| async move {
+        let v: serde_json::Value = c.get("/v2/_catalog").await.json().await.unwrap();
+        v["repositories"].clone()
+    };
+    assert_eq!(catalog(n.client()).await, want);
+    // An entry the listing relies on: remove one and it is gone from the catalog (proof the
+    // catalog is read from the index, not from `repos/`).
+    std::fs::remove_file(entry("blobs/only")).unwrap();
+    assert_eq!(
+        catalog(n.client()).await,
+        serde_json::json!(["team/app", "team/app/worker"])
+    );
+    // A store from before the catalog: no entries, no completion marker. A restarted node
+    // backfills them from `repos/` before it is ready.
+    std::fs::remove_dir_all(objects.join("catalog")).unwrap();
+    std::fs::remove_file(objects.join("meta/catalog-v1-complete")).unwrap();
+    n.kill9();
+    n.restart().await;
+    assert_eq!(catalog(n.client()).await, want);
+    for name in ["team/app", "team/app/worker", "blobs/only"] {
+        assert!(entry(name).is_file(), "backfilled entry of {name}");
+    }
+}
+
 #[tokio::test]
 async fn file_store_rebuilds_a_wiped_node() {
     let tmp = tempfile::tempdir().unwrap();
