@@ -99,20 +99,26 @@ async fn wiped_node_serves_everything_from_s3_through_skopeo() {
     );
 }
 
-/// The catalog lists one entry per repository (`catalog/<name>/_repo`, written before a
-/// repository's first object) instead of every key under `repos/`; a store written before
-/// entries existed is backfilled once, when a node catches up.
-#[tokio::test]
-async fn catalog_is_an_index_and_old_stores_are_backfilled() {
-    let tmp = tempfile::tempdir().unwrap();
+/// A ready node whose object store is a directory under `tmp`; returns it and that directory.
+async fn file_store_node(tmp: &tempfile::TempDir) -> (NodeProc, std::path::PathBuf) {
     let objects = tmp.path().join("objects");
-    let mut n = NodeProc::spawn(
+    let n = NodeProc::spawn(
         tmp.path().join("d"),
         free_port(),
         "n1",
         vec!["--store".into(), format!("file://{}", objects.display())],
     );
     n.wait_ready().await;
+    (n, objects)
+}
+
+/// The catalog lists one entry per repository (`catalog/<name>/_repo`, written before a
+/// repository's first object) instead of every key under `repos/`; a store written before
+/// entries existed is backfilled once, when a node catches up.
+#[tokio::test]
+async fn catalog_is_an_index_and_old_stores_are_backfilled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut n, objects) = file_store_node(&tmp).await;
     let c = n.client();
     c.push_image("team/app", "1", b"catalog layer").await;
     c.push_image("team/app/worker", "1", b"nested layer").await;
@@ -151,14 +157,7 @@ async fn catalog_is_an_index_and_old_stores_are_backfilled() {
 #[tokio::test]
 async fn file_store_rebuilds_a_wiped_node() {
     let tmp = tempfile::tempdir().unwrap();
-    let objects = tmp.path().join("objects");
-    let mut n = NodeProc::spawn(
-        tmp.path().join("d"),
-        free_port(),
-        "n1",
-        vec!["--store".into(), format!("file://{}", objects.display())],
-    );
-    n.wait_ready().await;
+    let (mut n, _) = file_store_node(&tmp).await;
     let c = n.client();
     let m = c.push_image("team/app", "1", b"file store layer").await;
     wipe_and_restart(&mut n).await;
