@@ -740,3 +740,77 @@ pub(crate) async fn guard_cleanup(mut guard: DockerImages) {
     })
     .await;
 }
+
+/// An image `docker push`ed to a registry and removed from the engine.
+pub(crate) struct DockerPushed {
+    pub(crate) reference: String,
+    pub(crate) tag: String,
+    pub(crate) id: String,
+    pub(crate) digest: String,
+    pub(crate) guard: DockerImages,
+}
+
+/// `docker import` a fresh one-file image as `{host}/{repo}:<unique tag>`, push it, `rmi` it.
+pub(crate) async fn docker_push_fresh(
+    host: &str,
+    repo: &str,
+    tmp: &std::path::Path,
+) -> DockerPushed {
+    let tag = format!("e2e-{}", unique());
+    let reference = format!("{host}/{repo}:{tag}");
+    let tarball = tmp.join(format!("rootfs-{tag}.tar"));
+    std::fs::write(
+        &tarball,
+        tar_bytes(&[(
+            "app/README",
+            format!("flotilla cluster e2e {tag}\n").as_bytes(),
+        )]),
+    )
+    .expect("write tarball");
+    let guard = DockerImages(vec![reference.clone()]);
+    let r2 = reference.clone();
+    let (id, digest, guard) = blocking(move || {
+        let mut guard = guard;
+        run(Command::new("docker").arg("import").arg(&tarball).arg(&r2));
+        let id = run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &r2]))
+            .trim()
+            .to_owned();
+        let push = run(Command::new("docker").args(["push", &r2]));
+        let digest = push
+            .split_whitespace()
+            .skip_while(|w| *w != "digest:")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no digest in docker push output:\n{push}"))
+            .to_owned();
+        guard
+            .0
+            .push(format!("{}@{digest}", r2.rsplit_once(':').unwrap().0));
+        run(Command::new("docker").args(["rmi", &r2]));
+        (id, digest, guard)
+    })
+    .await;
+    DockerPushed {
+        reference,
+        tag,
+        id,
+        digest,
+        guard,
+    }
+}
+
+/// `docker pull` what [`docker_push_fresh`] pushed: the engine must end up with the same
+/// image id. Cleans the engine up afterwards.
+pub(crate) async fn docker_pull_same(p: DockerPushed) {
+    let r2 = p.reference.clone();
+    let pulled_id = blocking(move || {
+        run(Command::new("docker").args(["pull", &r2]));
+        run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &r2]))
+            .trim()
+            .to_owned()
+    })
+    .await;
+    assert_eq!(pulled_id, p.id, "docker pulled the image it pushed");
+    let mut guard = p.guard;
+    guard.0.dedup();
+    guard_cleanup(guard).await;
+}

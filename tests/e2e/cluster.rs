@@ -5,17 +5,16 @@
 //! API and graceful shutdown.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use crate::clients::{
-    assert_manifest_blobs, blocking, get_manifest, guard_cleanup, layout_blob, single_image,
-    skopeo, skopeo_copy_from, unique, DockerImages, Layout, Podman, DOCKER_MANIFEST,
+    assert_manifest_blobs, blocking, docker_pull_same, docker_push_fresh, get_manifest,
+    layout_blob, single_image, skopeo, skopeo_copy_from, Layout, Podman, DOCKER_MANIFEST,
 };
 use crate::cluster_support::*;
-use crate::support::{run, tar_bytes, OCI_MANIFEST};
+use crate::support::{run, OCI_MANIFEST};
 
 const RACK: [(&str, &str); 3] = TOPOLOGY;
 
@@ -324,76 +323,6 @@ async fn real_clients_through_the_router() {
     assert_eq!(digest, pushed.digest);
     assert_manifest_blobs(&oci, "clients/docker/api", &bytes).await;
     docker_pull_same(pushed).await;
-}
-
-/// An image `docker push`ed to a registry and removed from the engine.
-struct DockerPushed {
-    reference: String,
-    tag: String,
-    id: String,
-    digest: String,
-    guard: DockerImages,
-}
-
-/// `docker import` a fresh one-file image as `{host}/{repo}:<unique tag>`, push it, `rmi` it.
-async fn docker_push_fresh(host: &str, repo: &str, tmp: &std::path::Path) -> DockerPushed {
-    let tag = format!("e2e-{}", unique());
-    let reference = format!("{host}/{repo}:{tag}");
-    let tarball = tmp.join(format!("rootfs-{tag}.tar"));
-    std::fs::write(
-        &tarball,
-        tar_bytes(&[(
-            "app/README",
-            format!("flotilla cluster e2e {tag}\n").as_bytes(),
-        )]),
-    )
-    .expect("write tarball");
-    let guard = DockerImages(vec![reference.clone()]);
-    let r2 = reference.clone();
-    let (id, digest, guard) = blocking(move || {
-        let mut guard = guard;
-        run(Command::new("docker").arg("import").arg(&tarball).arg(&r2));
-        let id = run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &r2]))
-            .trim()
-            .to_owned();
-        let push = run(Command::new("docker").args(["push", &r2]));
-        let digest = push
-            .split_whitespace()
-            .skip_while(|w| *w != "digest:")
-            .nth(1)
-            .unwrap_or_else(|| panic!("no digest in docker push output:\n{push}"))
-            .to_owned();
-        guard
-            .0
-            .push(format!("{}@{digest}", r2.rsplit_once(':').unwrap().0));
-        run(Command::new("docker").args(["rmi", &r2]));
-        (id, digest, guard)
-    })
-    .await;
-    DockerPushed {
-        reference,
-        tag,
-        id,
-        digest,
-        guard,
-    }
-}
-
-/// `docker pull` what [`docker_push_fresh`] pushed: the engine must end up with the same
-/// image id. Cleans the engine up afterwards.
-async fn docker_pull_same(p: DockerPushed) {
-    let r2 = p.reference.clone();
-    let pulled_id = blocking(move || {
-        run(Command::new("docker").args(["pull", &r2]));
-        run(Command::new("docker").args(["image", "inspect", "--format", "{{.Id}}", &r2]))
-            .trim()
-            .to_owned()
-    })
-    .await;
-    assert_eq!(pulled_id, p.id, "docker pulled the image it pushed");
-    let mut guard = p.guard;
-    guard.0.dedup();
-    guard_cleanup(guard).await;
 }
 
 fn require_clients() {

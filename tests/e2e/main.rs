@@ -9,6 +9,7 @@ mod bench_smoke;
 mod clients;
 mod cluster;
 mod crash;
+mod dev;
 mod hostile;
 mod recovery;
 mod s3;
