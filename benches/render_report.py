@@ -11,11 +11,11 @@ import os
 import re
 import sys
 
-TARGETS = ["flotilla-node", "flotilla-dev", "flotilla-dev-redirect", "distribution-fs", "distribution-s3"]
+TARGETS = ["flotilla-node", "flotilla-dev", "flotilla-dev-proxy", "distribution-fs", "distribution-s3"]
 BASE = "flotilla-node"
 # Ratio columns: (A, B) shows A ÷ B.
 PAIRS = [("flotilla-node", "distribution-fs"), ("flotilla-dev", "distribution-fs"),
-         ("flotilla-dev-redirect", "distribution-fs"), ("flotilla-dev", "flotilla-node"),
+         ("flotilla-dev-proxy", "distribution-fs"), ("flotilla-dev-proxy", "flotilla-node"),
          ("flotilla-node", "distribution-s3")]
 REFS = ["distribution-fs", "distribution-s3"]
 
@@ -151,11 +151,12 @@ def main():
     L.append("same cores as the server, so absolute figures are lower bounds; the ratios compare")
     L.append("targets measured back to back under the same conditions. `flotilla-node` is one node")
     L.append("with a `file://` object store (write-through to a directory on the same disk);")
-    L.append("`flotilla-dev` is `flotilla dev`: the router in front of three such nodes (RF=2), so")
-    L.append("`dev ÷ node` reads as the cost of the router hop and replication.")
-    L.append("`flotilla-dev-redirect` is `flotilla dev --blob-redirect`: the router answers blob GETs")
-    L.append("with a 307 to a live replica (probed first) instead of proxying the bytes, as registries")
-    L.append("backed by S3 or a CDN do; clients must be able to reach the nodes.")
+    L.append("`flotilla-dev` is `flotilla dev`: the router in front of three such nodes (RF=2). On its")
+    L.append("loopback listener it answers blob GETs with a 307 to a live replica (probed first) instead")
+    L.append("of proxying the bytes (`--blob-redirect auto`), as registries backed by S3 or a CDN do.")
+    L.append("`flotilla-dev-proxy` is `flotilla dev --blob-redirect never`: the router relays every blob")
+    L.append("byte (the default of `flotilla router`), so `dev-proxy ÷ node` reads as the cost of the")
+    L.append("router hop and replication.")
     L.append("")
 
     L.append("## Machine limits")
@@ -308,7 +309,7 @@ def main():
     L.append("```")
     L.append("")
     L.append("- Targets: `flotilla-node` = `flotilla node` (one node, local store); `flotilla-dev` = "
-             "`flotilla dev`; `flotilla-dev-redirect` = `flotilla dev --blob-redirect`; `distribution-fs` / `distribution-s3` = CNCF Distribution "
+             "`flotilla dev` (blob GETs redirected on its loopback listener); `flotilla-dev-proxy` = `flotilla dev --blob-redirect never`; `distribution-fs` / `distribution-s3` = CNCF Distribution "
              f"{env.get('distribution', '')} with filesystem storage / the s3-aws driver against a local "
              "moto server. Distribution runs with access logs off, `redirect: disable: true` (so "
              "pulls stream through the registry instead of redirecting the client to S3) and the "

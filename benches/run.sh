@@ -16,7 +16,7 @@
 #   BENCH_BLOB_CONC=8      concurrency of the small-blob and mixed runs
 #   BENCH_META_CONC=32     concurrency of manifest/tags/catalog runs
 #   BENCH_WRK_CONNS=32 BENCH_WRK_DURATION=10s   wrk manifest GET settings
-#   BENCH_TARGETS="flotilla-node flotilla-dev flotilla-dev-redirect distribution-fs distribution-s3"
+#   BENCH_TARGETS="flotilla-node flotilla-dev flotilla-dev-proxy distribution-fs distribution-s3"
 #   BENCH_OUT=<repo>/BENCHMARKS.md   where the report goes
 #   BENCH_WORKDIR=<mktemp>           data dirs, configs, logs, raw JSON results (kept)
 #   READY_TIMEOUT=60       seconds to wait for each server
@@ -45,7 +45,7 @@ fi
 BLOB_CONC=${BENCH_BLOB_CONC:-8}
 META_CONC=${BENCH_META_CONC:-32}
 WRK_CONNS=${BENCH_WRK_CONNS:-32}
-TARGETS=${BENCH_TARGETS:-flotilla-node flotilla-dev flotilla-dev-redirect distribution-fs distribution-s3}
+TARGETS=${BENCH_TARGETS:-flotilla-node flotilla-dev flotilla-dev-proxy distribution-fs distribution-s3}
 OUT=${BENCH_OUT:-$ROOT/BENCHMARKS.md}
 READY_TIMEOUT=${READY_TIMEOUT:-60}
 DIST_BIN=${DIST_BIN:-/usr/bin/docker-registry}
@@ -174,8 +174,8 @@ start_target() { # $1 = target, $2 = port; sets SERVER_PID
     flotilla-dev)
       RUST_LOG=warn "$FLOTILLA" dev --listen "127.0.0.1:$port" --data "$dir/data" >"$dir/server.log" 2>&1 &
       ;;
-    flotilla-dev-redirect)
-      RUST_LOG=warn "$FLOTILLA" dev --listen "127.0.0.1:$port" --data "$dir/data" --blob-redirect \
+    flotilla-dev-proxy)
+      RUST_LOG=warn "$FLOTILLA" dev --listen "127.0.0.1:$port" --data "$dir/data" --blob-redirect never \
         >"$dir/server.log" 2>&1 &
       ;;
     distribution-fs)

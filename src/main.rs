@@ -35,9 +35,11 @@ enum Cmd {
         /// Rack of each node in order, comma-separated (default: n1,n2 in r1; n3 in r2).
         #[arg(long, value_delimiter = ',', default_value = "r1,r1,r2")]
         racks: Vec<RackId>,
-        /// Router answers blob GETs with a 307 to a live replica (see `router --blob-redirect`).
-        #[arg(long)]
-        blob_redirect: bool,
+        /// Blob GETs answered with a 307 to a live replica (`router --blob-redirect`) instead
+        /// of proxied: `auto` does so when --listen is a loopback address, since every client
+        /// can then reach the nodes (which listen on loopback too).
+        #[arg(long, value_enum, default_value_t = Redirect::Auto)]
+        blob_redirect: Redirect,
     },
     /// Run one registry node serving the OCI API.
     Node(NodeArgs),
@@ -69,6 +71,14 @@ enum Cmd {
     /// Run a seeder: reseeds empty nodes from object storage, replaces dead nodes, rebalances.
     /// Any number may run; one (leader-elected through the metadata store) acts.
     Seeder(SeederArgs),
+}
+
+/// `flotilla dev --blob-redirect`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Redirect {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(clap::Args, Debug)]
@@ -170,7 +180,14 @@ fn main() -> anyhow::Result<()> {
                 nodes,
                 racks,
                 blob_redirect,
-            } => dev(listen, data, nodes, racks, blob_redirect, metrics).await,
+            } => {
+                let redirect = match blob_redirect {
+                    Redirect::Auto => listen.ip().is_loopback(),
+                    Redirect::Always => true,
+                    Redirect::Never => false,
+                };
+                dev(listen, data, nodes, racks, redirect, metrics).await
+            }
             Cmd::Router {
                 listen,
                 meta,

@@ -57,9 +57,27 @@ async fn dev_takes_a_docker_push_on_a_rack_aware_pair_and_stops_cleanly() {
     );
     docker_pull_same(pushed).await;
 
-    // And an image pushed and pulled over plain HTTP, every digest checked.
+    // And an image pushed and pulled over plain HTTP, every digest checked (reqwest follows
+    // redirects: on a loopback listener dev sends blob GETs straight to a replica).
     let p = push_image(&oci, "billing/worker", "1").await;
-    try_pull(&oci, &p).await.unwrap_or_else(|e| panic!("{e}"));
+    let follow = Oci {
+        http: reqwest::Client::new(),
+        ..oci.clone()
+    };
+    try_pull(&follow, &p)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let blob = oci
+        .http
+        .get(oci.url(&format!("/v2/billing/worker/blobs/{}", p.blobs[1])))
+        .send()
+        .await
+        .expect("blob GET");
+    assert_eq!(
+        blob.status(),
+        307,
+        "--blob-redirect auto on a loopback listener"
+    );
 
     // SIGTERM: the whole cluster stops within a bounded time.
     let child = &mut dev.0;
