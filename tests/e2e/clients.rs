@@ -248,13 +248,13 @@ pub(crate) fn single_image() -> Image {
 }
 
 /// Push the single-arch image from a hand-made layout with skopeo; returns the image.
-async fn skopeo_push_single(node: &NodeProc, tmp: &Path, repo_tag: &str) -> Image {
+pub(crate) async fn skopeo_push_single(host: &str, tmp: &Path, repo_tag: &str) -> Image {
     let img = single_image();
     let dir = tmp.join("layout-single");
     let mut l = Layout::new(&dir);
     l.put_image(&img);
     l.tag("v1", OCI_MANIFEST, &img.manifest);
-    let dest = format!("docker://{}/{repo_tag}", node.host());
+    let dest = format!("docker://{host}/{repo_tag}");
     blocking(move || {
         run(skopeo()
             .args(["copy", "--dest-tls-verify=false"])
@@ -273,7 +273,7 @@ async fn skopeo_single_arch_roundtrip_and_schema2() {
     let host = node.host();
 
     // In: OCI layout -> registry, manifest bytes preserved.
-    let img = skopeo_push_single(&node, tmp.path(), "clients/single:v1").await;
+    let img = skopeo_push_single(&node.host(), tmp.path(), "clients/single:v1").await;
     let (ct, digest, bytes) = get_manifest(&c, "clients/single", "v1").await;
     assert_eq!(ct, OCI_MANIFEST);
     assert_eq!(digest, img.manifest.digest);
@@ -474,7 +474,7 @@ async fn skopeo_registry_to_registry_mounts_blobs() {
     let c = node.client();
     let tmp = tempfile::tempdir().expect("tempdir");
     let host = node.host();
-    let img = skopeo_push_single(&node, tmp.path(), "clients/a:1").await;
+    let img = skopeo_push_single(&node.host(), tmp.path(), "clients/a:1").await;
 
     let (src, dst) = (
         format!("docker://{host}/clients/a:1"),
@@ -591,7 +591,7 @@ async fn podman_pull_tag_push() {
     let c = node.client();
     let tmp = tempfile::tempdir().expect("tempdir");
     let host = node.host();
-    let img = skopeo_push_single(&node, tmp.path(), "clients/podsrc:v1").await;
+    let img = skopeo_push_single(&node.host(), tmp.path(), "clients/podsrc:v1").await;
 
     let src = format!("{host}/clients/podsrc:v1");
     let dst = format!("{host}/clients/podman-pushed:v2");

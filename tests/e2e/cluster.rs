@@ -11,10 +11,10 @@ use serde_json::Value;
 
 use crate::clients::{
     assert_manifest_blobs, blocking, docker_pull_same, docker_push_fresh, get_manifest,
-    layout_blob, single_image, skopeo, skopeo_copy_from, Layout, Podman, DOCKER_MANIFEST,
+    layout_blob, skopeo_copy_from, skopeo_push_single, Podman, DOCKER_MANIFEST,
 };
 use crate::cluster_support::*;
-use crate::support::{run, OCI_MANIFEST};
+use crate::support::OCI_MANIFEST;
 
 const RACK: [(&str, &str); 3] = TOPOLOGY;
 
@@ -267,19 +267,7 @@ async fn real_clients_through_the_router() {
     let tmp = tempfile::tempdir().expect("tempdir");
 
     // skopeo in: a hand-made OCI layout.
-    let img = single_image();
-    let dir = tmp.path().join("layout-in");
-    let mut l = Layout::new(&dir);
-    l.put_image(&img);
-    l.tag("v1", OCI_MANIFEST, &img.manifest);
-    let dest = format!("docker://{host}/clients/skopeo/app:v1");
-    blocking(move || {
-        run(skopeo()
-            .args(["copy", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:v1", dir.display()))
-            .arg(dest))
-    })
-    .await;
+    let img = skopeo_push_single(&host, tmp.path(), "clients/skopeo/app:v1").await;
     let (_, digest, bytes) = get_manifest(&oci, "clients/skopeo/app", "v1").await;
     assert_eq!(digest, img.manifest.digest);
     assert_eq!(bytes, img.manifest.bytes);

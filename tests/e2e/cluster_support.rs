@@ -613,10 +613,7 @@ pub async fn try_push_image(
     for bytes in [config.as_bytes(), layer] {
         let d = sha256(bytes);
         let r = c
-            .http
-            .post(c.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
-            .body(bytes.to_vec())
-            .send()
+            .post_blob(repo, &d, bytes.to_vec())
             .await
             .map_err(|e| format!("push blob {d}: {e}"))?;
         if r.status() != 201 {

@@ -82,10 +82,7 @@ impl Pusher {
         let d = sha256(bytes);
         let r = self
             .c
-            .http
-            .post(self.c.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
-            .body(bytes.to_vec())
-            .send()
+            .post_blob(repo, &d, bytes.to_vec())
             .await
             .map_err(|e| e.to_string())?;
         if r.status() == 201 {
@@ -126,12 +123,9 @@ impl Pusher {
             loc = location(&r)?;
             at += part.len();
         }
-        let sep = if loc.contains('?') { '&' } else { '?' };
         let r = self
             .c
-            .http
-            .put(self.c.url(&format!("{loc}{sep}digest={d}")))
-            .send()
+            .close_upload(&loc, &d, Vec::new())
             .await
             .map_err(|e| e.to_string())?;
         if r.status() == 201 {

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::clients::{docker_pull_same, docker_push_fresh};
 use crate::cluster_support::{push_image, try_pull, CLUSTER_TIMEOUT};
-use crate::support::{free_port, wait_http_ok, Oci};
+use crate::support::{free_port, wait_http_ok, KillOnDrop, Oci};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dev_takes_a_docker_push_on_a_rack_aware_pair_and_stops_cleanly() {
@@ -98,16 +98,6 @@ async fn dev_takes_a_docker_push_on_a_rack_aware_pair_and_stops_cleanly() {
             "flotilla dev did not stop within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// The process is killed if the test fails before stopping it (a no-op once it exited).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

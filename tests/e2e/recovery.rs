@@ -40,6 +40,15 @@ async fn push_keys(c: &ClusterProc, n: usize, layer_len: usize) -> Vec<Pushed> {
     out
 }
 
+/// Pull every image through router 0, every digest checked.
+async fn pull_all(c: &ClusterProc, images: &[Pushed]) {
+    for p in images {
+        try_pull(&c.router(0), p)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 /// Shard keys that list `node` as a replica.
 async fn keys_on(c: &ClusterProc, node: &str) -> Vec<String> {
     let (s, v) = c.admin_get(0, "/shards").await;
@@ -174,11 +183,7 @@ async fn wiped_node_is_reseeded_from_s3_and_ready_again() {
         "{rec}"
     );
     assert!(rec["bytes_done"].as_u64().unwrap_or(0) > 0, "{rec}");
-    for p in &images {
-        try_pull(&c.router(0), p)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    pull_all(&c, &images).await;
     eprintln!(
         "reseed of n1: {} shards, {} objects, {} bytes, ready after {took:?}",
         keys.len(),
@@ -232,11 +237,7 @@ async fn dead_node_is_replaced_on_rack_valid_nodes() {
             );
         }
     }
-    for p in &images {
-        try_pull(&c.router(0), p)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    pull_all(&c, &images).await;
 }
 
 /// Add a fourth node in a third rack: it receives about its fair share of shards, and each
@@ -322,11 +323,7 @@ async fn new_node_gets_its_fair_share_seeded_before_traffic() {
         },
     )
     .await;
-    for p in &images {
-        try_pull(&c.router(0), p)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    pull_all(&c, &images).await;
 }
 
 fn flip_bytes(data: &Path, digest: &str) {
@@ -515,11 +512,7 @@ async fn killed_seeder_mid_reseed_is_taken_over_and_the_reseed_completes() {
     );
     let keys = keys_on(&c, "n3").await;
     assert_disk_complete(&c, "n3", &keys).await;
-    for p in &images {
-        try_pull(&c.router(0), p)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    pull_all(&c, &images).await;
     eprintln!("seeder takeover after {takeover:?}");
 }
 
@@ -555,11 +548,7 @@ async fn s3_outage_mid_reseed_keeps_the_node_unready_until_it_resumes() {
     );
     let keys = keys_on(&c, "n3").await;
     assert_disk_complete(&c, "n3", &keys).await;
-    for p in &images {
-        try_pull(&c.router(0), p)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
+    pull_all(&c, &images).await;
 }
 
 /// A standalone seeder exposes its metrics: alone on its metadata store it becomes leader,
@@ -569,14 +558,7 @@ async fn standalone_seeder_serves_metrics_and_takes_leadership() {
     let tmp = tempfile::tempdir().unwrap();
     let port = crate::support::free_port();
     let log = std::fs::File::create(tmp.path().join("seeder.log")).unwrap();
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = KillOnDrop(
+    let _child = crate::support::KillOnDrop(
         std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(["seeder", "--id", "s1"])
             .arg("--meta")

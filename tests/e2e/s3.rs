@@ -211,13 +211,7 @@ async fn large_blob_goes_up_multipart_with_bounded_memory() {
         big_chunks(LEN).map(Ok::<_, std::io::Error>),
     ));
     let c = n.client();
-    let r = c
-        .http
-        .post(c.url(&format!("/v2/big/blobs/uploads/?digest={d}")))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let r = c.post_blob("big", &d, body).await.unwrap();
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
 
     // Multipart objects carry an ETag of the form "<md5>-<parts>".
@@ -258,13 +252,7 @@ async fn object_storage_outage_fails_pushes_cleanly_and_keeps_serving_cache() {
     let blob = b"pushed while storage is down".to_vec();
     let d = sha256(&blob);
     let started = std::time::Instant::now();
-    let r = c
-        .http
-        .post(c.url(&format!("/v2/ops/app/blobs/uploads/?digest={d}")))
-        .body(blob.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.post_blob("ops/app", &d, blob.clone()).await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(error_code(r).await, "UNAVAILABLE");
     println!(
@@ -302,13 +290,7 @@ async fn object_storage_outage_fails_pushes_cleanly_and_keeps_serving_cache() {
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"acknowledged layer");
 
     proxy.set_down(false);
-    let r = c
-        .http
-        .post(c.url(&format!("/v2/ops/app/blobs/uploads/?digest={d}")))
-        .body(blob.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.post_blob("ops/app", &d, blob.clone()).await.unwrap();
     assert_eq!(
         r.status(),
         201,

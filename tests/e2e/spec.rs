@@ -100,13 +100,7 @@ async fn empty_blob_and_sha512() {
     // sha512, monolithic.
     let data = b"sha512 content".to_vec();
     let d512 = sha512(&data);
-    let r = c
-        .http
-        .post(c.url(&format!("/v2/e/blobs/uploads/?digest={d512}")))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.post_blob("e", &d512, data.clone()).await.unwrap();
     assert_eq!(r.status(), 201);
     assert_eq!(hdr(&r, "docker-content-digest"), d512);
     let r = c.get(&format!("/v2/e/blobs/{d512}")).await;
@@ -116,21 +110,10 @@ async fn empty_blob_and_sha512() {
     let data2 = b"another sha512 blob, chunked".to_vec();
     let d2 = sha512(&data2);
     let loc = start_session(&c, "e").await;
-    let r = c
-        .http
-        .patch(c.url(&loc))
-        .body(data2.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&loc, data2.clone()).await.unwrap();
     assert_eq!(r.status(), 202);
     let loc = hdr(&r, "location").to_owned();
-    let r = c
-        .http
-        .put(c.url(&with_digest(&loc, &d2)))
-        .send()
-        .await
-        .unwrap();
+    let r = c.close_upload(&loc, &d2, Vec::new()).await.unwrap();
     assert_eq!(r.status(), 201);
     let r = c.get(&format!("/v2/e/blobs/{d2}")).await;
     assert_eq!(r.bytes().await.unwrap().as_ref(), &data2[..]);
@@ -147,11 +130,6 @@ async fn start_session(c: &Oci, repo: &str) -> String {
     assert_eq!(hdr(&r, "range"), "0-0");
     assert!(!hdr(&r, "docker-upload-uuid").is_empty());
     hdr(&r, "location").to_owned()
-}
-
-fn with_digest(loc: &str, d: &str) -> String {
-    let sep = if loc.contains('?') { '&' } else { '?' };
-    format!("{loc}{sep}digest={d}")
 }
 
 #[tokio::test]
@@ -209,10 +187,7 @@ async fn chunked_upload_with_ranges_and_416() {
 
     // The final chunk travels with the PUT.
     let r = c
-        .http
-        .put(c.url(&with_digest(&loc, &d)))
-        .body(data[20_000..].to_vec())
-        .send()
+        .close_upload(&loc, &d, data[20_000..].to_vec())
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
@@ -234,23 +209,12 @@ async fn streamed_patch_then_put_without_body_and_bad_digest() {
     let d = sha256(&data);
     let loc = start_session(&c, "s").await;
     // Streamed PATCH: no Content-Range.
-    let r = c
-        .http
-        .patch(c.url(&loc))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&loc, data.clone()).await.unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(hdr(&r, "range"), "0-69999");
     let loc = hdr(&r, "location").to_owned();
     let wrong = sha256(b"something else");
-    let r = c
-        .http
-        .put(c.url(&with_digest(&loc, &wrong)))
-        .send()
-        .await
-        .unwrap();
+    let r = c.close_upload(&loc, &wrong, Vec::new()).await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     let r = c.get(&format!("/v2/s/blobs/{wrong}")).await;
@@ -258,20 +222,9 @@ async fn streamed_patch_then_put_without_body_and_bad_digest() {
 
     // A fresh session with the right digest and no final body works.
     let loc = start_session(&c, "s").await;
-    let r = c
-        .http
-        .patch(c.url(&loc))
-        .body(data.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&loc, data.clone()).await.unwrap();
     let loc = hdr(&r, "location").to_owned();
-    let r = c
-        .http
-        .put(c.url(&with_digest(&loc, &d)))
-        .send()
-        .await
-        .unwrap();
+    let r = c.close_upload(&loc, &d, Vec::new()).await.unwrap();
     assert_eq!(r.status(), 201);
 
     // Cancel.
@@ -299,13 +252,7 @@ async fn stale_sessions_are_purged() {
     n.wait_ready().await;
     let c = n.client();
     let loc = start_session(&c, "p").await;
-    let r = c
-        .http
-        .patch(c.url(&loc))
-        .body(vec![1u8; 10])
-        .send()
-        .await
-        .unwrap();
+    let r = c.patch(&loc, vec![1u8; 10]).await.unwrap();
     assert_eq!(r.status(), 202);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -672,14 +619,7 @@ async fn concurrent_pushes_of_the_same_blob_and_tag_are_safe() {
         let (c, data, d) = (c.clone(), data.clone(), d.clone());
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                let r = c
-                    .http
-                    .post(c.url(&format!("/v2/race/blobs/uploads/?digest={d}")))
-                    .body(data)
-                    .send()
-                    .await
-                    .unwrap();
-                r.status()
+                c.post_blob("race", &d, data).await.unwrap().status()
             } else {
                 let r = c
                     .http
@@ -688,14 +628,9 @@ async fn concurrent_pushes_of_the_same_blob_and_tag_are_safe() {
                     .await
                     .unwrap();
                 let loc = hdr(&r, "location").to_owned();
-                let r = c.http.patch(c.url(&loc)).body(data).send().await.unwrap();
+                let r = c.patch(&loc, data).await.unwrap();
                 let loc = hdr(&r, "location").to_owned();
-                c.http
-                    .put(c.url(&with_digest(&loc, &d)))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
+                c.close_upload(&loc, &d, Vec::new()).await.unwrap().status()
             }
         }));
     }

@@ -140,6 +140,23 @@ impl Drop for NodeProc {
     }
 }
 
+/// A child process killed (and reaped) when the test is done with it, pass or fail; a no-op
+/// once it has exited.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An upload `Location` with `digest=` appended (it may already carry a query).
+pub fn with_digest(loc: &str, d: &str) -> String {
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    format!("{loc}{sep}digest={d}")
+}
+
 /// Minimal OCI client over raw HTTP, so tests see exactly what the server sends.
 #[derive(Clone)]
 pub struct Oci {
@@ -166,14 +183,50 @@ impl Oci {
         }
     }
 
+    /// `POST /v2/<repo>/blobs/uploads/?digest=<digest>` with the whole blob (a monolithic
+    /// push); the response as the server gave it.
+    pub async fn post_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
+            .body(body)
+            .send()
+            .await
+    }
+
+    /// `PATCH <location>` with one chunk, streamed (no `Content-Range`).
+    pub async fn patch(
+        &self,
+        location: &str,
+        chunk: Vec<u8>,
+    ) -> reqwest::Result<reqwest::Response> {
+        self.http.patch(self.url(location)).body(chunk).send().await
+    }
+
+    /// `PUT <location>?digest=<digest>`: close an upload session, `last` being its final
+    /// chunk (empty for none).
+    pub async fn close_upload(
+        &self,
+        location: &str,
+        digest: &str,
+        last: Vec<u8>,
+    ) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .put(self.url(&with_digest(location, digest)))
+            .body(last)
+            .send()
+            .await
+    }
+
     /// Monolithic push of a blob; returns its digest.
     pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
         let d = sha256(bytes);
         let r = self
-            .http
-            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={d}")))
-            .body(bytes.to_vec())
-            .send()
+            .post_blob(repo, &d, bytes.to_vec())
             .await
             .expect("push blob");
         assert_eq!(
@@ -234,8 +287,15 @@ pub fn image_manifest(config: &str, config_len: usize, layer: &str, layer_len: u
 /// The error code of an OCI JSON error body, asserting the body has the spec's shape.
 pub async fn error_code(r: reqwest::Response) -> String {
     let status = r.status();
-    let text = r.text().await.unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&text)
+    let body = r.bytes().await.unwrap_or_default();
+    error_code_of(status.as_u16(), &body)
+}
+
+/// The code of the spec's error body `{"errors":[{"code":..,"message":..}]}`, asserting
+/// that shape.
+fn error_code_of(status: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let v: serde_json::Value = serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text:?}"));
     let code = v["errors"][0]["code"]
         .as_str()
@@ -515,14 +575,5 @@ pub fn error_code_raw(r: &RawResponse) -> String {
         "status {}: content-type {ct:?}, body {text:?}",
         r.status
     );
-    let v: serde_json::Value = serde_json::from_slice(&r.body)
-        .unwrap_or_else(|e| panic!("status {}: body is not JSON ({e}): {text:?}", r.status));
-    let code = v["errors"][0]["code"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no errors[0].code in {text}"));
-    assert!(
-        v["errors"][0]["message"].is_string(),
-        "no message in {text}"
-    );
-    code.to_owned()
+    error_code_of(r.status, &r.body)
 }
