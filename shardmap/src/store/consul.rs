@@ -55,13 +55,7 @@ impl ConsulStore {
         if addr.is_empty() || addr.contains('/') {
             return Err(StoreError::BadUrl(format!("consul://{addr}")));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| StoreError::Unreachable {
-                endpoint: addr.to_owned(),
-                source: e,
-            })?;
+        let http = super::http_client(addr, Duration::from_secs(2))?;
         Ok(ConsulStore {
             http,
             base: format!("http://{addr}"),

@@ -80,13 +80,7 @@ impl EtcdStore {
         if endpoints.is_empty() || addrs.contains('/') {
             return Err(StoreError::BadUrl(format!("etcd://{addrs}")));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .build()
-            .map_err(|e| StoreError::Unreachable {
-                endpoint: addrs.to_owned(),
-                source: e,
-            })?;
+        let http = super::http_client(addrs, Duration::from_secs(1))?;
         Ok(EtcdStore {
             http,
             endpoints: Arc::new(endpoints),

@@ -304,6 +304,21 @@ fn decode_opt<T: Record>(
     }
 }
 
+/// The HTTP client of a networked backend: fail fast on connect so an unreachable member
+/// of the metadata store is skipped, not waited on.
+pub(crate) fn http_client(
+    endpoint: &str,
+    connect_timeout: std::time::Duration,
+) -> Result<reqwest::Client, StoreError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .build()
+        .map_err(|e| StoreError::Unreachable {
+            endpoint: endpoint.to_owned(),
+            source: e,
+        })
+}
+
 /// The smallest key greater than every key starting with `prefix` (etcd's `range_end`), or
 /// `[0]` ("to the end") when no such key exists.
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
