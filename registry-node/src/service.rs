@@ -85,6 +85,8 @@ struct Inner {
     /// Repositories whose catalog entry this process has written or seen (each is written
     /// once per process, before the repository's first object).
     cataloged: std::sync::Mutex<std::collections::HashSet<RepoName>>,
+    /// Seen `layout::remote_catalog_complete()` (it is never removed).
+    catalog_complete: std::sync::atomic::AtomicBool,
     seed_id: String,
     /// Wakes the membership loop for an immediate heartbeat (after a state change).
     beat: tokio::sync::Notify,
@@ -161,6 +163,7 @@ impl NodeService {
                 ready: std::sync::atomic::AtomicBool::new(false),
                 needs_seed: std::sync::atomic::AtomicBool::new(needs_seed),
                 cataloged: std::sync::Mutex::default(),
+                catalog_complete: std::sync::atomic::AtomicBool::new(false),
                 seed_id,
                 beat: tokio::sync::Notify::new(),
                 cancel: CancellationToken::new(),
@@ -938,8 +941,7 @@ impl NodeService {
         let Some(r) = &self.inner.remote else {
             return Ok(self.inner.store.list_repos().await?);
         };
-        let mut repos: Vec<RepoName> = if r.head(layout::remote_catalog_complete()).await?.is_some()
-        {
+        let mut repos: Vec<RepoName> = if self.catalog_is_complete(r).await? {
             r.list_keys(layout::remote_catalog_root())
                 .await?
                 .iter()
@@ -965,7 +967,7 @@ impl NodeService {
     /// written before the catalog existed has none. Idempotent, so nodes starting together
     /// may all run it.
     async fn backfill_catalog(&self, r: &Remote) -> Result<()> {
-        if r.head(layout::remote_catalog_complete()).await?.is_some() {
+        if self.catalog_is_complete(r).await? {
             return Ok(());
         }
         let mut repos = self.repos_from_keys(r).await?;
@@ -976,8 +978,23 @@ impl NodeService {
         }
         r.put_bytes(layout::remote_catalog_complete(), Bytes::new())
             .await?;
+        self.inner
+            .catalog_complete
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(repos = repos.len(), "catalog entries backfilled");
         Ok(())
+    }
+
+    /// Whether every repository has its catalog entry; asked of object storage only until
+    /// the answer is yes (the marker is never removed).
+    async fn catalog_is_complete(&self, r: &Remote) -> Result<bool> {
+        use std::sync::atomic::Ordering;
+        if self.inner.catalog_complete.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let done = r.head(layout::remote_catalog_complete()).await?.is_some();
+        self.inner.catalog_complete.store(done, Ordering::Relaxed);
+        Ok(done)
     }
 
     /// Referrers of `subject` still present in the repository, optionally filtered.
