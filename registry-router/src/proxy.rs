@@ -140,43 +140,24 @@ async fn redirect_blob(
     req: Request,
 ) -> Result<Response, ApiError> {
     let pq = path_and_query(&req);
-    let mut last: Option<Response> = None;
-    for node in &nodes {
-        let probe = upstream(
-            cluster,
-            node,
-            &Method::HEAD,
-            &pq,
-            req.headers(),
-            reqwest::Body::from(Bytes::new()),
-        )
-        .timeout(cluster.config().upstream_timeout)
-        .send()
-        .await;
-        match probe {
-            Ok(r) if r.status().is_success() => {
-                let location = format!("{}{}", node.url.trim_end_matches('/'), pq);
-                metrics::counter!("flotilla_router_blob_redirects_total").increment(1);
-                return Response::builder()
-                    .status(StatusCode::TEMPORARY_REDIRECT)
-                    .header(http::header::LOCATION, location)
-                    .header(http::header::CONTENT_LENGTH, 0)
-                    .body(Body::empty())
-                    .map_err(ApiError::internal);
-            }
-            Ok(r) if !r.status().is_server_error() => {
-                // The node's authoritative answer (404, 416...): proxy it as a read would.
-                return read(cluster, vec![node.clone()], req).await;
-            }
-            Ok(r) => last = Some(downstream(r, true)),
-            Err(e) => {
-                tracing::warn!(node = %node.id, error = %e, "blob probe failed; trying the partner");
-                cluster.eject(&node.id);
-            }
-        }
-        metrics::counter!("flotilla_router_failovers_total").increment(1);
+    let (probe, i) = read_from(cluster, &nodes, &Method::HEAD, &pq, req.headers()).await?;
+    if probe.status().is_server_error() {
+        return Ok(probe); // every replica failed
     }
-    last.ok_or_else(|| unavailable("no replica of this repository is reachable"))
+    if !probe.status().is_success() {
+        // The node's own answer (404, 416...): proxied with its body, as a read gives it.
+        return read(cluster, vec![nodes[i].clone()], req).await;
+    }
+    metrics::counter!("flotilla_router_blob_redirects_total").increment(1);
+    Response::builder()
+        .status(StatusCode::TEMPORARY_REDIRECT)
+        .header(
+            http::header::LOCATION,
+            format!("{}{}", nodes[i].url.trim_end_matches('/'), pq),
+        )
+        .header(http::header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .map_err(ApiError::internal)
 }
 
 /// Manifest GET/HEAD and tag/referrer listings through the router's cache (see
@@ -295,15 +276,28 @@ async fn read(
     req: Request,
 ) -> Result<Response, ApiError> {
     let pq = path_and_query(&req);
-    let head = req.method() == Method::HEAD;
-    let mut last: Option<Response> = None;
+    read_from(cluster, &nodes, req.method(), &pq, req.headers())
+        .await
+        .map(|(resp, _)| resp)
+}
+
+/// [`read`] as `method` on `pq`, also saying which of `nodes` gave the answer.
+async fn read_from(
+    cluster: &Cluster,
+    nodes: &[NodeRecord],
+    method: &Method,
+    pq: &str,
+    headers: &HeaderMap,
+) -> Result<(Response, usize), ApiError> {
+    let head = method == Method::HEAD;
+    let mut last: Option<(Response, usize)> = None;
     for (i, node) in nodes.iter().enumerate() {
         let attempt = upstream(
             cluster,
             node,
-            req.method(),
-            &pq,
-            req.headers(),
+            method,
+            pq,
+            headers,
             reqwest::Body::from(Bytes::new()),
         )
         .timeout(cluster.config().upstream_timeout);
@@ -312,10 +306,10 @@ async fn read(
         metrics::histogram!("flotilla_router_upstream_seconds", "node" => node.id.to_string())
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(r)) if !r.status().is_server_error() => return Ok(downstream(r, head)),
+            Ok(Ok(r)) if !r.status().is_server_error() => return Ok((downstream(r, head), i)),
             Ok(Ok(r)) => {
                 tracing::warn!(node = %node.id, status = %r.status(), "read failed upstream; trying the partner");
-                last = Some(downstream(r, head));
+                last = Some((downstream(r, head), i));
             }
             Ok(Err(e)) => {
                 tracing::warn!(node = %node.id, error = %e, "read failed upstream; trying the partner");
