@@ -454,23 +454,18 @@ impl NodeService {
     /// Make sure `repo` has its catalog entry in object storage before any object of it is
     /// written there (see `layout::remote_catalog_entry`); once per repository per process.
     async fn catalog(&self, r: &Remote, repo: &RepoName) -> Result<()> {
-        let known = |s: &Self| {
-            s.inner
+        let cataloged = || {
+            self.inner
                 .cataloged
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .contains(repo)
         };
-        if known(self) {
+        if cataloged().contains(repo) {
             return Ok(());
         }
         r.put_bytes(&layout::remote_catalog_entry(repo), Bytes::new())
             .await?;
-        self.inner
-            .cataloged
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(repo.clone());
+        cataloged().insert(repo.clone());
         Ok(())
     }
 
