@@ -150,7 +150,7 @@ impl Sweeper {
         let cutoff = SystemTime::now()
             .checked_sub(grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        for (path, d) in crate::recovery::list_blob_files(root)? {
+        for (path, d) in crate::scrub::list_blob_files(root)? {
             if refs.contains(&d) {
                 continue;
             }

@@ -13,17 +13,22 @@
 //!
 //! [`run`] serves a bound listener until the shutdown future resolves, then drains.
 
+mod anti_entropy;
 pub mod config;
-pub mod gc;
+mod gc;
 pub mod http;
+mod identity;
+mod listing;
 pub mod manifest;
-pub mod membership;
-pub mod readthrough;
-pub mod recovery;
+mod membership;
+mod read;
 pub mod remote;
+mod scrub;
+pub mod seed;
 pub mod service;
-pub mod store;
-pub mod uploads;
+mod store;
+mod tasks;
+mod write;
 
 use std::future::Future;
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use flotilla_core::{layout, RepoName, ShardKey};
 use registry_node::http::internal::SECRET_HEADER;
-use registry_node::recovery::SeedStats;
 use registry_node::remote::Remote;
+use registry_node::seed::SeedStats;
 use shardmap::NodeRecord;
 
 use crate::SeederError;

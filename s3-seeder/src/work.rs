@@ -324,7 +324,7 @@ impl Ctx {
         node: &NodeRecord,
         repos: Vec<RepoName>,
         verify: bool,
-        mut done: impl FnMut(&RepoName, registry_node::recovery::SeedStats) -> Option<(String, Vec<u8>)>,
+        mut done: impl FnMut(&RepoName, registry_node::seed::SeedStats) -> Option<(String, Vec<u8>)>,
     ) -> Result<(), SeederError> {
         let client = &self.inner.client;
         let rate = self.inner.cfg.seed_bytes_per_sec;

@@ -6,8 +6,8 @@ use flotilla_core::{Digest, ErrorCode, RepoName};
 use http::{header, StatusCode};
 
 use super::{header_str, ApiError};
-use crate::recovery::file_stream;
-use crate::service::BlobBody;
+use crate::read::verify::file_stream;
+use crate::read::BlobBody;
 use crate::NodeService;
 
 /// A parsed `Range: bytes=...` against a blob of `size` bytes: `Ok(None)` means serve it

@@ -9,7 +9,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use crate::manifest::ManifestError;
 use crate::service::ServiceError;
 use crate::store::StoreError;
-use crate::uploads::UploadError;
+use crate::write::uploads::UploadError;
 
 #[derive(Debug)]
 pub struct ApiError {

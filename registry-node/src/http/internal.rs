@@ -86,7 +86,7 @@ async fn seed(
             .into_response();
     };
     let concurrency = node.config().seed_concurrency;
-    match crate::recovery::seed_repo(&node, &req.repo, concurrency, req.verify).await {
+    match crate::seed::seed_repo(&node, &req.repo, concurrency, req.verify).await {
         Ok(stats) => Json(stats).into_response(),
         Err(e) => {
             tracing::warn!(repo = %req.repo, error = %e, "seeding a repository failed");

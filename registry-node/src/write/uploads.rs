@@ -57,10 +57,6 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn hash_algorithm(&self) -> Option<Algorithm> {
-        self.sink.as_ref().map(|s| s.hasher.algorithm())
-    }
-
     /// Append a stream of chunks; returns the new size. On a body error the bytes that did
     /// arrive stay counted, so the client's next `Range` tells it where to resume.
     pub async fn append<S, E>(&mut self, body: S) -> Result<u64, UploadError>

@@ -1,0 +1,108 @@
+//! Anti-entropy: the node's local tags and links brought in line with object storage, which
+//! every acknowledged write reached first; and the one-time backfill of catalog entries for
+//! stores written before the catalog existed.
+
+use bytes::Bytes;
+use flotilla_core::{layout, Digest};
+
+use crate::remote::Remote;
+use crate::service::Result;
+use crate::NodeService;
+
+impl NodeService {
+    /// Anti-entropy: bring local tags and links in line with object storage, which every
+    /// acknowledged write reached first. Catches what this node missed while it was down or
+    /// unreachable: re-pointed or deleted tags, deleted manifests and blob links. What it
+    /// merely lacks needs no work here; reads fetch it through on demand. Returns how many
+    /// local entries changed.
+    pub async fn catch_up(&self) -> Result<usize> {
+        let Some(r) = &self.inner.remote else {
+            self.inner
+                .ready
+                .store(true, std::sync::atomic::Ordering::Release);
+            return Ok(0);
+        };
+        self.backfill_catalog(r).await?;
+        let store = &self.inner.store;
+        let mut changed = 0;
+        for repo in store.list_repos().await? {
+            let prefix = layout::remote_repo_prefix(&repo);
+            let remote_tags: std::collections::HashSet<String> = r
+                .list_names(&format!("{prefix}tags"))
+                .await?
+                .into_iter()
+                .collect();
+            for tag in store.list_tags(&repo).await.unwrap_or_default() {
+                let local = store.get_tag(&repo, &tag).await?;
+                if !remote_tags.contains(tag.as_str()) {
+                    store.delete_tag(&repo, &tag).await?;
+                    changed += 1;
+                    continue;
+                }
+                let remote = r
+                    .get_bytes(&layout::remote_tag(&repo, &tag), 1024)
+                    .await?
+                    .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<Digest>().ok());
+                match remote {
+                    Some(d) if Some(&d) != local.as_ref() => {
+                        store.put_tag(&repo, &tag, &d).await?;
+                        changed += 1;
+                    }
+                    None => {
+                        store.delete_tag(&repo, &tag).await?;
+                        changed += 1;
+                    }
+                    _ => {}
+                }
+            }
+            for (manifests, kind) in [(true, "manifests"), (false, "blobs")] {
+                let mut remote_links = std::collections::HashSet::new();
+                for alg in ["sha256", "sha512"] {
+                    for n in r.list_names(&format!("{prefix}{kind}/{alg}")).await? {
+                        remote_links.insert(format!("{alg}:{n}"));
+                    }
+                }
+                for d in store.list_links(&repo, manifests).await? {
+                    if !remote_links.contains(&d.to_string()) {
+                        if manifests {
+                            store.unlink_manifest(&repo, &d).await?;
+                        } else {
+                            store.unlink_layer(&repo, &d).await?;
+                        }
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        self.inner
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
+        if changed > 0 {
+            tracing::info!(changed, "caught up with object storage");
+        }
+        metrics::counter!("flotilla_node_catch_up_changes_total").increment(changed as u64);
+        Ok(changed)
+    }
+
+    /// Give every repository in object storage its catalog entry, once per store: data
+    /// written before the catalog existed has none. Idempotent, so nodes starting together
+    /// may all run it.
+    pub(crate) async fn backfill_catalog(&self, r: &Remote) -> Result<()> {
+        if self.catalog_is_complete(r).await? {
+            return Ok(());
+        }
+        let mut repos = self.repos_from_keys(r).await?;
+        repos.sort();
+        repos.dedup();
+        for repo in &repos {
+            self.catalog(r, repo).await?;
+        }
+        r.put_bytes(layout::remote_catalog_complete(), Bytes::new())
+            .await?;
+        self.inner
+            .catalog_complete
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(repos = repos.len(), "catalog entries backfilled");
+        Ok(())
+    }
+}
