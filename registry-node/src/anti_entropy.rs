@@ -5,9 +5,9 @@
 use bytes::Bytes;
 use flotilla_core::{layout, Digest};
 
-use crate::remote::Remote;
 use crate::service::Result;
 use crate::NodeService;
+use flotilla_objstore::Remote;
 
 impl NodeService {
     /// Anti-entropy: bring local tags and links in line with object storage, which every

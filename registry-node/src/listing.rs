@@ -3,10 +3,10 @@
 
 use flotilla_core::{layout, Digest, RepoName, Tag};
 
-use crate::remote::Remote;
 use crate::service::Result;
 use crate::store::{ReferrerDescriptor, StoreError};
 use crate::NodeService;
+use flotilla_objstore::Remote;
 
 impl NodeService {
     /// Tags in lexical order. With object storage, its listing is authoritative: every tag

@@ -9,39 +9,12 @@
 use bytes::Bytes;
 use flotilla_core::{layout, Digest, RepoName, Tag};
 use futures::StreamExt;
+use registry_client::internal::SeedStats;
 
 use crate::read::verify::{file_matches, quarantine, repair};
 use crate::service::ServiceError;
 use crate::store::{io_err, ReferrerDescriptor, StoreError};
 use crate::NodeService;
-
-/// What seeding one repository did.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct SeedStats {
-    /// Objects of the repository now present and verified locally (tags, manifests, blobs).
-    pub objects: u64,
-    /// Bytes of blobs and manifests now present and verified locally.
-    pub bytes: u64,
-    /// Of those, bytes fetched from object storage by this call.
-    pub fetched_bytes: u64,
-    /// Links whose blob object storage does not hold (reported, not fatal).
-    pub missing: u64,
-}
-
-impl SeedStats {
-    /// Count one object: `(size, bytes fetched)` when present, `None` when object storage
-    /// lacks it.
-    fn count(&mut self, got: Option<(u64, u64)>) {
-        match got {
-            Some((size, fetched)) => {
-                self.objects += 1;
-                self.bytes += size;
-                self.fetched_bytes += fetched;
-            }
-            None => self.missing += 1,
-        }
-    }
-}
 
 /// Make sure a verified copy of `d` is on disk; returns (size, fetched bytes), or `None` when
 /// object storage does not hold it.

@@ -16,10 +16,10 @@ use tokio_util::task::TaskTracker;
 use crate::identity;
 use crate::manifest::ManifestError;
 use crate::read::through::Fetches;
-use crate::remote::{Remote, RemoteError};
 use crate::store::{LocalStore, StoreError};
 use crate::write::uploads::{UploadError, Uploads};
 use crate::{NodeConfig, NodeError};
+use flotilla_objstore::{Remote, RemoteError};
 
 /// Failures of registry operations; `http::error` maps each to its OCI code.
 #[derive(Debug, thiserror::Error)]

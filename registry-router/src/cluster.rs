@@ -27,6 +27,8 @@ struct Inner {
     cfg: RouterConfig,
     map: ShardMap,
     http: reqwest::Client,
+    /// The node-internal API over the same pool (liveness probes).
+    internal: registry_client::internal::NodeClient,
     nodes: RwLock<Snapshot<NodeId, NodeRecord>>,
     shards: RwLock<Snapshot<ShardKey, ShardRecord>>,
     ejected: Mutex<HashMap<NodeId, Instant>>,
@@ -65,11 +67,14 @@ impl Cluster {
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
         let manifests = ManifestCache::new(cfg.manifest_cache_bytes, cfg.manifest_cache_ttl);
+        let internal =
+            registry_client::internal::NodeClient::with_http(http.clone(), cfg.secret.clone());
         let c = Cluster {
             inner: Arc::new(Inner {
                 map: ShardMap::new(store, Keyspace::new(shardmap::DEFAULT_PREFIX)),
                 cfg,
                 http,
+                internal,
                 nodes: RwLock::default(),
                 shards: RwLock::default(),
                 ejected: Mutex::default(),
@@ -241,19 +246,13 @@ impl Cluster {
     /// the process is up; a connection error or timeout ejects the node.
     pub async fn probe_all(&self) {
         let nodes = self.nodes();
-        let probes = nodes.values().map(|n| {
-            let mut req = self
+        let probes = nodes.values().map(|n| async move {
+            let status = self
                 .inner
-                .http
-                .get(format!(
-                    "{}/internal/v1/status",
-                    n.url.trim_end_matches('/')
-                ))
-                .timeout(std::time::Duration::from_secs(1));
-            if let Some(s) = &self.inner.cfg.secret {
-                req = req.header("x-flotilla-secret", s);
-            }
-            async move { (n.id.clone(), req.send().await.map(|r| r.status())) }
+                .internal
+                .probe(&n.url, std::time::Duration::from_secs(1))
+                .await;
+            (n.id.clone(), status)
         });
         for (id, result) in futures::future::join_all(probes).await {
             match result {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use flotilla_core::{ErrorCode, RepoName, UploadId};
 use futures::TryStreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use registry_node::http::{ApiError, OciRoute, API_VERSION_HEADER};
+use registry_client::{ApiError, OciRoute, API_VERSION_HEADER};
 use shardmap::NodeRecord;
 
 use crate::manifest_cache::Cacheable;

@@ -84,9 +84,13 @@ pub enum SeederError {
     #[error("metadata store: {0}")]
     Meta(#[from] shardmap::StoreError),
     #[error("object store: {0}")]
-    Remote(#[from] registry_node::remote::RemoteError),
-    #[error("node {node}: {detail}")]
-    Node { node: String, detail: String },
+    Remote(#[from] flotilla_objstore::RemoteError),
+    #[error("node {node}: {source}")]
+    Node {
+        node: String,
+        #[source]
+        source: registry_client::internal::ClientError,
+    },
     #[error("leadership lost")]
     LostLeadership,
 }
@@ -113,7 +117,7 @@ pub async fn run(
 ) -> Result<(), SeederError> {
     let store: Arc<dyn MetaStore> = shardmap::open(&cfg.meta_url)?;
     let map = ShardMap::new(store, Keyspace::new(shardmap::DEFAULT_PREFIX));
-    let remote = registry_node::remote::Remote::open(&cfg.store_url)?;
+    let remote = flotilla_objstore::Remote::open(&cfg.store_url)?;
     let client = nodes::NodeClient::new(cfg.secret.clone())?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();

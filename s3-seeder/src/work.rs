@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla_core::{NodeId, RepoName, ShardKey};
+use flotilla_objstore::Remote;
 use futures::StreamExt;
-use registry_node::remote::Remote;
 use shardmap::{
     plan_add_node, plan_remove_node, Loads, Move, NodeInfo, NodeRecord, NodeState, Record,
     ShardMap, ShardRecord,
@@ -324,7 +324,10 @@ impl Ctx {
         node: &NodeRecord,
         repos: Vec<RepoName>,
         verify: bool,
-        mut done: impl FnMut(&RepoName, registry_node::seed::SeedStats) -> Option<(String, Vec<u8>)>,
+        mut done: impl FnMut(
+            &RepoName,
+            registry_client::internal::SeedStats,
+        ) -> Option<(String, Vec<u8>)>,
     ) -> Result<(), SeederError> {
         let client = &self.inner.client;
         let rate = self.inner.cfg.seed_bytes_per_sec;

@@ -1,6 +1,6 @@
-//! The node-internal API (`/internal/v1`): what routers and seeders ask of a node beyond the
-//! OCI API. Every request must carry the cluster's shared secret in `x-flotilla-secret`; a
-//! node started without a secret refuses all of them.
+//! The node-internal API's handlers (`/internal/v1`; paths, header and bodies are the wire
+//! types of `registry_client::internal`). Every request must carry the cluster's shared
+//! secret; a node started without a secret refuses all of them.
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
@@ -10,17 +10,19 @@ use axum::{Json, Router};
 use flotilla_core::ErrorCode;
 use http::StatusCode;
 
+use registry_client::internal::{
+    self as wire, CatchUp, NodeStatus, SeedRequest, Seeded, SECRET_HEADER,
+};
+
 use super::ApiError;
 use crate::NodeService;
 
-pub const SECRET_HEADER: &str = "x-flotilla-secret";
-
 pub fn routes(node: NodeService) -> Router<NodeService> {
     Router::new()
-        .route("/status", get(status))
-        .route("/catch-up", post(catch_up))
-        .route("/seed", post(seed))
-        .route("/seeded", post(seeded))
+        .route(wire::STATUS, get(status))
+        .route(wire::CATCH_UP, post(catch_up))
+        .route(wire::SEED, post(seed))
+        .route(wire::SEEDED, post(seeded))
         .layer(axum::middleware::from_fn_with_state(node, require_secret))
 }
 
@@ -45,35 +47,26 @@ async fn require_secret(State(node): State<NodeService>, req: Request, next: Nex
 
 async fn status(State(node): State<NodeService>) -> Response {
     let cfg = node.config();
-    Json(serde_json::json!({
-        "id": cfg.id, "rack": cfg.rack, "ready": node.is_ready(),
-        "needs_seed": node.needs_seed(), "seed_id": node.seed_id(),
-    }))
+    Json(NodeStatus {
+        id: cfg.id.clone(),
+        rack: cfg.rack.clone(),
+        ready: node.is_ready(),
+        needs_seed: node.needs_seed(),
+        seed_id: node.seed_id().to_owned(),
+    })
     .into_response()
 }
 
 async fn catch_up(State(node): State<NodeService>) -> Response {
     match node.catch_up().await {
-        Ok(changed) => Json(serde_json::json!({ "changed": changed })).into_response(),
+        Ok(changed) => Json(CatchUp { changed }).into_response(),
         Err(e) => ApiError::from(e)
             .with_status(StatusCode::SERVICE_UNAVAILABLE)
             .into_response(),
     }
 }
 
-#[derive(serde::Deserialize)]
-struct SeedRequest {
-    repo: flotilla_core::RepoName,
-    /// Re-hash blobs already on disk (the first pass); a final catch-up pass skips it.
-    #[serde(default = "yes")]
-    verify: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// Copy one repository from object storage onto this disk, verified (see `recovery`). The
+/// Copy one repository from object storage onto this disk, verified (see `seed`). The
 /// seeder calls it per repository so its progress record advances in small, resumable steps.
 async fn seed(
     State(node): State<NodeService>,
@@ -101,7 +94,7 @@ async fn seed(
 /// reports the node ready from its next heartbeat on.
 async fn seeded(State(node): State<NodeService>) -> Response {
     match node.mark_seeded().await {
-        Ok(()) => Json(serde_json::json!({ "needs_seed": false })).into_response(),
+        Ok(()) => Json(Seeded { needs_seed: false }).into_response(),
         Err(e) => ApiError::from(e)
             .with_status(StatusCode::SERVICE_UNAVAILABLE)
             .into_response(),

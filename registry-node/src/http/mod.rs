@@ -6,7 +6,6 @@ pub mod error;
 pub mod internal;
 pub mod listing;
 pub mod manifests;
-pub mod route;
 pub mod uploads;
 
 use std::collections::HashMap;
@@ -19,10 +18,7 @@ use axum::Router;
 use http::{HeaderMap, Method, StatusCode};
 
 use crate::NodeService;
-pub use error::ApiError;
-pub use route::OciRoute;
-
-pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+pub use registry_client::{ApiError, OciRoute, API_VERSION_HEADER};
 
 /// The node's router. Built apart from `run` so tests can drive it directly.
 pub fn app(node: NodeService) -> Router {

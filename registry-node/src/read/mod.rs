@@ -11,10 +11,10 @@ use bytes::Bytes;
 use flotilla_core::{layout, Digest, RepoName};
 
 use self::through::{Outcome, Started};
-use crate::remote::RemoteError;
 use crate::service::{Result, ServiceError};
 use crate::store::StoreError;
 use crate::NodeService;
+use flotilla_objstore::RemoteError;
 
 /// A manifest as stored: its exact bytes and the media type it was pushed with.
 #[derive(Debug)]

@@ -18,8 +18,8 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::TaskTracker;
 
-use crate::remote::{Remote, RemoteError};
 use crate::store::LocalStore;
+use flotilla_objstore::{Remote, RemoteError};
 
 /// Unit in which fetched bytes are written to the cache and forwarded to the leader.
 const FETCH_WRITE_UNIT: usize = 1024 * 1024;

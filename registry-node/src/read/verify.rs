@@ -21,10 +21,10 @@ use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 
 use super::through::{self, Outcome, Started};
-use crate::remote::RemoteError;
 use crate::service::ServiceError;
 use crate::store::{io_err, FileStamp, StoreError};
 use crate::NodeService;
+use flotilla_objstore::RemoteError;
 
 const CHUNK: usize = 256 * 1024;
 /// Unit of local blob reads that are streamed to a client.

@@ -15,10 +15,10 @@ use futures::Stream;
 
 use self::uploads::UploadError;
 use crate::manifest;
-use crate::remote::Remote;
 use crate::service::{Result, ServiceError};
 use crate::store::{ReferrerDescriptor, StoreError};
 use crate::NodeService;
+use flotilla_objstore::Remote;
 
 /// What a successful manifest push returns to the client.
 #[derive(Debug)]

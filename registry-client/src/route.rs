@@ -6,7 +6,7 @@
 
 use flotilla_core::{Digest, ErrorCode, ParseError, Reference, RepoName, UploadId};
 
-use super::error::ApiError;
+use crate::ApiError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum OciRoute {

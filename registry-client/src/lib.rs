@@ -1,0 +1,21 @@
+//! The registry node's wire contract, kept beside the server as Kraken keeps a client next
+//! to each server: routers, seeders and nodes all speak through these types, so none of them
+//! imports another's internals.
+//!
+//! Brief overview:
+//! - [`OciRoute`]: one parser from a `/v2/...` path to a typed route, shared by the node
+//!   (which serves it) and the router (which forwards it).
+//! - [`ApiError`]: the spec's `{"errors":[{"code","message","detail"}]}` body, the one way a
+//!   request fails on every component.
+//! - [`internal`]: the node-internal API (`/internal/v1`): paths, the secret header, request
+//!   and response types, and [`internal::NodeClient`], the only code that formats its URLs.
+
+mod error;
+pub mod internal;
+mod route;
+
+pub use error::ApiError;
+pub use route::OciRoute;
+
+/// Sent on every `/v2/` answer, as clients probe for it.
+pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
