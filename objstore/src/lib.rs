@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use flotilla_core::{layout, Digest};
+use flotilla_core::layout::{self, RemoteDir, RemoteKey};
+use flotilla_core::Digest;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
@@ -140,24 +141,28 @@ impl Remote {
     }
 
     /// Size of an object, `None` if absent.
-    pub async fn head(&self, key: &str) -> Result<Option<u64>, RemoteError> {
-        match self.store.head(&self.path(key)).await {
+    pub async fn head(&self, key: &RemoteKey) -> Result<Option<u64>, RemoteError> {
+        match self.store.head(&self.path(key.as_str())).await {
             Ok(m) => Ok(Some(m.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
 
-    pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), RemoteError> {
+    pub async fn put_bytes(&self, key: &RemoteKey, bytes: Bytes) -> Result<(), RemoteError> {
         self.store
-            .put(&self.path(key), PutPayload::from(bytes))
+            .put(&self.path(key.as_str()), PutPayload::from(bytes))
             .await?;
         Ok(())
     }
 
     /// A small object (tag, link, manifest) read whole; `None` if absent.
-    pub async fn get_bytes(&self, key: &str, limit: u64) -> Result<Option<Bytes>, RemoteError> {
-        let r = match self.store.get(&self.path(key)).await {
+    pub async fn get_bytes(
+        &self,
+        key: &RemoteKey,
+        limit: u64,
+    ) -> Result<Option<Bytes>, RemoteError> {
+        let r = match self.store.get(&self.path(key.as_str())).await {
             Ok(r) => r,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
@@ -171,8 +176,8 @@ impl Remote {
         Ok(Some(r.bytes().await?))
     }
 
-    pub async fn delete(&self, key: &str) -> Result<(), RemoteError> {
-        match self.store.delete(&self.path(key)).await {
+    pub async fn delete(&self, key: &RemoteKey) -> Result<(), RemoteError> {
+        match self.store.delete(&self.path(key.as_str())).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -181,9 +186,9 @@ impl Remote {
     /// Stream an object; `None` if absent. The size comes from the same response.
     pub async fn get_stream(
         &self,
-        key: &str,
+        key: &RemoteKey,
     ) -> Result<Option<(u64, BoxStream<'static, Result<Bytes, RemoteError>>)>, RemoteError> {
-        match self.store.get(&self.path(key)).await {
+        match self.store.get(&self.path(key.as_str())).await {
             Ok(r) => {
                 let size = r.meta.size;
                 Ok(Some((
@@ -197,8 +202,8 @@ impl Remote {
     }
 
     /// Names (last key component) of the objects directly under `dir/`.
-    pub async fn list_names(&self, dir: &str) -> Result<Vec<String>, RemoteError> {
-        let prefix = self.path(dir.trim_end_matches('/'));
+    pub async fn list_names(&self, dir: &RemoteDir) -> Result<Vec<String>, RemoteError> {
+        let prefix = self.path(dir.as_str());
         let listing = self.store.list_with_delimiter(Some(&prefix)).await?;
         Ok(listing
             .objects
@@ -208,8 +213,8 @@ impl Remote {
     }
 
     /// Every key under `dir/`, relative to this store's prefix.
-    pub async fn list_keys(&self, dir: &str) -> Result<Vec<String>, RemoteError> {
-        let prefix = self.path(dir.trim_end_matches('/'));
+    pub async fn list_keys(&self, dir: &RemoteDir) -> Result<Vec<String>, RemoteError> {
+        let prefix = self.path(dir.as_str());
         let strip = if self.prefix.is_empty() {
             String::new()
         } else {
@@ -246,7 +251,7 @@ impl Remote {
             f.read_to_end(&mut buf).await?;
             self.put_bytes(&key, Bytes::from(buf)).await?;
         } else {
-            let upload = self.store.put_multipart(&self.path(&key)).await?;
+            let upload = self.store.put_multipart(&self.path(key.as_str())).await?;
             let mut w = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
             let mut buf = vec![0u8; 1024 * 1024];
             let result: Result<(), RemoteError> = async {

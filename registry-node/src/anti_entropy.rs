@@ -3,7 +3,8 @@
 //! stores written before the catalog existed.
 
 use bytes::Bytes;
-use flotilla_core::{layout, Digest};
+use flotilla_core::layout::{self, LinkKind};
+use flotilla_core::Digest;
 
 use crate::service::Result;
 use crate::NodeService;
@@ -26,9 +27,8 @@ impl NodeService {
         let store = &self.inner.store;
         let mut changed = 0;
         for repo in store.list_repos().await? {
-            let prefix = layout::remote_repo_prefix(&repo);
             let remote_tags: std::collections::HashSet<String> = r
-                .list_names(&format!("{prefix}tags"))
+                .list_names(&layout::remote_tags_dir(&repo))
                 .await?
                 .into_iter()
                 .collect();
@@ -55,20 +55,22 @@ impl NodeService {
                     _ => {}
                 }
             }
-            for (manifests, kind) in [(true, "manifests"), (false, "blobs")] {
+            for kind in [LinkKind::Manifest, LinkKind::Blob] {
                 let mut remote_links = std::collections::HashSet::new();
-                for alg in ["sha256", "sha512"] {
-                    for n in r.list_names(&format!("{prefix}{kind}/{alg}")).await? {
+                for alg in layout::ALGORITHMS {
+                    for n in r
+                        .list_names(&layout::remote_links_dir(&repo, kind, alg))
+                        .await?
+                    {
                         remote_links.insert(format!("{alg}:{n}"));
                     }
                 }
-                for d in store.list_links(&repo, manifests).await? {
+                for d in store.list_links(&repo, kind).await? {
                     if !remote_links.contains(&d.to_string()) {
-                        if manifests {
-                            store.unlink_manifest(&repo, &d).await?;
-                        } else {
-                            store.unlink_layer(&repo, &d).await?;
-                        }
+                        match kind {
+                            LinkKind::Manifest => store.unlink_manifest(&repo, &d).await?,
+                            LinkKind::Blob => store.unlink_layer(&repo, &d).await?,
+                        };
                         changed += 1;
                     }
                 }
@@ -97,7 +99,7 @@ impl NodeService {
         for repo in &repos {
             self.catalog(r, repo).await?;
         }
-        r.put_bytes(layout::remote_catalog_complete(), Bytes::new())
+        r.put_bytes(&layout::remote_catalog_complete(), Bytes::new())
             .await?;
         self.inner
             .catalog_complete

@@ -40,8 +40,8 @@ pub struct Sweeper {
 /// repository links, as a layer or a manifest revision.
 fn scan_repos(root: &Path) -> io::Result<(HashSet<RepoName>, HashSet<Digest>)> {
     fn digests_under(dir: &Path, out: &mut HashSet<Digest>) -> io::Result<()> {
-        for alg in ["sha256", "sha512"] {
-            let rd = match std::fs::read_dir(dir.join(alg)) {
+        for alg in layout::ALGORITHMS {
+            let rd = match std::fs::read_dir(dir.join(alg.as_str())) {
                 Ok(rd) => rd,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
@@ -62,8 +62,10 @@ fn scan_repos(root: &Path) -> io::Result<(HashSet<RepoName>, HashSet<Digest>)> {
     crate::store::visit_repo_dirs(root, &mut |repo, dir, name| {
         repos.insert(repo);
         match name {
-            "_layers" => digests_under(dir, &mut refs),
-            "_manifests" => digests_under(&dir.join("revisions"), &mut refs),
+            layout::LOCAL_LAYERS => digests_under(dir, &mut refs),
+            layout::LOCAL_REPO_MARKER => {
+                digests_under(&dir.join(layout::LOCAL_REVISIONS), &mut refs)
+            }
             _ => Ok(()),
         }
     })?;
@@ -89,7 +91,7 @@ fn drop_repo(root: &Path, repo: &RepoName) -> io::Result<()> {
     let tmp = root.join(layout::local_tmp_dir());
     std::fs::create_dir_all(&tmp)?;
     // `_manifests` first: it is what makes a repository visible.
-    for sub in ["_manifests", "_layers", "_referrers"] {
+    for sub in layout::LOCAL_REPO_DIRS {
         let from = dir.join(sub);
         let to: PathBuf = tmp.join(format!("drop-{}", uuid::Uuid::new_v4().simple()));
         match std::fs::rename(&from, &to) {
@@ -237,7 +239,7 @@ pub async fn gc_loop(node: NodeService, map: ShardMap, cancel: CancellationToken
 mod tests {
     use super::*;
 
-    fn write(root: &Path, rel: &str, bytes: &[u8]) {
+    fn write(root: &Path, rel: &layout::LocalKey, bytes: &[u8]) {
         let p = root.join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, bytes).unwrap();

@@ -30,7 +30,7 @@ pub(crate) async fn check(
     store: &LocalStore,
     cfg: &NodeConfig,
 ) -> Result<(bool, String), NodeError> {
-    let path = store.path(layout::local_identity());
+    let path = store.path(&layout::local_identity());
     let io_err = |source| NodeError::DataDir {
         path: path.clone(),
         source,
@@ -64,7 +64,7 @@ pub(crate) async fn write(
     needs_seed: bool,
     seed_id: Option<String>,
 ) -> Result<(), NodeError> {
-    let path = store.path(layout::local_identity());
+    let path = store.path(&layout::local_identity());
     let io_err = |source| NodeError::DataDir {
         path: path.clone(),
         source,

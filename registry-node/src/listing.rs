@@ -15,14 +15,17 @@ impl NodeService {
         let Some(r) = &self.inner.remote else {
             return Ok(self.inner.store.list_tags(repo).await?);
         };
-        let prefix = layout::remote_repo_prefix(repo);
         let mut tags: Vec<Tag> = r
-            .list_names(&format!("{prefix}tags"))
+            .list_names(&layout::remote_tags_dir(repo))
             .await?
             .into_iter()
             .filter_map(|t| t.parse().ok())
             .collect();
-        if tags.is_empty() && r.list_keys(&prefix).await?.is_empty() {
+        if tags.is_empty()
+            && r.list_keys(&layout::remote_repo_dir(repo))
+                .await?
+                .is_empty()
+        {
             return Err(StoreError::NameUnknown(repo.clone()).into());
         }
         tags.sort();
@@ -36,7 +39,7 @@ impl NodeService {
             return Ok(self.inner.store.list_repos().await?);
         };
         let mut repos: Vec<RepoName> = if self.catalog_is_complete(r).await? {
-            r.list_keys(layout::remote_catalog_root())
+            r.list_keys(&layout::remote_catalog_root())
                 .await?
                 .iter()
                 .filter_map(|k| layout::repo_of_catalog_key(k))
@@ -50,7 +53,7 @@ impl NodeService {
     }
 
     pub(crate) async fn repos_from_keys(&self, r: &Remote) -> Result<Vec<RepoName>> {
-        Ok(r.list_keys(layout::remote_repos_root())
+        Ok(r.list_keys(&layout::remote_repos_root())
             .await?
             .iter()
             .filter_map(|k| layout::repo_of_remote_key(k))
@@ -64,7 +67,7 @@ impl NodeService {
         if self.inner.catalog_complete.load(Ordering::Relaxed) {
             return Ok(true);
         }
-        let done = r.head(layout::remote_catalog_complete()).await?.is_some();
+        let done = r.head(&layout::remote_catalog_complete()).await?.is_some();
         self.inner.catalog_complete.store(done, Ordering::Relaxed);
         Ok(done)
     }

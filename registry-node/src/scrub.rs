@@ -5,7 +5,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use flotilla_core::Digest;
+use flotilla_core::{layout, Digest};
 use tokio_util::sync::CancellationToken;
 
 use crate::read::verify::{file_matches, quarantine, repair};
@@ -14,8 +14,8 @@ use crate::NodeService;
 /// Every blob file under `blobs/` with the digest its path names.
 pub(crate) fn list_blob_files(root: &Path) -> io::Result<Vec<(PathBuf, Digest)>> {
     let mut out = Vec::new();
-    for alg in ["sha256", "sha512"] {
-        let dir = root.join("blobs").join(alg);
+    for alg in layout::ALGORITHMS {
+        let dir = root.join(layout::local_blobs_dir(alg));
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

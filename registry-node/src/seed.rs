@@ -7,7 +7,8 @@
 //! coordinator that moves no bytes.
 
 use bytes::Bytes;
-use flotilla_core::{layout, Digest, RepoName, Tag};
+use flotilla_core::layout::{self, RemoteRepoObject};
+use flotilla_core::{Digest, RepoName, Tag};
 use futures::StreamExt;
 use registry_client::internal::SeedStats;
 
@@ -61,24 +62,18 @@ pub async fn seed_repo(
     let Some(remote) = node.remote() else {
         return Ok(SeedStats::default());
     };
-    let prefix = layout::remote_repo_prefix(repo);
-    let keys = remote.list_keys(&prefix).await?;
+    let keys = remote.list_keys(&layout::remote_repo_dir(repo)).await?;
     let mut tags: Vec<Tag> = Vec::new();
     let mut manifests: Vec<Digest> = Vec::new();
     let mut blobs: Vec<Digest> = Vec::new();
     for k in keys {
-        if layout::repo_of_remote_key(&k).as_ref() != Some(repo) {
-            continue; // a nested repository's key
-        }
-        let Some(rest) = k.strip_prefix(&prefix) else {
-            continue;
-        };
-        let parts: Vec<&str> = rest.split('/').collect();
-        match parts.as_slice() {
-            ["tags", t] => tags.extend(t.parse().ok()),
-            ["manifests", alg, hex] => manifests.extend(format!("{alg}:{hex}").parse().ok()),
-            ["blobs", alg, hex] => blobs.extend(format!("{alg}:{hex}").parse().ok()),
-            _ => {}
+        match layout::parse_remote_repo_key(&k) {
+            // A nested repository's key is not this repository's.
+            Some((r, _)) if &r != repo => {}
+            Some((_, RemoteRepoObject::Tag(t))) => tags.push(t),
+            Some((_, RemoteRepoObject::ManifestLink(d))) => manifests.push(d),
+            Some((_, RemoteRepoObject::BlobLink(d))) => blobs.push(d),
+            None => {}
         }
     }
     let mut stats = SeedStats::default();

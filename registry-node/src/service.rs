@@ -151,7 +151,7 @@ impl NodeService {
                     path: self
                         .inner
                         .store
-                        .path(flotilla_core::layout::local_identity()),
+                        .path(&flotilla_core::layout::local_identity()),
                     source: std::io::Error::other(other.to_string()),
                 },
             })?;

@@ -69,10 +69,7 @@ pub async fn shard_repos(
     depth: NonZeroUsize,
 ) -> Result<BTreeMap<RepoName, u64>, SeederError> {
     let mut out = BTreeMap::new();
-    for k in remote
-        .list_keys(&format!("{}{}/", layout::remote_repos_root(), key))
-        .await?
-    {
+    for k in remote.list_keys(&layout::remote_shard_dir(key)).await? {
         if let Some(repo) = layout::repo_of_remote_key(&k) {
             if &repo.shard_key(depth) == key {
                 *out.entry(repo).or_insert(0) += 1;

@@ -30,25 +30,17 @@ const CHUNK: usize = 256 * 1024;
 /// Unit of local blob reads that are streamed to a client.
 const UNIT: usize = 1024 * 1024;
 
-/// Local directory that receives blobs failing verification (kept for inspection, never
-/// served; nothing reads from it).
-pub const QUARANTINE_DIR: &str = "quarantine";
-
 /// Move a blob that failed verification out of `blobs/` so it is never served again.
 pub async fn quarantine(node: &NodeService, d: &Digest) -> Result<(), StoreError> {
     let store = node.store();
     store.forget_verified(d);
     let src = store.path(&layout::local_blob(d));
-    let dir = store.path(QUARANTINE_DIR);
+    let dir = store.path(&layout::local_quarantine_dir());
     tokio::fs::create_dir_all(&dir)
         .await
         .map_err(io_err(&dir))?;
-    let dest = dir.join(format!(
-        "{}-{}-{}",
-        d.algorithm(),
-        d.hex(),
-        uuid::Uuid::new_v4().simple()
-    ));
+    let unique = uuid::Uuid::new_v4().simple().to_string();
+    let dest = store.path(&layout::local_quarantined(d, &unique));
     match tokio::fs::rename(&src, &dest).await {
         Ok(()) => {
             tracing::error!(digest = %d, to = %dest.display(), "local blob failed verification; quarantined");

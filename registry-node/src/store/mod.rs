@@ -15,7 +15,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use flotilla_core::{layout, Digest, RepoName, Tag};
+use flotilla_core::layout::{self, LinkKind, LocalKey};
+use flotilla_core::{Digest, RepoName, Tag};
 use serde::{Deserialize, Serialize};
 
 pub use fsutil::{fsync_dir, write_atomic};
@@ -80,14 +81,13 @@ impl LocalStore {
             root,
             verified: std::sync::Arc::new(VerifiedMemo::new(VERIFIED_MEMO_CAP)),
         };
-        for dir in [
-            layout::local_tmp_dir(),
-            layout::local_uploads_dir(),
-            "blobs",
-            layout::local_repos_root(),
-        ] {
+        let swept = [layout::local_tmp_dir(), layout::local_uploads_dir()];
+        for dir in swept
+            .iter()
+            .chain(&[layout::local_blobs_root(), layout::local_repos_root()])
+        {
             let p = store.path(dir);
-            if matches!(dir, "tmp" | "uploads") {
+            if swept.contains(dir) {
                 match tokio::fs::remove_dir_all(&p).await {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -117,12 +117,12 @@ impl LocalStore {
         &self.root
     }
 
-    pub fn path(&self, rel: &str) -> PathBuf {
-        self.root.join(rel)
+    pub fn path(&self, rel: &LocalKey) -> PathBuf {
+        self.root.join(rel.as_str())
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
-        self.path(layout::local_tmp_dir())
+        self.path(&layout::local_tmp_dir())
     }
 
     /// Size of a stored blob, or `None` if absent.
@@ -204,14 +204,14 @@ impl LocalStore {
         tokio::fs::read(&p).await.map_err(io_err(&p))
     }
 
-    async fn write_atomic(&self, rel: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    async fn write_atomic(&self, rel: &LocalKey, bytes: &[u8]) -> Result<(), StoreError> {
         let p = self.path(rel);
         write_atomic(&self.tmp_dir(), &p, bytes)
             .await
             .map_err(io_err(&p))
     }
 
-    async fn remove(&self, rel: &str) -> Result<bool, StoreError> {
+    async fn remove(&self, rel: &LocalKey) -> Result<bool, StoreError> {
         let p = self.path(rel);
         match tokio::fs::remove_file(&p).await {
             Ok(()) => Ok(true),
@@ -220,12 +220,12 @@ impl LocalStore {
         }
     }
 
-    async fn exists(&self, rel: &str) -> Result<bool, StoreError> {
+    async fn exists(&self, rel: &LocalKey) -> Result<bool, StoreError> {
         let p = self.path(rel);
         tokio::fs::try_exists(&p).await.map_err(io_err(&p))
     }
 
-    async fn read_string(&self, rel: &str) -> Result<Option<String>, StoreError> {
+    async fn read_string(&self, rel: &LocalKey) -> Result<Option<String>, StoreError> {
         let p = self.path(rel);
         match tokio::fs::read_to_string(&p).await {
             Ok(s) => Ok(Some(s)),
@@ -237,12 +237,7 @@ impl LocalStore {
     // ---- repository membership -------------------------------------------------------
 
     pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool, StoreError> {
-        self.exists(&format!(
-            "{}/{}",
-            layout::local_repo(repo),
-            layout::local_repo_marker()
-        ))
-        .await
+        self.exists(&layout::local_repo_marker(repo)).await
     }
 
     /// Make sure the repository marker exists, so a repository with only blobs is listed.
@@ -390,19 +385,15 @@ impl LocalStore {
         Ok(out)
     }
 
-    /// Digests of the manifests (`manifests = true`) or blobs linked into `repo`.
+    /// Digests of the manifests or blobs linked into `repo`.
     pub async fn list_links(
         &self,
         repo: &RepoName,
-        manifests: bool,
+        kind: LinkKind,
     ) -> Result<Vec<Digest>, StoreError> {
         let mut out = Vec::new();
-        for alg in ["sha256", "sha512"] {
-            let dir = if manifests {
-                format!("{}/_manifests/revisions/{alg}", layout::local_repo(repo))
-            } else {
-                format!("{}/_layers/{alg}", layout::local_repo(repo))
-            };
+        for alg in layout::ALGORITHMS {
+            let dir = layout::local_links_dir(repo, kind, alg);
             for name in list_dir(&self.path(&dir)).await? {
                 if let Ok(d) = format!("{alg}:{name}").parse() {
                     out.push(d);
@@ -419,7 +410,7 @@ impl LocalStore {
         tokio::task::spawn_blocking(move || {
             let mut out = BTreeSet::new();
             visit_repo_dirs(&root, &mut |repo, _, name| {
-                if name == layout::local_repo_marker() {
+                if name == layout::LOCAL_REPO_MARKER {
                     out.insert(repo);
                 }
                 Ok(())
@@ -479,7 +470,7 @@ pub(crate) fn visit_repo_dirs(
         }
         Ok(())
     }
-    let base = root.join(layout::local_repos_root());
+    let base = root.join(layout::local_repos_root().as_str());
     walk(&base, &base, visit)
 }
 

@@ -344,10 +344,7 @@ impl NodeService {
                     return Err(StoreError::ManifestUnknown(d.to_string()).into());
                 }
                 if let Some(r) = &self.inner.remote {
-                    for tag in r
-                        .list_names(&format!("{}tags", layout::remote_repo_prefix(repo)))
-                        .await?
-                    {
+                    for tag in r.list_names(&layout::remote_tags_dir(repo)).await? {
                         let Ok(tag) = tag.parse::<Tag>() else {
                             continue;
                         };

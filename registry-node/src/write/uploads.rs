@@ -136,14 +136,14 @@ type Handle = Arc<tokio::sync::Mutex<Session>>;
 /// session has its own async mutex held for the duration of one request.
 #[derive(Clone, Debug)]
 pub struct Uploads {
-    dir: PathBuf,
+    data_dir: PathBuf,
     sessions: Arc<Mutex<HashMap<UploadId, Handle>>>,
 }
 
 impl Uploads {
     pub fn new(data_dir: &std::path::Path) -> Self {
         Uploads {
-            dir: data_dir.join(layout::local_uploads_dir()),
+            data_dir: data_dir.to_owned(),
             sessions: Arc::default(),
         }
     }
@@ -158,9 +158,7 @@ impl Uploads {
             .to_string()
             .parse()
             .map_err(|e| UploadError::Io(io::Error::other(e)))?;
-        let path = self
-            .dir
-            .join(layout::local_upload(&id).trim_start_matches("uploads/"));
+        let path = self.data_dir.join(layout::local_upload(&id));
         let p = path.clone();
         let file = tokio::task::spawn_blocking(move || std::fs::File::create_new(&p))
             .await
