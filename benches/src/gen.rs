@@ -35,6 +35,15 @@ pub struct BlobGen {
     midstates: Arc<Mutex<HashMap<u64, Sha256>>>,
 }
 
+impl std::fmt::Debug for BlobGen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobGen")
+            .field("pattern_len", &self.pattern.len())
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One blob: which bytes it holds is a pure function of `(generator nonce, id, size)`.
 #[derive(Clone, Debug)]
 pub struct Blob {

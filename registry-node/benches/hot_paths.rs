@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use flotilla_core::{Algorithm, DigestHasher};
-use registry_node::http::OciRoute;
+use registry_client::OciRoute;
 
 fn digest_streaming(c: &mut Criterion) {
     let chunk = vec![0x5au8; 256 * 1024];

@@ -16,7 +16,7 @@ impl NodeService {
     /// unreachable: re-pointed or deleted tags, deleted manifests and blob links. What it
     /// merely lacks needs no work here; reads fetch it through on demand. Returns how many
     /// local entries changed.
-    pub async fn catch_up(&self) -> Result<usize> {
+    pub(crate) async fn catch_up(&self) -> Result<usize> {
         let Some(r) = &self.inner.remote else {
             self.inner
                 .ready

@@ -24,7 +24,7 @@ use crate::NodeService;
 
 /// What one pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Dropped {
+pub(crate) struct Dropped {
     pub repos: u64,
     pub blobs: u64,
     pub bytes: u64,
@@ -32,7 +32,7 @@ pub struct Dropped {
 
 /// The sweeper's memory between passes: since when each repository has been orphaned.
 #[derive(Debug, Default)]
-pub struct Sweeper {
+pub(crate) struct Sweeper {
     orphaned_since: HashMap<RepoName, Instant>,
 }
 
@@ -116,7 +116,7 @@ impl Sweeper {
     /// One pass: drop repositories orphaned for at least `grace`, then delete blobs older
     /// than `grace` that nothing links. `held` are the keys listing this node (replica or
     /// joining), `known` every key in the map.
-    pub fn pass(
+    pub(crate) fn pass(
         &mut self,
         root: &Path,
         held: &HashSet<String>,
@@ -179,7 +179,7 @@ impl Sweeper {
 
 /// Sweep every `interval` until cancelled (only while the node is ready: a node being seeded
 /// is still filling its disk).
-pub async fn gc_loop(node: NodeService, map: ShardMap, cancel: CancellationToken) {
+pub(crate) async fn gc_loop(node: NodeService, map: ShardMap, cancel: CancellationToken) {
     let (interval, grace) = (node.config().gc_interval, node.config().gc_grace);
     let id = node.config().id.clone();
     let mut sweeper = Sweeper::default();

@@ -16,7 +16,7 @@
 mod anti_entropy;
 pub mod config;
 mod gc;
-pub mod http;
+mod http;
 mod identity;
 mod listing;
 pub mod manifest;
@@ -24,7 +24,7 @@ mod membership;
 mod read;
 mod scrub;
 mod seed;
-pub mod service;
+mod service;
 mod store;
 mod tasks;
 mod write;
@@ -32,7 +32,7 @@ mod write;
 use std::future::Future;
 
 pub use config::NodeConfig;
-pub use service::NodeService;
+use service::NodeService;
 
 /// Errors that stop a node from starting or serving.
 #[derive(Debug, thiserror::Error)]

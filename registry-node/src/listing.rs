@@ -11,7 +11,7 @@ use flotilla_objstore::Remote;
 impl NodeService {
     /// Tags in lexical order. With object storage, its listing is authoritative: every tag
     /// write lands there before it is acknowledged, and a rebuilt node's disk may be partial.
-    pub async fn list_tags(&self, repo: &RepoName) -> Result<Vec<Tag>> {
+    pub(crate) async fn list_tags(&self, repo: &RepoName) -> Result<Vec<Tag>> {
         let Some(r) = &self.inner.remote else {
             return Ok(self.inner.store.list_tags(repo).await?);
         };
@@ -34,7 +34,7 @@ impl NodeService {
 
     /// Every repository, from object storage when configured: its catalog entries (one key
     /// per repository) once they are complete, else every key under `repos/`.
-    pub async fn list_repos(&self) -> Result<Vec<RepoName>> {
+    pub(crate) async fn list_repos(&self) -> Result<Vec<RepoName>> {
         let Some(r) = &self.inner.remote else {
             return Ok(self.inner.store.list_repos().await?);
         };
@@ -73,7 +73,7 @@ impl NodeService {
     }
 
     /// Referrers of `subject` still present in the repository, optionally filtered.
-    pub async fn referrers(
+    pub(crate) async fn referrers(
         &self,
         repo: &RepoName,
         subject: &Digest,

@@ -18,7 +18,7 @@ use crate::NodeConfig;
 
 /// Lease TTL: how long a dead node stays in the map before routers stop trying it (they also
 /// eject it passively on the first failed request).
-pub const LEASE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const LEASE_TTL: Duration = Duration::from_secs(10);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -28,13 +28,13 @@ fn now_ms() -> u64 {
 }
 
 #[derive(Debug)]
-pub struct Membership {
+pub(crate) struct Membership {
     map: ShardMap,
     record: NodeRecord,
 }
 
 impl Membership {
-    pub fn open(
+    pub(crate) fn open(
         cfg: &NodeConfig,
         meta_url: &str,
         advertise: String,
@@ -66,7 +66,7 @@ impl Membership {
 
     /// Wait until `node` has caught up with object storage, register, keep the registration
     /// alive until `cancel`, then drain and deregister.
-    pub async fn run(mut self, node: crate::NodeService, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, node: crate::NodeService, cancel: CancellationToken) {
         while !node.is_ready() {
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -43,7 +43,7 @@ pub(crate) fn list_blob_files(root: &Path) -> io::Result<Vec<(PathBuf, Digest)>>
 /// The scrubber: re-hash every stored blob at `scrub_bytes_per_sec`, one pass after another
 /// (pausing `scrub_interval` between passes); a mismatch is quarantined and fetched again
 /// from object storage (verified), so the node heals without a client ever seeing it.
-pub async fn scrub_loop(node: NodeService, cancel: CancellationToken) {
+pub(crate) async fn scrub_loop(node: NodeService, cancel: CancellationToken) {
     let rate = node.config().scrub_bytes_per_sec;
     let pause = node.config().scrub_interval;
     loop {

@@ -53,7 +53,7 @@ async fn ensure_blob(
 /// makes them visible. Idempotent: what is already present and verifies is not fetched again,
 /// so a seeder that resumes simply asks again. With `verify`, blobs already on disk are
 /// re-hashed (a partial disk may hold damaged files); without, their presence suffices.
-pub async fn seed_repo(
+pub(crate) async fn seed_repo(
     node: &NodeService,
     repo: &RepoName,
     concurrency: usize,

@@ -44,7 +44,7 @@ pub enum ServiceError {
     CorruptRemote(Digest),
 }
 
-pub type Result<T, E = ServiceError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = ServiceError> = std::result::Result<T, E>;
 
 #[derive(Debug)]
 pub(crate) struct Inner {
@@ -71,12 +71,12 @@ pub(crate) struct Inner {
 
 /// Cheap `Clone` handle over the node's state.
 #[derive(Clone, Debug)]
-pub struct NodeService {
+pub(crate) struct NodeService {
     pub(crate) inner: Arc<Inner>,
 }
 
 impl NodeService {
-    pub async fn open(cfg: NodeConfig) -> Result<Self, NodeError> {
+    pub(crate) async fn open(cfg: NodeConfig) -> Result<Self, NodeError> {
         let dir_err = |source| NodeError::DataDir {
             path: cfg.data_dir.clone(),
             source,
@@ -116,11 +116,11 @@ impl NodeService {
         })
     }
 
-    pub fn config(&self) -> &NodeConfig {
+    pub(crate) fn config(&self) -> &NodeConfig {
         &self.inner.cfg
     }
 
-    pub fn store(&self) -> &LocalStore {
+    pub(crate) fn store(&self) -> &LocalStore {
         &self.inner.store
     }
 
@@ -133,7 +133,7 @@ impl NodeService {
     }
 
     /// Whether this node's disk still waits for a seeder (see `identity`).
-    pub fn needs_seed(&self) -> bool {
+    pub(crate) fn needs_seed(&self) -> bool {
         self.inner
             .needs_seed
             .load(std::sync::atomic::Ordering::Acquire)
@@ -142,7 +142,7 @@ impl NodeService {
     /// Record that the disk holds everything of this node's shards: rewrite `node.json`
     /// without the flag (durably, so a restart does not ask for another reseed), then report
     /// ready to the membership loop.
-    pub async fn mark_seeded(&self) -> Result<()> {
+    pub(crate) async fn mark_seeded(&self) -> Result<()> {
         identity::write(&self.inner.store, &self.inner.cfg, false, None)
             .await
             .map_err(|e| match e {
@@ -163,17 +163,17 @@ impl NodeService {
     }
 
     /// The id of the reseed this disk waits for (empty when none).
-    pub fn seed_id(&self) -> &str {
+    pub(crate) fn seed_id(&self) -> &str {
         &self.inner.seed_id
     }
 
     /// Resolves when the node wants an immediate heartbeat.
-    pub async fn beat_requested(&self) {
+    pub(crate) async fn beat_requested(&self) {
         self.inner.beat.notified().await
     }
 
     /// Whether the node finished catching up with object storage and may take traffic.
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.inner.ready.load(std::sync::atomic::Ordering::Acquire)
     }
 }

@@ -8,13 +8,13 @@ use crate::NodeService;
 
 /// Handle on the node's background tasks; `shutdown` cancels and awaits them all.
 #[derive(Debug)]
-pub struct BackgroundTasks {
+pub(crate) struct BackgroundTasks {
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl BackgroundTasks {
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
@@ -23,7 +23,7 @@ impl BackgroundTasks {
 
 impl NodeService {
     /// Start the upload purger (and, later, the other housekeeping loops).
-    pub fn start_background(&self) -> BackgroundTasks {
+    pub(crate) fn start_background(&self) -> BackgroundTasks {
         let me = self.clone();
         let cancel = self.inner.cancel.child_token();
         let c = cancel.clone();

@@ -18,15 +18,15 @@ use serde_json::Value;
 use crate::s3support::{Moto, Proxy};
 use crate::support::{free_port, sha256, Oci, OCI_MANIFEST};
 
-pub const BUCKET: &str = "flotilla";
-pub const PREFIX: &str = "reg";
-pub const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const BUCKET: &str = "flotilla";
+pub(crate) const PREFIX: &str = "reg";
+pub(crate) const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The default topology: two racks, rack r2 holding a single node.
-pub const TOPOLOGY: [(&str, &str); 3] = [("n1", "r1"), ("n2", "r1"), ("n3", "r2")];
+pub(crate) const TOPOLOGY: [(&str, &str); 3] = [("n1", "r1"), ("n2", "r1"), ("n3", "r2")];
 
 /// Poll `f` until it yields `Some`, or panic with `what` after `timeout`.
-pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+pub(crate) async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -44,7 +44,7 @@ where
     }
 }
 
-pub struct ClusterNode {
+pub(crate) struct ClusterNode {
     pub id: String,
     pub rack: String,
     pub port: u16,
@@ -53,20 +53,20 @@ pub struct ClusterNode {
 }
 
 impl ClusterNode {
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub fn client(&self) -> Oci {
+    pub(crate) fn client(&self) -> Oci {
         Oci::new(&self.url())
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.as_ref().expect("node is running").id()
     }
 
     /// Whether this node's disk holds the blob `digest` (`sha256:<hex>`).
-    pub fn has_blob(&self, digest: &str) -> bool {
+    pub(crate) fn has_blob(&self, digest: &str) -> bool {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
         self.data
             .join("blobs/sha256")
@@ -76,27 +76,27 @@ impl ClusterNode {
     }
 }
 
-pub struct RouterProc {
+pub(crate) struct RouterProc {
     pub port: u16,
     pub child: Child,
 }
 
 impl RouterProc {
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub fn host(&self) -> String {
+    pub(crate) fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 }
 
 /// The shared secret of the node-internal API in these clusters.
-pub const CLUSTER_SECRET: &str = "cluster-test-secret";
+pub(crate) const CLUSTER_SECRET: &str = "cluster-test-secret";
 
 /// Knobs of a cluster beyond the default topology.
 #[derive(Clone, Debug)]
-pub struct ClusterOpts {
+pub(crate) struct ClusterOpts {
     /// `flotilla seeder` processes to run (0: none, the nodes alone).
     pub seeders: usize,
     pub replace_after_secs: u64,
@@ -128,12 +128,12 @@ impl Default for ClusterOpts {
     }
 }
 
-pub struct SeederProc {
+pub(crate) struct SeederProc {
     pub id: String,
     pub child: Option<Child>,
 }
 
-pub struct ClusterProc {
+pub(crate) struct ClusterProc {
     pub nodes: Vec<ClusterNode>,
     pub routers: Vec<RouterProc>,
     pub seeders: Vec<SeederProc>,
@@ -156,12 +156,12 @@ fn log_file(path: &Path) -> std::fs::File {
 
 impl ClusterProc {
     /// Three nodes (see [`TOPOLOGY`]) and `routers` routers, all ready.
-    pub async fn start(routers: usize) -> ClusterProc {
+    pub(crate) async fn start(routers: usize) -> ClusterProc {
         Self::start_with(routers, ClusterOpts::default()).await
     }
 
     /// Like [`ClusterProc::start`], with seeders and knobs from `opts`.
-    pub async fn start_with(routers: usize, opts: ClusterOpts) -> ClusterProc {
+    pub(crate) async fn start_with(routers: usize, opts: ClusterOpts) -> ClusterProc {
         let moto = Moto::start(BUCKET).await;
         let tmp = tempfile::tempdir().expect("tempdir");
         let meta_dir = tmp.path().join("meta");
@@ -248,7 +248,7 @@ impl ClusterProc {
     }
 
     /// Start one more router with `extra` flags; returns its index once it is ready.
-    pub async fn add_router(&mut self, extra: &[&str]) -> usize {
+    pub(crate) async fn add_router(&mut self, extra: &[&str]) -> usize {
         self.spawn_router(extra);
         let r = self.routers.len() - 1;
         self.wait_router_ready(r).await;
@@ -289,7 +289,7 @@ impl ClusterProc {
     }
 
     /// SIGKILL seeder `id`.
-    pub fn kill_seeder(&mut self, id: &str) {
+    pub(crate) fn kill_seeder(&mut self, id: &str) {
         let s = self
             .seeders
             .iter_mut()
@@ -302,7 +302,7 @@ impl ClusterProc {
     }
 
     /// Start a new node `id` in `rack` (not waiting for it).
-    pub fn add_node(&mut self, id: &str, rack: &str) {
+    pub(crate) fn add_node(&mut self, id: &str, rack: &str) {
         let mut n = ClusterNode {
             id: id.to_owned(),
             rack: rack.to_owned(),
@@ -316,7 +316,7 @@ impl ClusterProc {
 
     /// SIGKILL `id`, delete its whole data directory (identity file included) and start it
     /// again under the same id and port, without waiting: it comes back as seeding.
-    pub fn wipe_and_restart(&mut self, id: &str) {
+    pub(crate) fn wipe_and_restart(&mut self, id: &str) {
         self.kill9(id);
         let data = self.node(id).data.clone();
         std::fs::remove_dir_all(&data).expect("wipe data dir");
@@ -325,21 +325,21 @@ impl ClusterProc {
     }
 
     /// The state router `router` lists for `id` (`None` when unregistered).
-    pub async fn node_state(&self, router: usize, id: &str) -> Option<String> {
+    pub(crate) async fn node_state(&self, router: usize, id: &str) -> Option<String> {
         self.admin_node(router, id)
             .await
             .map(|n| n["state"].as_str().unwrap_or_default().to_owned())
     }
 
     /// `GET /admin/v1/reseed`.
-    pub async fn reseed_status(&self, router: usize) -> Value {
+    pub(crate) async fn reseed_status(&self, router: usize) -> Value {
         let (s, v) = self.admin_get(router, "/reseed").await;
         assert_eq!(s, 200, "{v}");
         v
     }
 
     /// The reseed record of `node`, if any.
-    pub async fn reseed_of(&self, router: usize, node: &str) -> Option<Value> {
+    pub(crate) async fn reseed_of(&self, router: usize, node: &str) -> Option<Value> {
         let v = self.reseed_status(router).await;
         v["reseeds"]
             .as_array()
@@ -378,7 +378,7 @@ impl ClusterProc {
             .expect("spawn flotilla node")
     }
 
-    pub fn node(&self, id: &str) -> &ClusterNode {
+    pub(crate) fn node(&self, id: &str) -> &ClusterNode {
         self.nodes
             .iter()
             .find(|n| n.id == id)
@@ -392,12 +392,12 @@ impl ClusterProc {
             .unwrap_or_else(|| panic!("no node {id}"))
     }
 
-    pub fn router(&self, i: usize) -> Oci {
+    pub(crate) fn router(&self, i: usize) -> Oci {
         Oci::new(&self.routers[i].url())
     }
 
     /// SIGKILL a node: no deregistration, its lease simply stops being renewed.
-    pub fn kill9(&mut self, id: &str) {
+    pub(crate) fn kill9(&mut self, id: &str) {
         if let Some(mut c) = self.node_mut(id).child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -405,7 +405,7 @@ impl ClusterProc {
     }
 
     /// SIGTERM a node (graceful shutdown); returns once the process has exited.
-    pub async fn sigterm(&mut self, id: &str) {
+    pub(crate) async fn sigterm(&mut self, id: &str) {
         let mut child = self.node_mut(id).child.take().expect("node is running");
         crate::support::run(Command::new("kill").args(["-TERM", &child.id().to_string()]));
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
@@ -424,7 +424,7 @@ impl ClusterProc {
 
     /// Start a (killed) node again on the same port and data dir; waits until every router
     /// lists it as live.
-    pub async fn restart(&mut self, id: &str) {
+    pub(crate) async fn restart(&mut self, id: &str) {
         self.kill9(id);
         let child = self.spawn_node(self.node(id));
         self.node_mut(id).child = Some(child);
@@ -433,7 +433,7 @@ impl ClusterProc {
         }
     }
 
-    pub async fn admin_get(&self, router: usize, path: &str) -> (u16, Value) {
+    pub(crate) async fn admin_get(&self, router: usize, path: &str) -> (u16, Value) {
         let r = self
             .http
             .get(format!("{}/admin/v1{path}", self.routers[router].url()))
@@ -448,13 +448,13 @@ impl ClusterProc {
     }
 
     /// `GET /admin/v1/nodes` on router `router`.
-    pub async fn admin_nodes(&self, router: usize) -> Vec<Value> {
+    pub(crate) async fn admin_nodes(&self, router: usize) -> Vec<Value> {
         let (s, v) = self.admin_get(router, "/nodes").await;
         assert_eq!(s, 200, "{v}");
         v.as_array().expect("nodes array").clone()
     }
 
-    pub async fn admin_node(&self, router: usize, id: &str) -> Option<Value> {
+    pub(crate) async fn admin_node(&self, router: usize, id: &str) -> Option<Value> {
         self.admin_nodes(router)
             .await
             .into_iter()
@@ -462,7 +462,7 @@ impl ClusterProc {
     }
 
     /// The replicas of `key` per `GET /admin/v1/shards/{key}`.
-    pub async fn replicas(&self, router: usize, key: &str) -> Vec<String> {
+    pub(crate) async fn replicas(&self, router: usize, key: &str) -> Vec<String> {
         let (s, v) = self.admin_get(router, &format!("/shards/{key}")).await;
         assert_eq!(s, 200, "shard {key}: {v}");
         v["replicas"]
@@ -474,7 +474,7 @@ impl ClusterProc {
     }
 
     /// Wait until router `router` lists `id` as ready and live.
-    pub async fn wait_node_live(&self, router: usize, id: &str) {
+    pub(crate) async fn wait_node_live(&self, router: usize, id: &str) {
         poll(
             &format!("router {router} to list node {id} as ready and live"),
             CLUSTER_TIMEOUT,
@@ -487,7 +487,7 @@ impl ClusterProc {
     }
 
     /// Wait until router `router` no longer lists `id`.
-    pub async fn wait_node_gone(&self, router: usize, id: &str, timeout: Duration) {
+    pub(crate) async fn wait_node_gone(&self, router: usize, id: &str, timeout: Duration) {
         poll(
             &format!("router {router} to drop node {id}"),
             timeout,
@@ -498,7 +498,7 @@ impl ClusterProc {
 
     /// Every key under `repos/<key>/` in object storage whose repository belongs to shard
     /// `key` (depth 2), relative to the store prefix.
-    pub async fn s3_shard_keys(&self, key: &str) -> Vec<String> {
+    pub(crate) async fn s3_shard_keys(&self, key: &str) -> Vec<String> {
         use futures::TryStreamExt;
         let prefix = format!("{PREFIX}/repos/{key}/");
         let metas: Vec<_> =
@@ -521,7 +521,7 @@ impl ClusterProc {
     }
 
     /// Object bytes at `key` (relative to the store prefix).
-    pub async fn s3_get(&self, key: &str) -> Vec<u8> {
+    pub(crate) async fn s3_get(&self, key: &str) -> Vec<u8> {
         let key = format!("{PREFIX}/{key}");
         object_store::ObjectStore::get(&self.moto.s3(BUCKET), &key.as_str().into())
             .await
@@ -532,14 +532,14 @@ impl ClusterProc {
             .to_vec()
     }
 
-    pub async fn s3_has(&self, key: &str) -> bool {
+    pub(crate) async fn s3_has(&self, key: &str) -> bool {
         let key = format!("{PREFIX}/{key}");
         object_store::ObjectStore::head(&self.moto.s3(BUCKET), &key.into())
             .await
             .is_ok()
     }
 
-    pub async fn s3_has_blob(&self, digest: &str) -> bool {
+    pub(crate) async fn s3_has_blob(&self, digest: &str) -> bool {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
         self.s3_has(&format!("blobs/sha256/{hex}")).await
     }
@@ -585,7 +585,7 @@ impl Drop for ClusterProc {
 
 /// A small image of a repository: its manifest digest and every blob it references.
 #[derive(Clone, Debug)]
-pub struct Pushed {
+pub(crate) struct Pushed {
     pub repo: String,
     pub tag: String,
     pub manifest: String,
@@ -593,13 +593,13 @@ pub struct Pushed {
 }
 
 /// A deterministic layer unique to `seed`.
-pub fn layer_for(seed: &str, len: usize) -> Vec<u8> {
+pub(crate) fn layer_for(seed: &str, len: usize) -> Vec<u8> {
     let h = sha256(seed.as_bytes());
     h.as_bytes().iter().cycle().take(len).copied().collect()
 }
 
 /// Push a tiny image (config + one layer) without panicking: `Err` on any refusal.
-pub async fn try_push_image(
+pub(crate) async fn try_push_image(
     c: &Oci,
     repo: &str,
     tag: &str,
@@ -649,7 +649,7 @@ pub async fn try_push_image(
     })
 }
 
-pub async fn push_image(c: &Oci, repo: &str, tag: &str) -> Pushed {
+pub(crate) async fn push_image(c: &Oci, repo: &str, tag: &str) -> Pushed {
     let layer = layer_for(&format!("{repo}:{tag}"), 4096);
     try_push_image(c, repo, tag, &layer)
         .await
@@ -657,7 +657,7 @@ pub async fn push_image(c: &Oci, repo: &str, tag: &str) -> Pushed {
 }
 
 /// Pull `p` by tag (manifest, then every blob it references), verifying every digest.
-pub async fn try_pull(c: &Oci, p: &Pushed) -> Result<(), String> {
+pub(crate) async fn try_pull(c: &Oci, p: &Pushed) -> Result<(), String> {
     let r = c
         .http
         .get(c.url(&format!("/v2/{}/manifests/{}", p.repo, p.tag)))
@@ -730,7 +730,7 @@ impl GetChecked for Oci {
 }
 
 /// A background client pulling every image in a loop through the router.
-pub struct PullLoop {
+pub(crate) struct PullLoop {
     stop: Arc<AtomicBool>,
     rounds: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
@@ -738,7 +738,7 @@ pub struct PullLoop {
 }
 
 impl PullLoop {
-    pub fn start(oci: Oci, images: Vec<Pushed>) -> PullLoop {
+    pub(crate) fn start(oci: Oci, images: Vec<Pushed>) -> PullLoop {
         let stop = Arc::new(AtomicBool::new(false));
         let rounds = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
@@ -762,7 +762,7 @@ impl PullLoop {
     }
 
     /// Wait until at least `n` more full rounds ran and `min` time passed.
-    pub async fn run_for(&self, n: usize, min: Duration) {
+    pub(crate) async fn run_for(&self, n: usize, min: Duration) {
         let start = self.rounds.load(Ordering::SeqCst);
         let t0 = Instant::now();
         poll("pull rounds", Duration::from_secs(60), || async {
@@ -771,7 +771,7 @@ impl PullLoop {
         .await;
     }
 
-    pub async fn finish(self) -> (usize, Vec<String>) {
+    pub(crate) async fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.expect("pull loop");
         let f = self.failures.lock().unwrap().clone();

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use crate::support::{free_port, require_tool};
 
-pub struct Moto {
+pub(crate) struct Moto {
     child: Child,
     pub port: u16,
 }
 
 impl Moto {
     /// Start moto and create `bucket`. A missing `moto_server` fails the test (CI installs it).
-    pub async fn start(bucket: &str) -> Moto {
+    pub(crate) async fn start(bucket: &str) -> Moto {
         let bin = require_tool("moto_server");
         let port = free_port();
         let child = Command::new(bin)
@@ -40,12 +40,12 @@ impl Moto {
         m
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
     /// A signed S3 client on this server, for tampering with objects behind a node's back.
-    pub fn s3(&self, bucket: &str) -> object_store::aws::AmazonS3 {
+    pub(crate) fn s3(&self, bucket: &str) -> object_store::aws::AmazonS3 {
         object_store::aws::AmazonS3Builder::new()
             .with_bucket_name(bucket)
             .with_endpoint(self.url())
@@ -66,7 +66,7 @@ impl Drop for Moto {
 }
 
 /// `flotilla node` arguments for an S3 store at `endpoint`, plus the credentials env.
-pub fn s3_args(endpoint: &str, bucket: &str, prefix: &str) -> Vec<String> {
+pub(crate) fn s3_args(endpoint: &str, bucket: &str, prefix: &str) -> Vec<String> {
     vec![
         "--store".into(),
         format!("s3://{bucket}/{prefix}?endpoint={endpoint}&region=us-east-1"),
@@ -74,14 +74,14 @@ pub fn s3_args(endpoint: &str, bucket: &str, prefix: &str) -> Vec<String> {
 }
 
 /// A loopback TCP proxy that can be switched off (connections refused, live ones cut).
-pub struct Proxy {
+pub(crate) struct Proxy {
     pub port: u16,
     down: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Proxy {
-    pub async fn start(target_port: u16) -> Proxy {
+    pub(crate) async fn start(target_port: u16) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
@@ -118,11 +118,11 @@ impl Proxy {
         Proxy { port, down, task }
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub fn set_down(&self, down: bool) {
+    pub(crate) fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
 }

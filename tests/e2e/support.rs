@@ -11,25 +11,25 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
 
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("bind port 0")
 }
 
-pub fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
 }
 
-pub fn sha512(bytes: &[u8]) -> String {
+pub(crate) fn sha512(bytes: &[u8]) -> String {
     format!("sha512:{}", hex::encode(sha2::Sha512::digest(bytes)))
 }
 
 /// Poll `url` until it answers 2xx, or panic after `timeout`.
-pub async fn wait_http_ok(url: &str, timeout: Duration) {
+pub(crate) async fn wait_http_ok(url: &str, timeout: Duration) {
     let client = reqwest::Client::new();
     let deadline = Instant::now() + timeout;
     loop {
@@ -48,7 +48,7 @@ pub async fn wait_http_ok(url: &str, timeout: Duration) {
 
 /// A `flotilla node` process. Dropping it kills the process; the data dir lives as long as
 /// the `TempDir` given to it (or the process struct if it made its own).
-pub struct NodeProc {
+pub(crate) struct NodeProc {
     pub child: Child,
     pub port: u16,
     pub data: PathBuf,
@@ -58,7 +58,7 @@ pub struct NodeProc {
 }
 
 impl NodeProc {
-    pub async fn start() -> NodeProc {
+    pub(crate) async fn start() -> NodeProc {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data = tmp.path().join("data");
         let mut n = NodeProc::spawn(data, free_port(), "n1", Vec::new());
@@ -67,7 +67,7 @@ impl NodeProc {
         n
     }
 
-    pub fn spawn(data: PathBuf, port: u16, id: &str, extra: Vec<String>) -> NodeProc {
+    pub(crate) fn spawn(data: PathBuf, port: u16, id: &str, extra: Vec<String>) -> NodeProc {
         let child = spawn_node_child(&data, port, id, &extra);
         NodeProc {
             child,
@@ -79,32 +79,32 @@ impl NodeProc {
         }
     }
 
-    pub async fn wait_ready(&self) {
+    pub(crate) async fn wait_ready(&self) {
         wait_http_ok(&format!("{}/v2/", self.url()), READY_TIMEOUT).await;
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    pub fn host(&self) -> String {
+    pub(crate) fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// SIGKILL: no chance to flush or clean up, the crash the store must survive.
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// Start again on the same port and data dir.
-    pub async fn restart(&mut self) {
+    pub(crate) async fn restart(&mut self) {
         self.kill9();
         self.child = spawn_node_child(&self.data, self.port, &self.id, &self.extra);
         self.wait_ready().await;
     }
 
-    pub fn client(&self) -> Oci {
+    pub(crate) fn client(&self) -> Oci {
         Oci::new(&self.url())
     }
 }
@@ -142,7 +142,7 @@ impl Drop for NodeProc {
 
 /// A child process killed (and reaped) when the test is done with it, pass or fail; a no-op
 /// once it has exited.
-pub struct KillOnDrop(pub std::process::Child);
+pub(crate) struct KillOnDrop(pub std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -152,20 +152,20 @@ impl Drop for KillOnDrop {
 }
 
 /// An upload `Location` with `digest=` appended (it may already carry a query).
-pub fn with_digest(loc: &str, d: &str) -> String {
+pub(crate) fn with_digest(loc: &str, d: &str) -> String {
     let sep = if loc.contains('?') { '&' } else { '?' };
     format!("{loc}{sep}digest={d}")
 }
 
 /// Minimal OCI client over raw HTTP, so tests see exactly what the server sends.
 #[derive(Clone)]
-pub struct Oci {
+pub(crate) struct Oci {
     pub base: String,
     pub http: reqwest::Client,
 }
 
 impl Oci {
-    pub fn new(base: &str) -> Oci {
+    pub(crate) fn new(base: &str) -> Oci {
         Oci {
             base: base.trim_end_matches('/').to_owned(),
             http: reqwest::Client::builder()
@@ -175,7 +175,7 @@ impl Oci {
         }
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         if path.starts_with("http") {
             path.to_owned()
         } else {
@@ -185,7 +185,7 @@ impl Oci {
 
     /// `POST /v2/<repo>/blobs/uploads/?digest=<digest>` with the whole blob (a monolithic
     /// push); the response as the server gave it.
-    pub async fn post_blob(
+    pub(crate) async fn post_blob(
         &self,
         repo: &str,
         digest: &str,
@@ -199,7 +199,7 @@ impl Oci {
     }
 
     /// `PATCH <location>` with one chunk, streamed (no `Content-Range`).
-    pub async fn patch(
+    pub(crate) async fn patch(
         &self,
         location: &str,
         chunk: Vec<u8>,
@@ -209,7 +209,7 @@ impl Oci {
 
     /// `PUT <location>?digest=<digest>`: close an upload session, `last` being its final
     /// chunk (empty for none).
-    pub async fn close_upload(
+    pub(crate) async fn close_upload(
         &self,
         location: &str,
         digest: &str,
@@ -223,7 +223,7 @@ impl Oci {
     }
 
     /// Monolithic push of a blob; returns its digest.
-    pub async fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
+    pub(crate) async fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
         let d = sha256(bytes);
         let r = self
             .post_blob(repo, &d, bytes.to_vec())
@@ -238,7 +238,7 @@ impl Oci {
         d
     }
 
-    pub async fn put_manifest(
+    pub(crate) async fn put_manifest(
         &self,
         repo: &str,
         reference: &str,
@@ -254,12 +254,12 @@ impl Oci {
             .expect("put manifest")
     }
 
-    pub async fn get(&self, path: &str) -> reqwest::Response {
+    pub(crate) async fn get(&self, path: &str) -> reqwest::Response {
         self.http.get(self.url(path)).send().await.expect("GET")
     }
 
     /// Push a tiny image (config + one layer) and tag it; returns the manifest digest.
-    pub async fn push_image(&self, repo: &str, tag: &str, layer: &[u8]) -> String {
+    pub(crate) async fn push_image(&self, repo: &str, tag: &str, layer: &[u8]) -> String {
         let config = format!(
             r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
             sha256(layer)
@@ -275,17 +275,22 @@ impl Oci {
     }
 }
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub(crate) const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
-pub fn image_manifest(config: &str, config_len: usize, layer: &str, layer_len: usize) -> String {
+pub(crate) fn image_manifest(
+    config: &str,
+    config_len: usize,
+    layer: &str,
+    layer_len: usize,
+) -> String {
     format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{config_len}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":{layer_len}}}]}}"#
     )
 }
 
 /// The error code of an OCI JSON error body, asserting the body has the spec's shape.
-pub async fn error_code(r: reqwest::Response) -> String {
+pub(crate) async fn error_code(r: reqwest::Response) -> String {
     let status = r.status();
     let body = r.bytes().await.unwrap_or_default();
     error_code_of(status.as_u16(), &body)
@@ -308,7 +313,7 @@ fn error_code_of(status: u16, body: &[u8]) -> String {
 }
 
 /// Path of a required external tool; a missing tool fails the test loudly (CI installs them).
-pub fn require_tool(name: &str) -> PathBuf {
+pub(crate) fn require_tool(name: &str) -> PathBuf {
     let out = Command::new("sh")
         .args(["-c", &format!("command -v {name}")])
         .output()
@@ -322,7 +327,7 @@ pub fn require_tool(name: &str) -> PathBuf {
 }
 
 /// Run a command; panic with its output on failure; return the whole output.
-pub fn run_out(cmd: &mut Command) -> std::process::Output {
+pub(crate) fn run_out(cmd: &mut Command) -> std::process::Output {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -337,12 +342,12 @@ pub fn run_out(cmd: &mut Command) -> std::process::Output {
 }
 
 /// Run a command, panic with its output on failure; returns stdout.
-pub fn run(cmd: &mut Command) -> String {
+pub(crate) fn run(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run_out(cmd).stdout).into_owned()
 }
 
 /// Every regular file under `dir`, relative paths, sorted.
-pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -366,7 +371,7 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 /// A minimal POSIX ustar archive of regular files (mode 0644, uid/gid 0, mtime 0), so the
 /// bytes (and so every digest) are the same on every run.
-pub fn tar_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
+pub(crate) fn tar_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
     fn octal(field: &mut [u8], v: u64) {
         // width-1 octal digits, NUL-terminated
         let s = format!("{:0w$o}", v, w = field.len() - 1);
@@ -401,7 +406,7 @@ pub fn tar_bytes(files: &[(&str, &[u8])]) -> Vec<u8> {
 }
 
 /// gzip with the system `gzip -n` (no name, no timestamp: deterministic bytes).
-pub fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+pub(crate) fn gzip_bytes(data: &[u8]) -> Vec<u8> {
     use std::io::Write as _;
     require_tool("gzip");
     let mut child = Command::new("gzip")
@@ -421,14 +426,14 @@ pub fn gzip_bytes(data: &[u8]) -> Vec<u8> {
 
 /// A response read off a raw socket.
 #[derive(Debug)]
-pub struct RawResponse {
+pub(crate) struct RawResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
 impl RawResponse {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -441,7 +446,7 @@ impl RawResponse {
 /// before sending). A `Content-Length` is added unless the caller set it or
 /// `Transfer-Encoding`. The body is written concurrently with reading the answer, since a
 /// server may refuse (and close) before reading a large body.
-pub async fn raw_request(
+pub(crate) async fn raw_request(
     host: &str,
     method: &str,
     target: &str,
@@ -554,7 +559,7 @@ fn parse_raw_response(buf: &[u8]) -> Option<RawResponse> {
 }
 
 /// Encode `body` with chunked transfer coding (for a `Transfer-Encoding: chunked` request).
-pub fn chunked_body(body: &[u8], chunk: usize) -> Vec<u8> {
+pub(crate) fn chunked_body(body: &[u8], chunk: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for c in body.chunks(chunk.max(1)) {
         out.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
@@ -567,7 +572,7 @@ pub fn chunked_body(body: &[u8], chunk: usize) -> Vec<u8> {
 
 /// [`error_code`] for a [`RawResponse`]: asserts a JSON content type and the spec's error
 /// shape, returns the code.
-pub fn error_code_raw(r: &RawResponse) -> String {
+pub(crate) fn error_code_raw(r: &RawResponse) -> String {
     let text = String::from_utf8_lossy(&r.body);
     let ct = r.header("content-type").unwrap_or("");
     assert!(

@@ -14,9 +14,12 @@ use crate::NodeService;
 /// whole (no header, or a multi-range we choose to ignore as RFC 9110 allows).
 /// The `Range` header cannot be satisfied for this blob (answered with 416).
 #[derive(Debug, PartialEq, Eq)]
-pub struct Unsatisfiable;
+pub(crate) struct Unsatisfiable;
 
-pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
+pub(crate) fn parse_range(
+    value: Option<&str>,
+    size: u64,
+) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(v) = value else { return Ok(None) };
     let spec = v.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
     if spec.contains(',') {
@@ -47,7 +50,7 @@ pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>,
     Ok(Some((start, end)))
 }
 
-pub async fn get(
+pub(crate) async fn get(
     node: &NodeService,
     repo: &RepoName,
     digest: &Digest,
@@ -113,7 +116,7 @@ pub async fn get(
     resp.body(body).map_err(ApiError::internal)
 }
 
-pub async fn delete(
+pub(crate) async fn delete(
     node: &NodeService,
     repo: &RepoName,
     digest: &Digest,

@@ -17,7 +17,7 @@ use registry_client::internal::{
 use super::ApiError;
 use crate::NodeService;
 
-pub fn routes(node: NodeService) -> Router<NodeService> {
+pub(crate) fn routes(node: NodeService) -> Router<NodeService> {
     Router::new()
         .route(wire::STATUS, get(status))
         .route(wire::CATCH_UP, post(catch_up))

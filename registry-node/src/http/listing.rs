@@ -1,56 +1,48 @@
 //! Tags list, catalog and referrers: the read-only listings, with `n`/`last` pagination.
 
 use axum::response::{IntoResponse, Response};
-use flotilla_core::{media, Digest, ErrorCode, RepoName};
+use flotilla_core::{media, Digest, RepoName};
 use http::{header, StatusCode};
 
-use std::collections::HashMap;
-
+use super::params::{Page, ReferrersFilter};
 use super::ApiError;
-
-type Query = HashMap<String, String>;
 use crate::NodeService;
 
 /// Apply `n`/`last` to a sorted list; returns the page and whether more follow.
-pub fn paginate<T: AsRef<str>>(items: Vec<T>, q: &Query) -> Result<(Vec<T>, bool), ApiError> {
-    let n = q
-        .get("n")
-        .map(|v| {
-            v.parse::<usize>().map_err(|_| {
-                ApiError::new(ErrorCode::SizeInvalid).message("n must be a non-negative integer")
-            })
-        })
-        .transpose()?;
-    let last = q.get("last");
+pub(crate) fn paginate<T: AsRef<str>>(items: Vec<T>, q: &Page) -> (Vec<T>, bool) {
     let mut page: Vec<T> = items
         .into_iter()
-        .filter(|t| last.is_none_or(|l| t.as_ref() > l.as_str()))
+        .filter(|t| q.last.as_ref().is_none_or(|l| t.as_ref() > l.as_str()))
         .collect();
-    let more = n.is_some_and(|n| page.len() > n);
-    if let Some(n) = n {
+    let more = q.n.is_some_and(|n| page.len() > n);
+    if let Some(n) = q.n {
         page.truncate(n);
     }
-    Ok((page, more))
+    (page, more)
 }
 
-fn next_link(base: &str, q: &Query, last: Option<&str>) -> Option<String> {
-    let n = q.get("n")?;
+fn next_link(base: &str, q: &Page, last: Option<&str>) -> Option<String> {
+    let n = q.n?;
     Some(format!("<{base}?n={n}&last={}>; rel=\"next\"", last?))
 }
 
-pub async fn tags(node: &NodeService, repo: &RepoName, q: &Query) -> Result<Response, ApiError> {
+pub(crate) async fn tags(
+    node: &NodeService,
+    repo: &RepoName,
+    q: Page,
+) -> Result<Response, ApiError> {
     let all: Vec<String> = node
         .list_tags(repo)
         .await?
         .into_iter()
         .map(String::from)
         .collect();
-    let (page, more) = paginate(all, q)?;
+    let (page, more) = paginate(all, &q);
     let link = more
         .then(|| {
             next_link(
                 &format!("/v2/{repo}/tags/list"),
-                q,
+                &q,
                 page.last().map(String::as_str),
             )
         })
@@ -63,16 +55,16 @@ pub async fn tags(node: &NodeService, repo: &RepoName, q: &Query) -> Result<Resp
     Ok(resp)
 }
 
-pub async fn catalog(node: &NodeService, q: &Query) -> Result<Response, ApiError> {
+pub(crate) async fn catalog(node: &NodeService, q: Page) -> Result<Response, ApiError> {
     let all: Vec<String> = node
         .list_repos()
         .await?
         .into_iter()
         .map(String::from)
         .collect();
-    let (page, more) = paginate(all, q)?;
+    let (page, more) = paginate(all, &q);
     let link = more
-        .then(|| next_link("/v2/_catalog", q, page.last().map(String::as_str)))
+        .then(|| next_link("/v2/_catalog", &q, page.last().map(String::as_str)))
         .flatten();
     let mut resp = axum::Json(serde_json::json!({ "repositories": page })).into_response();
     if let Some(l) = link.and_then(|l| l.parse().ok()) {
@@ -81,13 +73,13 @@ pub async fn catalog(node: &NodeService, q: &Query) -> Result<Response, ApiError
     Ok(resp)
 }
 
-pub async fn referrers(
+pub(crate) async fn referrers(
     node: &NodeService,
     repo: &RepoName,
     subject: &Digest,
-    q: &Query,
+    q: ReferrersFilter,
 ) -> Result<Response, ApiError> {
-    let filter = q.get("artifactType").map(String::as_str);
+    let filter = q.artifact_type.as_deref();
     let list = node.referrers(repo, subject, filter).await?;
     let body = serde_json::json!({
         "schemaVersion": 2,

@@ -7,7 +7,7 @@ use http::{header, HeaderName, StatusCode};
 use super::{content_length, header_str, ApiError, Req};
 use crate::NodeService;
 
-pub async fn get(
+pub(crate) async fn get(
     node: &NodeService,
     repo: &RepoName,
     reference: &Reference,
@@ -30,7 +30,7 @@ pub async fn get(
     })
 }
 
-pub async fn put(
+pub(crate) async fn put(
     node: &NodeService,
     repo: &RepoName,
     reference: &Reference,
@@ -79,7 +79,7 @@ pub async fn put(
     Ok(resp)
 }
 
-pub async fn delete(
+pub(crate) async fn delete(
     node: &NodeService,
     repo: &RepoName,
     reference: &Reference,

@@ -1,27 +1,27 @@
 //! The OCI HTTP surface of a node: one catch-all under `/v2/`, parsed into an [`OciRoute`]
 //! and dispatched by a short `match` to one module per resource.
 
-pub mod blobs;
-pub mod error;
-pub mod internal;
-pub mod listing;
-pub mod manifests;
-pub mod uploads;
-
-use std::collections::HashMap;
+pub(crate) mod blobs;
+pub(crate) mod error;
+pub(crate) mod internal;
+pub(crate) mod listing;
+pub(crate) mod manifests;
+pub(crate) mod params;
+pub(crate) mod uploads;
 
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 use http::{HeaderMap, Method, StatusCode};
 
+use self::params::{Page, RawQuery, ReferrersFilter};
 use crate::NodeService;
-pub use registry_client::{ApiError, OciRoute, API_VERSION_HEADER};
+pub(crate) use registry_client::{ApiError, OciRoute, API_VERSION_HEADER};
 
 /// The node's router. Built apart from `run` so tests can drive it directly.
-pub fn app(node: NodeService) -> Router {
+pub(crate) fn app(node: NodeService) -> Router {
     Router::new()
         .route("/v2", any(dispatch))
         .route("/v2/", any(dispatch))
@@ -52,20 +52,19 @@ async fn metrics_text(State(node): State<NodeService>) -> Response {
     }
 }
 
-/// The parts of a request every handler may need, extracted once.
-pub struct Req {
-    pub method: Method,
-    pub headers: HeaderMap,
-    pub query: HashMap<String, String>,
-    pub body: Body,
+/// The parts of a request a handler may need once the route is known: the query is parsed
+/// into typed parameters per route in [`handle`], never read as strings by a handler.
+pub(crate) struct Req {
+    pub(crate) method: Method,
+    pub(crate) headers: HeaderMap,
+    pub(crate) query: RawQuery,
+    pub(crate) body: Body,
 }
 
 async fn dispatch(State(node): State<NodeService>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let route = OciRoute::parse(parts.uri.path());
-    let query = Query::<HashMap<String, String>>::try_from_uri(&parts.uri)
-        .map(|q| q.0)
-        .unwrap_or_default();
+    let query = RawQuery::of(&parts.uri);
     let req = Req {
         method: parts.method,
         headers: parts.headers,
@@ -94,10 +93,11 @@ async fn handle(node: NodeService, route: OciRoute, req: Req) -> Result<Response
     use OciRoute::*;
     match (route, req.method.clone()) {
         (Base, Method::GET | Method::HEAD) => Ok(StatusCode::OK.into_response()),
-        (Catalog, Method::GET) => listing::catalog(&node, &req.query).await,
-        (Tags { repo }, Method::GET) => listing::tags(&node, &repo, &req.query).await,
+        (Catalog, Method::GET) => listing::catalog(&node, Page::parse(&req.query)?).await,
+        (Tags { repo }, Method::GET) => listing::tags(&node, &repo, Page::parse(&req.query)?).await,
         (Referrers { repo, digest }, Method::GET) => {
-            listing::referrers(&node, &repo, &digest, &req.query).await
+            let filter = ReferrersFilter::parse(&req.query);
+            listing::referrers(&node, &repo, &digest, filter).await
         }
         (Manifest { repo, reference }, Method::GET | Method::HEAD) => {
             manifests::get(&node, &repo, &reference, req.method == Method::HEAD).await
@@ -119,9 +119,15 @@ async fn handle(node: NodeService, route: OciRoute, req: Req) -> Result<Response
             .await
         }
         (Blob { repo, digest }, Method::DELETE) => blobs::delete(&node, &repo, &digest).await,
-        (UploadStart { repo }, Method::POST) => uploads::start(&node, &repo, req).await,
+        (UploadStart { repo }, Method::POST) => {
+            let what = params::UploadStart::parse(&req.query)?;
+            uploads::start(&node, &repo, what, req.body).await
+        }
         (Upload { repo, id }, Method::PATCH) => uploads::patch(&node, &repo, &id, req).await,
-        (Upload { repo, id }, Method::PUT) => uploads::put(&node, &repo, &id, req).await,
+        (Upload { repo, id }, Method::PUT) => {
+            let digest = params::closing_digest(&req.query)?;
+            uploads::put(&node, &repo, &id, &digest, req.body).await
+        }
         (Upload { repo, id }, Method::GET) => uploads::status(&node, &repo, &id).await,
         (Upload { repo, id }, Method::DELETE) => uploads::cancel(&node, &repo, &id).await,
         _ => Err(ApiError::method_not_allowed()),
@@ -130,14 +136,14 @@ async fn handle(node: NodeService, route: OciRoute, req: Req) -> Result<Response
 
 /// The `Range` value of an upload holding `size` bytes: inclusive end, `0-0` when empty
 /// (what Distribution sends and every client expects).
-pub fn upload_range(size: u64) -> String {
+pub(crate) fn upload_range(size: u64) -> String {
     format!("0-{}", size.saturating_sub(1))
 }
 
-pub fn header_str<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {
+pub(crate) fn header_str<'a>(headers: &'a HeaderMap, name: &http::HeaderName) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-pub fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
     header_str(headers, &http::header::CONTENT_LENGTH).and_then(|v| v.parse().ok())
 }

@@ -4,6 +4,9 @@ use axum::response::{IntoResponse, Response};
 use flotilla_core::{Digest, ErrorCode, RepoName, UploadId};
 use http::{header, HeaderName, StatusCode};
 
+use axum::body::Body;
+
+use super::params::UploadStart;
 use super::{content_length, header_str, upload_range, ApiError, Req};
 use crate::NodeService;
 
@@ -42,35 +45,24 @@ fn created(repo: &RepoName, d: &Digest) -> Response {
         .into_response()
 }
 
-fn query_digest(req: &Req, param: &str) -> Result<Option<Digest>, ApiError> {
-    req.query
-        .get(param)
-        .map(|s| {
-            s.parse().map_err(|e: flotilla_core::ParseError| {
-                ApiError::new(ErrorCode::DigestInvalid).message(e.to_string())
-            })
-        })
-        .transpose()
-}
-
-pub async fn start(node: &NodeService, repo: &RepoName, req: Req) -> Result<Response, ApiError> {
-    if let Some(mount) = query_digest(&req, "mount")? {
-        // An unparseable `from` is treated like an absent one would not be: refuse it.
-        let from = req
-            .query
-            .get("from")
-            .map(|f| {
-                f.parse::<RepoName>()
-                    .map_err(|e| ApiError::new(ErrorCode::NameInvalid).message(e.to_string()))
-            })
-            .transpose()?;
-        if node.mount_blob(repo, &mount, from.as_ref()).await? {
-            return Ok(created(repo, &mount));
+pub(crate) async fn start(
+    node: &NodeService,
+    repo: &RepoName,
+    what: UploadStart,
+    body: Body,
+) -> Result<Response, ApiError> {
+    match what {
+        UploadStart::Mount { digest, from } => {
+            if node.mount_blob(repo, &digest, from.as_ref()).await? {
+                return Ok(created(repo, &digest));
+            }
         }
-    } else if let Some(d) = query_digest(&req, "digest")? {
-        node.upload_monolithic(repo, &d, req.body.into_data_stream())
-            .await?;
-        return Ok(created(repo, &d));
+        UploadStart::Monolithic(d) => {
+            node.upload_monolithic(repo, &d, body.into_data_stream())
+                .await?;
+            return Ok(created(repo, &d));
+        }
+        UploadStart::Session => {}
     }
     let id = node.start_upload(repo).await?;
     Ok(session_response(StatusCode::ACCEPTED, repo, &id, 0))
@@ -89,7 +81,7 @@ fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
 }
 
-pub async fn patch(
+pub(crate) async fn patch(
     node: &NodeService,
     repo: &RepoName,
     id: &UploadId,
@@ -118,21 +110,19 @@ pub async fn patch(
     Ok(session_response(StatusCode::ACCEPTED, repo, id, size))
 }
 
-pub async fn put(
+pub(crate) async fn put(
     node: &NodeService,
     repo: &RepoName,
     id: &UploadId,
-    req: Req,
+    d: &Digest,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let d = query_digest(&req, "digest")?.ok_or_else(|| {
-        ApiError::new(ErrorCode::DigestInvalid).message("the digest query parameter is required")
-    })?;
-    node.upload_complete(repo, id, &d, Some(req.body.into_data_stream()))
+    node.upload_complete(repo, id, d, Some(body.into_data_stream()))
         .await?;
-    Ok(created(repo, &d))
+    Ok(created(repo, d))
 }
 
-pub async fn status(
+pub(crate) async fn status(
     node: &NodeService,
     repo: &RepoName,
     id: &UploadId,
@@ -141,7 +131,7 @@ pub async fn status(
     Ok(session_response(StatusCode::NO_CONTENT, repo, id, size))
 }
 
-pub async fn cancel(
+pub(crate) async fn cancel(
     node: &NodeService,
     repo: &RepoName,
     id: &UploadId,

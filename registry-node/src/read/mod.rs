@@ -18,7 +18,7 @@ use flotilla_objstore::RemoteError;
 
 /// A manifest as stored: its exact bytes and the media type it was pushed with.
 #[derive(Debug)]
-pub struct StoredManifest {
+pub(crate) struct StoredManifest {
     pub bytes: Bytes,
     pub media_type: String,
     pub digest: Digest,
@@ -26,7 +26,7 @@ pub struct StoredManifest {
 
 /// Where the bytes of a blob GET come from.
 #[derive(Debug)]
-pub enum BlobBody {
+pub(crate) enum BlobBody {
     /// A local file verified since its bytes last changed (see `store::verified`).
     File(tokio::fs::File),
     /// A small local blob, already verified against its digest.
@@ -69,7 +69,7 @@ impl NodeService {
     }
 
     /// Size of a blob the repository holds.
-    pub async fn stat_blob(&self, repo: &RepoName, d: &Digest) -> Result<u64> {
+    pub(crate) async fn stat_blob(&self, repo: &RepoName, d: &Digest) -> Result<u64> {
         self.ensure_linked(repo, d).await?;
         if let Some(size) = self.inner.store.blob_size(d).await? {
             return Ok(size);
@@ -84,7 +84,7 @@ impl NodeService {
 
     /// Open a blob for reading. A local miss reads through object storage; with `whole`
     /// (no `Range`) a large miss streams to this client while it is cached.
-    pub async fn open_blob(
+    pub(crate) async fn open_blob(
         &self,
         repo: &RepoName,
         d: &Digest,
@@ -184,7 +184,7 @@ impl NodeService {
         Err(StoreError::ManifestUnknown(tag.to_string()).into())
     }
 
-    pub async fn get_manifest(
+    pub(crate) async fn get_manifest(
         &self,
         repo: &RepoName,
         reference: &flotilla_core::Reference,

@@ -25,11 +25,11 @@ use flotilla_objstore::{Remote, RemoteError};
 const FETCH_WRITE_UNIT: usize = 1024 * 1024;
 
 /// Below this size a miss is fetched whole before answering.
-pub const WAIT_WHOLE_BELOW: u64 = 4 * 1024 * 1024;
+pub(crate) const WAIT_WHOLE_BELOW: u64 = 4 * 1024 * 1024;
 
 /// How a fetch ended, shared with everyone waiting on it.
 #[derive(Clone, Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Cached,
     NotFound,
     Corrupt,
@@ -39,10 +39,10 @@ pub enum Outcome {
 type Waiter = watch::Receiver<Option<Outcome>>;
 
 /// The body of a response streamed from a fetch in progress.
-pub type FetchStream = tokio_stream::wrappers::ReceiverStream<Result<Bytes, io::Error>>;
+pub(crate) type FetchStream = tokio_stream::wrappers::ReceiverStream<Result<Bytes, io::Error>>;
 
 #[derive(Clone, Debug)]
-pub struct Fetches {
+pub(crate) struct Fetches {
     inflight: Arc<Mutex<HashMap<Digest, Waiter>>>,
     local: LocalStore,
     remote: Remote,
@@ -50,13 +50,13 @@ pub struct Fetches {
 }
 
 /// What a caller got: either join-and-wait, or lead with a live stream of `size` bytes.
-pub enum Started {
+pub(crate) enum Started {
     Wait(Waiter),
     Lead { size: u64, body: FetchStream },
 }
 
 impl Fetches {
-    pub fn new(local: LocalStore, remote: Remote, tasks: TaskTracker) -> Self {
+    pub(crate) fn new(local: LocalStore, remote: Remote, tasks: TaskTracker) -> Self {
         Fetches {
             inflight: Arc::default(),
             local,
@@ -67,7 +67,7 @@ impl Fetches {
 
     /// Join the fetch of `d` in progress, or start one. With `lead`, the starter also gets a
     /// stream of the bytes as they arrive.
-    pub async fn start(&self, d: &Digest, lead: bool) -> Result<Started, RemoteError> {
+    pub(crate) async fn start(&self, d: &Digest, lead: bool) -> Result<Started, RemoteError> {
         let mut pending = {
             let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(w) = map.get(d) {
@@ -287,7 +287,7 @@ impl Drop for Pending<'_> {
 }
 
 /// Wait for a fetch to finish.
-pub async fn wait(mut w: Waiter) -> Outcome {
+pub(crate) async fn wait(mut w: Waiter) -> Outcome {
     loop {
         if let Some(o) = w.borrow_and_update().clone() {
             return o;

@@ -31,7 +31,7 @@ const CHUNK: usize = 256 * 1024;
 const UNIT: usize = 1024 * 1024;
 
 /// Move a blob that failed verification out of `blobs/` so it is never served again.
-pub async fn quarantine(node: &NodeService, d: &Digest) -> Result<(), StoreError> {
+pub(crate) async fn quarantine(node: &NodeService, d: &Digest) -> Result<(), StoreError> {
     let store = node.store();
     store.forget_verified(d);
     let src = store.path(&layout::local_blob(d));
@@ -54,7 +54,7 @@ pub async fn quarantine(node: &NodeService, d: &Digest) -> Result<(), StoreError
 }
 
 /// Fetch `d` from object storage into the cache (single-flight, verified), unless present.
-pub async fn repair(node: &NodeService, d: &Digest) -> Result<(), ServiceError> {
+pub(crate) async fn repair(node: &NodeService, d: &Digest) -> Result<(), ServiceError> {
     let Some(fetches) = node.fetches() else {
         return Err(StoreError::BlobUnknown(d.clone()).into());
     };
@@ -73,7 +73,7 @@ pub async fn repair(node: &NodeService, d: &Digest) -> Result<(), ServiceError> 
 
 /// Read a small local blob whole and check it; `None` (after quarantining it) on a mismatch.
 /// `stamp` is the file's metadata when it was opened: a match is remembered against it.
-pub async fn read_verified(
+pub(crate) async fn read_verified(
     node: &NodeService,
     d: &Digest,
     mut f: tokio::fs::File,
@@ -94,7 +94,7 @@ pub async fn read_verified(
 
 /// Hash a large local blob through its open descriptor before a `Range` read is served
 /// from it; `None` (after quarantining it) on a mismatch.
-pub async fn verify_open(
+pub(crate) async fn verify_open(
     node: &NodeService,
     d: &Digest,
     f: tokio::fs::File,
@@ -130,7 +130,7 @@ pub async fn verify_open(
 }
 
 /// Bytes of a local blob read on a blocking thread (see [`file_stream`]).
-pub struct LocalStream(Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>);
+pub(crate) struct LocalStream(Pin<Box<dyn Stream<Item = Result<Bytes, io::Error>> + Send>>);
 
 impl std::fmt::Debug for LocalStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -151,7 +151,7 @@ impl Stream for LocalStream {
 
 /// What a [`file_stream`] checks while it reads: the whole file must hash to `digest`.
 #[derive(Debug)]
-pub struct Check {
+pub(crate) struct Check {
     pub node: NodeService,
     pub digest: Digest,
     /// The file's metadata when opened; remembered as verified if the hash matches.
@@ -168,7 +168,7 @@ pub struct Check {
 /// bounded channel: one thread hop per MiB instead of one per read, buffers that are never
 /// zeroed, and verification overlapped with sending, so a read is bounded by the slower of
 /// sha256 and the network, not by their sum.
-pub fn file_stream(
+pub(crate) fn file_stream(
     file: tokio::fs::File,
     start: u64,
     len: u64,

@@ -4,7 +4,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 /// fsync a directory so a rename or create inside it survives power loss.
-pub async fn fsync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) async fn fsync_dir(dir: &Path) -> io::Result<()> {
     let dir = dir.to_owned();
     tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
         .await
@@ -13,7 +13,7 @@ pub async fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 /// Write `bytes` to `dest` so that readers see either the old file or the whole new one:
 /// temp file in `tmp_dir` (same filesystem), fsync, rename, fsync the parent.
-pub async fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) async fn write_atomic(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = tmp_dir.join(uuid::Uuid::new_v4().simple().to_string());
     let dest = dest.to_owned();
     let bytes = bytes.to_vec();

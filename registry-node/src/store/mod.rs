@@ -19,8 +19,8 @@ use flotilla_core::layout::{self, LinkKind, LocalKey};
 use flotilla_core::{Digest, RepoName, Tag};
 use serde::{Deserialize, Serialize};
 
-pub use fsutil::{fsync_dir, write_atomic};
-pub use verified::FileStamp;
+pub(crate) use fsutil::{fsync_dir, write_atomic};
+pub(crate) use verified::FileStamp;
 use verified::VerifiedMemo;
 
 /// Blobs remembered as verified (see `verified`): ~100 bytes each, so about 6 MiB at most.
@@ -56,7 +56,7 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 /// descriptor the referrers API returns.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
-pub struct ReferrerDescriptor {
+pub(crate) struct ReferrerDescriptor {
     pub media_type: String,
     pub digest: Digest,
     pub size: u64,
@@ -68,7 +68,7 @@ pub struct ReferrerDescriptor {
 
 /// Handle on a node's data directory. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct LocalStore {
+pub(crate) struct LocalStore {
     root: PathBuf,
     verified: std::sync::Arc<VerifiedMemo>,
 }
@@ -76,7 +76,7 @@ pub struct LocalStore {
 impl LocalStore {
     /// Open (creating if needed) the directory tree and sweep leftovers of a previous run:
     /// temp files and upload sessions cannot be resumed after a restart.
-    pub async fn open(root: PathBuf) -> Result<Self, StoreError> {
+    pub(crate) async fn open(root: PathBuf) -> Result<Self, StoreError> {
         let store = LocalStore {
             root,
             verified: std::sync::Arc::new(VerifiedMemo::new(VERIFIED_MEMO_CAP)),
@@ -100,33 +100,33 @@ impl LocalStore {
     }
 
     /// Remember that the blob file whose metadata was `stamp` before hashing matched `d`.
-    pub fn mark_verified(&self, d: &Digest, stamp: FileStamp) {
+    pub(crate) fn mark_verified(&self, d: &Digest, stamp: FileStamp) {
         self.verified.mark(d, stamp);
     }
 
     /// True when `d`'s file still has exactly the metadata it had when it last verified.
-    pub fn is_verified(&self, d: &Digest, stamp: FileStamp) -> bool {
+    pub(crate) fn is_verified(&self, d: &Digest, stamp: FileStamp) -> bool {
         self.verified.is_verified(d, stamp)
     }
 
-    pub fn forget_verified(&self, d: &Digest) {
+    pub(crate) fn forget_verified(&self, d: &Digest) {
         self.verified.forget(d);
     }
 
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
-    pub fn path(&self, rel: &LocalKey) -> PathBuf {
+    pub(crate) fn path(&self, rel: &LocalKey) -> PathBuf {
         self.root.join(rel.as_str())
     }
 
-    pub fn tmp_dir(&self) -> PathBuf {
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
         self.path(&layout::local_tmp_dir())
     }
 
     /// Size of a stored blob, or `None` if absent.
-    pub async fn blob_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
+    pub(crate) async fn blob_size(&self, d: &Digest) -> Result<Option<u64>, StoreError> {
         let p = self.path(&layout::local_blob(d));
         match tokio::fs::metadata(&p).await {
             Ok(m) => Ok(Some(m.len())),
@@ -137,7 +137,7 @@ impl LocalStore {
 
     /// Open a blob; its size and its metadata stamp (for [`Self::is_verified`]) are taken from
     /// the open descriptor, so they describe exactly the file that will be read.
-    pub async fn open_blob(
+    pub(crate) async fn open_blob(
         &self,
         d: &Digest,
     ) -> Result<(tokio::fs::File, u64, FileStamp), StoreError> {
@@ -155,7 +155,11 @@ impl LocalStore {
 
     /// Move a complete, verified, fsynced file to its content-addressed path. Concurrent
     /// commits of the same digest are harmless: the bytes are identical and rename is atomic.
-    pub async fn commit_blob(&self, verified_file: &Path, d: &Digest) -> Result<(), StoreError> {
+    pub(crate) async fn commit_blob(
+        &self,
+        verified_file: &Path,
+        d: &Digest,
+    ) -> Result<(), StoreError> {
         let dest = self.path(&layout::local_blob(d));
         let parent = dest.parent().map(Path::to_owned).unwrap_or_default();
         tokio::fs::create_dir_all(&parent)
@@ -179,14 +183,18 @@ impl LocalStore {
     }
 
     /// Store small content (a manifest) under its digest, atomically.
-    pub async fn put_blob_bytes(&self, d: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
+    pub(crate) async fn put_blob_bytes(&self, d: &Digest, bytes: &[u8]) -> Result<(), StoreError> {
         if self.blob_size(d).await? == Some(bytes.len() as u64) {
             return Ok(());
         }
         self.write_atomic(&layout::local_blob(d), bytes).await
     }
 
-    pub async fn read_blob_bytes(&self, d: &Digest, limit: u64) -> Result<Vec<u8>, StoreError> {
+    pub(crate) async fn read_blob_bytes(
+        &self,
+        d: &Digest,
+        limit: u64,
+    ) -> Result<Vec<u8>, StoreError> {
         let p = self.path(&layout::local_blob(d));
         match tokio::fs::metadata(&p).await {
             Ok(m) if m.len() > limit => {
@@ -236,7 +244,7 @@ impl LocalStore {
 
     // ---- repository membership -------------------------------------------------------
 
-    pub async fn repo_exists(&self, repo: &RepoName) -> Result<bool, StoreError> {
+    pub(crate) async fn repo_exists(&self, repo: &RepoName) -> Result<bool, StoreError> {
         self.exists(&layout::local_repo_marker(repo)).await
     }
 
@@ -246,7 +254,7 @@ impl LocalStore {
         tokio::fs::create_dir_all(&p).await.map_err(io_err(&p))
     }
 
-    pub async fn link_layer(&self, repo: &RepoName, d: &Digest) -> Result<(), StoreError> {
+    pub(crate) async fn link_layer(&self, repo: &RepoName, d: &Digest) -> Result<(), StoreError> {
         self.ensure_repo(repo).await?;
         let rel = layout::local_layer_link(repo, d);
         if self.exists(&rel).await? {
@@ -255,15 +263,19 @@ impl LocalStore {
         self.write_atomic(&rel, b"").await
     }
 
-    pub async fn has_layer(&self, repo: &RepoName, d: &Digest) -> Result<bool, StoreError> {
+    pub(crate) async fn has_layer(&self, repo: &RepoName, d: &Digest) -> Result<bool, StoreError> {
         self.exists(&layout::local_layer_link(repo, d)).await
     }
 
-    pub async fn unlink_layer(&self, repo: &RepoName, d: &Digest) -> Result<bool, StoreError> {
+    pub(crate) async fn unlink_layer(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<bool, StoreError> {
         self.remove(&layout::local_layer_link(repo, d)).await
     }
 
-    pub async fn link_manifest(
+    pub(crate) async fn link_manifest(
         &self,
         repo: &RepoName,
         d: &Digest,
@@ -276,7 +288,7 @@ impl LocalStore {
 
     /// The media type recorded when the manifest was pushed to this repository, or `None`
     /// if the repository does not hold it.
-    pub async fn manifest_media_type(
+    pub(crate) async fn manifest_media_type(
         &self,
         repo: &RepoName,
         d: &Digest,
@@ -285,16 +297,29 @@ impl LocalStore {
             .await
     }
 
-    pub async fn unlink_manifest(&self, repo: &RepoName, d: &Digest) -> Result<bool, StoreError> {
+    pub(crate) async fn unlink_manifest(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+    ) -> Result<bool, StoreError> {
         self.remove(&layout::local_manifest_link(repo, d)).await
     }
 
-    pub async fn put_tag(&self, repo: &RepoName, tag: &Tag, d: &Digest) -> Result<(), StoreError> {
+    pub(crate) async fn put_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        d: &Digest,
+    ) -> Result<(), StoreError> {
         self.write_atomic(&layout::local_tag(repo, tag), d.to_string().as_bytes())
             .await
     }
 
-    pub async fn get_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>, StoreError> {
+    pub(crate) async fn get_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<Digest>, StoreError> {
         let rel = layout::local_tag(repo, tag);
         match self.read_string(&rel).await? {
             None => Ok(None),
@@ -305,12 +330,12 @@ impl LocalStore {
         }
     }
 
-    pub async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StoreError> {
+    pub(crate) async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, StoreError> {
         self.remove(&layout::local_tag(repo, tag)).await
     }
 
     /// All tags of a repository in lexical order; `NameUnknown` if there is no repository.
-    pub async fn list_tags(&self, repo: &RepoName) -> Result<Vec<Tag>, StoreError> {
+    pub(crate) async fn list_tags(&self, repo: &RepoName) -> Result<Vec<Tag>, StoreError> {
         if !self.repo_exists(repo).await? {
             return Err(StoreError::NameUnknown(repo.clone()));
         }
@@ -322,7 +347,7 @@ impl LocalStore {
     }
 
     /// Every tag of `repo` that points at `d`.
-    pub async fn tags_pointing_at(
+    pub(crate) async fn tags_pointing_at(
         &self,
         repo: &RepoName,
         d: &Digest,
@@ -336,7 +361,7 @@ impl LocalStore {
         Ok(out)
     }
 
-    pub async fn put_referrer(
+    pub(crate) async fn put_referrer(
         &self,
         repo: &RepoName,
         subject: &Digest,
@@ -350,7 +375,7 @@ impl LocalStore {
             .await
     }
 
-    pub async fn delete_referrer(
+    pub(crate) async fn delete_referrer(
         &self,
         repo: &RepoName,
         subject: &Digest,
@@ -360,7 +385,7 @@ impl LocalStore {
             .await
     }
 
-    pub async fn list_referrers(
+    pub(crate) async fn list_referrers(
         &self,
         repo: &RepoName,
         subject: &Digest,
@@ -386,7 +411,7 @@ impl LocalStore {
     }
 
     /// Digests of the manifests or blobs linked into `repo`.
-    pub async fn list_links(
+    pub(crate) async fn list_links(
         &self,
         repo: &RepoName,
         kind: LinkKind,
@@ -405,7 +430,7 @@ impl LocalStore {
 
     /// Every repository on this node, in lexical order. A directory under `repos/` is a
     /// repository when it holds the `_manifests` marker; names nest, so we keep descending.
-    pub async fn list_repos(&self) -> Result<Vec<RepoName>, StoreError> {
+    pub(crate) async fn list_repos(&self) -> Result<Vec<RepoName>, StoreError> {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let mut out = BTreeSet::new();
@@ -426,7 +451,7 @@ impl LocalStore {
     }
 
     /// Whether any blob with this digest exists on the node, whichever repository holds it.
-    pub async fn has_blob(&self, d: &Digest) -> Result<bool, StoreError> {
+    pub(crate) async fn has_blob(&self, d: &Digest) -> Result<bool, StoreError> {
         Ok(self.blob_size(d).await?.is_some())
     }
 }

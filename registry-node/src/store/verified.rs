@@ -16,7 +16,7 @@ use flotilla_core::Digest;
 
 /// The metadata that changes whenever a file's content may have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FileStamp {
+pub(crate) struct FileStamp {
     dev: u64,
     ino: u64,
     len: u64,
@@ -25,7 +25,7 @@ pub struct FileStamp {
 }
 
 impl FileStamp {
-    pub fn of(m: &std::fs::Metadata) -> Self {
+    pub(crate) fn of(m: &std::fs::Metadata) -> Self {
         FileStamp {
             dev: m.dev(),
             ino: m.ino(),
@@ -39,13 +39,13 @@ impl FileStamp {
 /// Bounded: beyond `cap` entries an arbitrary one is forgotten, which only costs that blob
 /// one more verification on its next read.
 #[derive(Debug)]
-pub struct VerifiedMemo {
+pub(super) struct VerifiedMemo {
     cap: usize,
     map: Mutex<HashMap<Digest, FileStamp>>,
 }
 
 impl VerifiedMemo {
-    pub fn new(cap: usize) -> Self {
+    pub(super) fn new(cap: usize) -> Self {
         VerifiedMemo {
             cap: cap.max(1),
             map: Mutex::new(HashMap::new()),
@@ -53,7 +53,7 @@ impl VerifiedMemo {
     }
 
     /// Record that the file whose metadata was `stamp` *before* it was hashed matched `d`.
-    pub fn mark(&self, d: &Digest, stamp: FileStamp) {
+    pub(super) fn mark(&self, d: &Digest, stamp: FileStamp) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= self.cap && !map.contains_key(d) {
             if let Some(victim) = map.keys().next().cloned() {
@@ -63,12 +63,12 @@ impl VerifiedMemo {
         map.insert(d.clone(), stamp);
     }
 
-    pub fn is_verified(&self, d: &Digest, stamp: FileStamp) -> bool {
+    pub(super) fn is_verified(&self, d: &Digest, stamp: FileStamp) -> bool {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(d) == Some(&stamp)
     }
 
-    pub fn forget(&self, d: &Digest) {
+    pub(super) fn forget(&self, d: &Digest) {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(d);
     }

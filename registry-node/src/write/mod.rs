@@ -22,7 +22,7 @@ use flotilla_objstore::Remote;
 
 /// What a successful manifest push returns to the client.
 #[derive(Debug)]
-pub struct PutManifest {
+pub(crate) struct PutManifest {
     pub digest: Digest,
     pub subject: Option<Digest>,
 }
@@ -46,7 +46,7 @@ impl NodeService {
         Ok(())
     }
 
-    pub async fn delete_blob(&self, repo: &RepoName, d: &Digest) -> Result<()> {
+    pub(crate) async fn delete_blob(&self, repo: &RepoName, d: &Digest) -> Result<()> {
         let mut existed = false;
         if let Some(r) = &self.inner.remote {
             let key = layout::remote_blob_link(repo, d);
@@ -64,7 +64,7 @@ impl NodeService {
     /// candidates; without it, any blob on the node or in object storage is (the spec's
     /// automatic discovery). Returns false when there is nothing to mount, and the client
     /// gets a fresh session.
-    pub async fn mount_blob(
+    pub(crate) async fn mount_blob(
         &self,
         repo: &RepoName,
         d: &Digest,
@@ -93,7 +93,7 @@ impl NodeService {
 
     // ---- uploads ---------------------------------------------------------------------
 
-    pub async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
+    pub(crate) async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
         let h = self
             .inner
             .uploads
@@ -104,7 +104,7 @@ impl NodeService {
     }
 
     /// A whole blob in one request (`POST ?digest=`), hashed with the digest's algorithm.
-    pub async fn upload_monolithic<S, E>(
+    pub(crate) async fn upload_monolithic<S, E>(
         &self,
         repo: &RepoName,
         expected: &Digest,
@@ -127,7 +127,7 @@ impl NodeService {
 
     /// Append a chunk. `range` is the client's `Content-Range` (inclusive start-end), which
     /// must start exactly where the upload ends.
-    pub async fn upload_chunk<S, E>(
+    pub(crate) async fn upload_chunk<S, E>(
         &self,
         repo: &RepoName,
         id: &UploadId,
@@ -160,13 +160,13 @@ impl NodeService {
         Ok(s.append(body).await?)
     }
 
-    pub async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64> {
+    pub(crate) async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64> {
         let h = self.inner.uploads.get(repo, id)?;
         let s = h.lock().await;
         Ok(s.size)
     }
 
-    pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
+    pub(crate) async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> Result<()> {
         self.inner.uploads.get(repo, id)?;
         self.inner.uploads.remove(id).await;
         Ok(())
@@ -174,7 +174,7 @@ impl NodeService {
 
     /// `PUT ?digest=`: take the optional last chunk, verify, commit, link. The session ends
     /// whatever the outcome, as the spec requires after a digest mismatch.
-    pub async fn upload_complete<S, E>(
+    pub(crate) async fn upload_complete<S, E>(
         &self,
         repo: &RepoName,
         id: &UploadId,
@@ -236,7 +236,7 @@ impl NodeService {
 
     // ---- manifests -------------------------------------------------------------------
 
-    pub async fn put_manifest(
+    pub(crate) async fn put_manifest(
         &self,
         repo: &RepoName,
         reference: &flotilla_core::Reference,
@@ -320,7 +320,7 @@ impl NodeService {
     }
     /// By tag: untag. By digest: remove the manifest from the repository with every tag
     /// pointing at it and its referrer entry.
-    pub async fn delete_manifest(
+    pub(crate) async fn delete_manifest(
         &self,
         repo: &RepoName,
         reference: &flotilla_core::Reference,

@@ -47,7 +47,7 @@ struct Sink {
 /// One upload in progress. `sink` is `None` only while a request is streaming into it, which
 /// the per-session async mutex already serialises.
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     pub id: UploadId,
     pub repo: RepoName,
     pub path: PathBuf,
@@ -59,7 +59,7 @@ pub struct Session {
 impl Session {
     /// Append a stream of chunks; returns the new size. On a body error the bytes that did
     /// arrive stay counted, so the client's next `Range` tells it where to resume.
-    pub async fn append<S, E>(&mut self, body: S) -> Result<u64, UploadError>
+    pub(crate) async fn append<S, E>(&mut self, body: S) -> Result<u64, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -101,7 +101,7 @@ impl Session {
     }
 
     /// Flush and fsync the data, and hand back the digest computed on the way in.
-    pub async fn finish(&mut self) -> Result<(flotilla_core::Digest, PathBuf), UploadError> {
+    pub(crate) async fn finish(&mut self) -> Result<(flotilla_core::Digest, PathBuf), UploadError> {
         let sink = self
             .sink
             .take()
@@ -135,13 +135,13 @@ type Handle = Arc<tokio::sync::Mutex<Session>>;
 /// Registry of live sessions. The map is behind a std mutex held only for lookups; each
 /// session has its own async mutex held for the duration of one request.
 #[derive(Clone, Debug)]
-pub struct Uploads {
+pub(crate) struct Uploads {
     data_dir: PathBuf,
     sessions: Arc<Mutex<HashMap<UploadId, Handle>>>,
 }
 
 impl Uploads {
-    pub fn new(data_dir: &std::path::Path) -> Self {
+    pub(crate) fn new(data_dir: &std::path::Path) -> Self {
         Uploads {
             data_dir: data_dir.to_owned(),
             sessions: Arc::default(),
@@ -149,7 +149,7 @@ impl Uploads {
     }
 
     /// Start a session whose bytes are hashed with `algorithm`.
-    pub async fn create(
+    pub(crate) async fn create(
         &self,
         repo: RepoName,
         algorithm: Algorithm,
@@ -181,7 +181,7 @@ impl Uploads {
     }
 
     /// The session `id`, if it exists and belongs to `repo`.
-    pub fn get(&self, repo: &RepoName, id: &UploadId) -> Result<Handle, UploadError> {
+    pub(crate) fn get(&self, repo: &RepoName, id: &UploadId) -> Result<Handle, UploadError> {
         let handle = self
             .lock()
             .get(id)
@@ -197,7 +197,7 @@ impl Uploads {
     }
 
     /// Forget a session and delete its bytes (cancel, or after commit moved the file away).
-    pub async fn remove(&self, id: &UploadId) {
+    pub(crate) async fn remove(&self, id: &UploadId) {
         let removed = self.lock().remove(id);
         if let Some(h) = removed {
             metrics::gauge!("flotilla_node_upload_sessions").decrement(1.0);
@@ -207,7 +207,7 @@ impl Uploads {
     }
 
     /// Drop sessions idle longer than `max_age`; returns how many were purged.
-    pub async fn purge_idle(&self, max_age: Duration) -> usize {
+    pub(crate) async fn purge_idle(&self, max_age: Duration) -> usize {
         let candidates: Vec<(UploadId, Handle)> = self
             .lock()
             .iter()
