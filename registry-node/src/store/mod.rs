@@ -1,6 +1,6 @@
 //! The node's local store: content-addressed blobs and per-repository links on disk.
 //!
-//! Write discipline (see ARCHITECTURE.md, "Crash safety"): every file that becomes visible
+//! Write discipline (the write order and what a crash leaves are in the `write` module): every file that becomes visible
 //! under its final name was first written in full to a temp file, fsynced, then renamed, and
 //! the parent directory fsynced. So after a `kill -9` at any instant a final path holds either
 //! nothing or complete, verified content; leftovers live only under `tmp/` and `uploads/`,

@@ -1,7 +1,23 @@
 //! The write path: upload sessions (`uploads`), commit of a verified blob, write-through to
-//! object storage before the 201, manifests and tags, deletes and mounts. The order of every
-//! write (object storage first, local visibility last) is what makes a crash at any step
-//! leave nothing a client was told exists missing.
+//! object storage before the 201, manifests and tags, deletes and mounts.
+//!
+//! Write order for a blob: bytes stream into `uploads/<id>` while hashed → `fsync` → digest
+//! compared with the client's → `rename` to `blobs/...` → `fsync` of the directory → object
+//! storage put of the blob (skipped if already there), of the catalog entry and of the
+//! repository link → local repository link written atomically → 201. For a manifest: object
+//! storage first (blob bytes, catalog entry, membership, tag), then locally blob bytes,
+//! revision link, referrer entry, tag (each temp file + fsync + rename + directory fsync),
+//! then 201. An object-storage failure answers 503 `UNAVAILABLE` and leaves no local link or
+//! tag, so a retry starts clean.
+//!
+//! What a `kill -9` leaves at each step: before the rename, only files under `uploads/` and
+//! `tmp/`, which startup deletes (sessions do not survive a restart; clients restart the
+//! upload). After the rename, a complete, verified blob, possibly without its link: harmless,
+//! a retry re-links it. A tag is written last, so it never names a missing manifest.
+//!
+//! Assumed of the filesystem: `rename` within one filesystem is atomic; `fsync` of a file and
+//! of its directory makes the data and the name durable; `uploads/`, `tmp/` and `blobs/` share
+//! one filesystem.
 
 pub(crate) mod uploads;
 
