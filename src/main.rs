@@ -156,6 +156,16 @@ struct NodeArgs {
     /// Seconds a repository stays orphaned (and an unlinked blob unmodified) before deletion.
     #[arg(long, default_value_t = 600)]
     gc_grace_secs: u64,
+    /// Quarantined blobs older than this many seconds are deleted.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    quarantine_retention_secs: u64,
+    /// The quarantine is trimmed, oldest first, to at most this many bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    quarantine_max_bytes: u64,
+    /// Seconds a successful upload or HEAD proves object storage holds an object; a push
+    /// that depends on an older proof checks again (0: always check).
+    #[arg(long, default_value_t = 60)]
+    remote_confirm_secs: u64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -224,6 +234,9 @@ fn main() -> anyhow::Result<()> {
                 cfg.scrub_interval = Duration::from_secs(a.scrub_interval_secs);
                 cfg.gc_interval = Duration::from_secs(a.gc_interval_secs);
                 cfg.gc_grace = Duration::from_secs(a.gc_grace_secs);
+                cfg.quarantine_retention = Duration::from_secs(a.quarantine_retention_secs);
+                cfg.quarantine_max_bytes = a.quarantine_max_bytes;
+                cfg.remote_confirm_ttl = Duration::from_secs(a.remote_confirm_secs);
                 serve_node(a.listen, cfg).await
             }
             Cmd::Seeder(a) => {

@@ -40,6 +40,13 @@ pub struct NodeConfig {
     /// How long a repository must have been orphaned (and an unlinked blob unmodified)
     /// before it is deleted; longer than any router's view of the shard map can lag.
     pub gc_grace: Duration,
+    /// Quarantined files older than this are deleted (they are kept only for inspection).
+    pub quarantine_retention: Duration,
+    /// Quarantine is trimmed, oldest first, to at most this many bytes.
+    pub quarantine_max_bytes: u64,
+    /// How long a successful upload or HEAD counts as proof that object storage holds an
+    /// object (see `durable`); zero checks every time.
+    pub remote_confirm_ttl: Duration,
     /// Blob fetches in flight while seeding one repository.
     pub seed_concurrency: usize,
     /// Renders `/metrics`; the process installs one recorder and hands every node its handle.
@@ -65,6 +72,9 @@ impl NodeConfig {
             scrub_interval: Duration::from_secs(60),
             gc_interval: Duration::from_secs(60),
             gc_grace: Duration::from_secs(600),
+            quarantine_retention: Duration::from_secs(7 * 24 * 3600),
+            quarantine_max_bytes: 1 << 30,
+            remote_confirm_ttl: Duration::from_secs(60),
             seed_concurrency: 8,
             metrics: None,
         }

@@ -15,6 +15,7 @@
 
 mod anti_entropy;
 pub mod config;
+mod durable;
 mod gc;
 mod http;
 mod identity;

@@ -66,7 +66,13 @@ pub(crate) async fn scrub_loop(node: NodeService, cancel: CancellationToken) {
                 return;
             }
             match file_matches(&node, &path, &d, rate, Some(&cancel)).await {
-                Ok(Some(true)) | Ok(None) => {}
+                Ok(Some(true)) => {
+                    // The local copy is good; object storage must hold it too.
+                    if let Err(e) = node.check_remote_blob(&d, true).await {
+                        tracing::warn!(digest = %d, error = %e, "scrubber could not check object storage");
+                    }
+                }
+                Ok(None) => {}
                 Ok(Some(false)) => {
                     metrics::counter!("flotilla_node_scrub_corrupt_total").increment(1);
                     tracing::error!(digest = %d, "scrubber found a corrupt blob");

@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     /// Repositories whose catalog entry this process has written or seen (each is written
     /// once per process, before the repository's first object).
     pub(crate) cataloged: std::sync::Mutex<std::collections::HashSet<RepoName>>,
+    /// Object-storage keys recently seen to exist (see `durable`).
+    pub(crate) confirmed: crate::durable::Confirmed,
     /// Seen `layout::remote_catalog_complete()` (it is never removed).
     pub(crate) catalog_complete: std::sync::atomic::AtomicBool,
     pub(crate) seed_id: String,
@@ -97,6 +99,7 @@ impl NodeService {
         let fetches = remote
             .clone()
             .map(|r| Fetches::new(store.clone(), r, tasks.clone()));
+        let confirmed = crate::durable::Confirmed::new(cfg.remote_confirm_ttl);
         Ok(NodeService {
             inner: Arc::new(Inner {
                 cfg,
@@ -107,6 +110,7 @@ impl NodeService {
                 ready: std::sync::atomic::AtomicBool::new(false),
                 needs_seed: std::sync::atomic::AtomicBool::new(needs_seed),
                 cataloged: std::sync::Mutex::default(),
+                confirmed,
                 catalog_complete: std::sync::atomic::AtomicBool::new(false),
                 seed_id,
                 beat: tokio::sync::Notify::new(),

@@ -1,4 +1,5 @@
-//! The node's background loops (upload purge, catch-up with object storage, the scrubber),
+//! The node's background loops (upload purge and quarantine trim, catch-up with object
+//! storage, the scrubber),
 //! all tracked and cancelled together: no task outlives `BackgroundTasks::shutdown`.
 
 use tokio_util::sync::CancellationToken;
@@ -22,7 +23,38 @@ impl BackgroundTasks {
 }
 
 impl NodeService {
-    /// Start the upload purger (and, later, the other housekeeping loops).
+    /// Keep the quarantine within its retention and size bounds (see `read::verify`).
+    async fn trim_quarantine(&self) {
+        let dir = self
+            .inner
+            .store
+            .path(&flotilla_core::layout::local_quarantine_dir());
+        let (retention, max) = (
+            self.inner.cfg.quarantine_retention,
+            self.inner.cfg.quarantine_max_bytes,
+        );
+        let trimmed = tokio::task::spawn_blocking(move || {
+            crate::read::verify::trim_quarantine(&dir, retention, max)
+        })
+        .await;
+        match trimmed {
+            Ok(Ok(t)) => {
+                metrics::gauge!("flotilla_node_quarantine_bytes").set(t.kept_bytes as f64);
+                if t.files > 0 {
+                    metrics::counter!("flotilla_node_quarantine_deleted_total").increment(t.files);
+                    tracing::info!(
+                        files = t.files,
+                        bytes = t.bytes,
+                        "quarantined files past retention or size cap deleted"
+                    );
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not trim the quarantine"),
+            Err(e) => tracing::warn!(error = %e, "quarantine trim task failed"),
+        }
+    }
+
+    /// Start the housekeeping loops.
     pub(crate) fn start_background(&self) -> BackgroundTasks {
         let me = self.clone();
         let cancel = self.inner.cancel.child_token();
@@ -32,7 +64,10 @@ impl NodeService {
             loop {
                 tokio::select! {
                     _ = c.cancelled() => break,
-                    _ = tick.tick() => { me.inner.uploads.purge_idle(me.inner.cfg.upload_max_age).await; }
+                    _ = tick.tick() => {
+                        me.inner.uploads.purge_idle(me.inner.cfg.upload_max_age).await;
+                        me.trim_quarantine().await;
+                    }
                 }
             }
         });

@@ -91,6 +91,14 @@ pub enum SeederError {
         #[source]
         source: registry_client::internal::ClientError,
     },
+    #[error(
+        "node {node}: object storage lacks {missing} object(s) of {repo} that its listing names"
+    )]
+    Incomplete {
+        node: String,
+        repo: flotilla_core::RepoName,
+        missing: u64,
+    },
     #[error("leadership lost")]
     LostLeadership,
 }

@@ -343,6 +343,16 @@ impl Ctx {
                 return Err(SeederError::LostLeadership);
             }
             let stats = stats?;
+            if stats.missing > 0 {
+                // Never "done" with a hole: the repository stays pending and is asked again
+                // (a node that still holds the object restores it to object storage).
+                metrics::counter!("flotilla_seeder_missing_objects_total").increment(stats.missing);
+                return Err(SeederError::Incomplete {
+                    node: node.id.to_string(),
+                    repo,
+                    missing: stats.missing,
+                });
+            }
             fetched += stats.fetched_bytes;
             metrics::counter!("flotilla_seeder_bytes_total").increment(stats.fetched_bytes);
             metrics::counter!("flotilla_seeder_objects_total").increment(stats.objects);

@@ -110,6 +110,8 @@ pub(crate) struct ClusterOpts {
     /// Nodes' sweep for data of shards moved away: interval and grace, in seconds.
     pub gc_interval_secs: u64,
     pub gc_grace_secs: u64,
+    /// Nodes' `--remote-confirm-secs` (how long an upload proves an object exists).
+    pub remote_confirm_secs: u64,
 }
 
 impl Default for ClusterOpts {
@@ -124,6 +126,7 @@ impl Default for ClusterOpts {
             scrub_interval_secs: 60,
             gc_interval_secs: 60,
             gc_grace_secs: 600,
+            remote_confirm_secs: 60,
         }
     }
 }
@@ -368,6 +371,8 @@ impl ClusterProc {
             .arg(self.opts.gc_interval_secs.to_string())
             .arg("--gc-grace-secs")
             .arg(self.opts.gc_grace_secs.to_string())
+            .arg("--remote-confirm-secs")
+            .arg(self.opts.remote_confirm_secs.to_string())
             .env("FLOTILLA_SECRET", CLUSTER_SECRET)
             .env("RUST_LOG", "info")
             .env("AWS_ACCESS_KEY_ID", "flotilla-test")
@@ -537,6 +542,20 @@ impl ClusterProc {
         object_store::ObjectStore::head(&self.moto.s3(BUCKET), &key.into())
             .await
             .is_ok()
+    }
+
+    /// The sum of metric `name` on node `id`.
+    pub(crate) async fn node_metric(&self, id: &str, name: &str) -> f64 {
+        crate::support::metric_sum(&self.node(id).url(), name).await
+    }
+
+    /// Delete an object (relative to the store prefix), as an operator or a bucket policy
+    /// might.
+    pub(crate) async fn s3_delete(&self, key: &str) {
+        let key = format!("{PREFIX}/{key}");
+        object_store::ObjectStore::delete(&self.moto.s3(BUCKET), &key.into())
+            .await
+            .expect("s3 delete");
     }
 
     pub(crate) async fn s3_has_blob(&self, digest: &str) -> bool {

@@ -10,6 +10,7 @@ mod clients;
 mod cluster;
 mod crash;
 mod dev;
+mod faults;
 mod hostile;
 mod recovery;
 mod s3;

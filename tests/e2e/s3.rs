@@ -29,16 +29,7 @@ async fn wipe_and_restart(n: &mut NodeProc) {
 }
 
 async fn metric(n: &NodeProc, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", n.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    crate::support::metric_sum(&n.url(), name).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -582,3 +582,17 @@ pub(crate) fn error_code_raw(r: &RawResponse) -> String {
     );
     error_code_of(r.status, &r.body)
 }
+
+/// The sum of every series of metric `name` in the `/metrics` text served at `base_url`.
+pub(crate) async fn metric_sum(base_url: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{base_url}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

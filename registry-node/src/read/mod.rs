@@ -44,7 +44,9 @@ impl NodeService {
             return Ok(());
         }
         if let Some(r) = &self.inner.remote {
-            if r.head(&layout::remote_blob_link(repo, d)).await?.is_some() {
+            let link = layout::remote_blob_link(repo, d);
+            if r.head(&link).await?.is_some() {
+                self.confirm_remote(link);
                 self.inner.store.link_layer(repo, d).await?;
                 return Ok(());
             }
@@ -62,10 +64,15 @@ impl NodeService {
         if self.inner.store.has_blob(d).await? {
             return Ok(true);
         }
-        match &self.inner.remote {
-            Some(r) => Ok(r.head(&layout::remote_blob(d)).await?.is_some()),
-            None => Ok(false),
+        let Some(r) = &self.inner.remote else {
+            return Ok(false);
+        };
+        let key = layout::remote_blob(d);
+        let found = r.head(&key).await?.is_some();
+        if found {
+            self.confirm_remote(key);
         }
+        Ok(found)
     }
 
     /// Size of a blob the repository holds.

@@ -53,6 +53,57 @@ pub(crate) async fn quarantine(node: &NodeService, d: &Digest) -> Result<(), Sto
     }
 }
 
+/// What one trim of the quarantine did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Trimmed {
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
+    /// What stays after the trim.
+    pub(crate) kept_bytes: u64,
+}
+
+/// Bound the quarantine: delete files older than `retention`, then the oldest until at most
+/// `max_bytes` remain. Blocking; run it off the runtime.
+pub(crate) fn trim_quarantine(
+    dir: &std::path::Path,
+    retention: std::time::Duration,
+    max_bytes: u64,
+) -> io::Result<Trimmed> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Trimmed::default()),
+        Err(e) => return Err(e),
+    };
+    let mut files = Vec::new();
+    for e in rd {
+        let e = e?;
+        let m = e.metadata()?;
+        if m.is_file() {
+            let age = m.modified()?.elapsed().unwrap_or_default();
+            files.push((age, m.len(), e.path()));
+        }
+    }
+    // Oldest first.
+    files.sort_by_key(|f| std::cmp::Reverse(f.0));
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    let mut out = Trimmed::default();
+    for (age, len, path) in files {
+        if age < retention && total <= max_bytes {
+            break;
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        total -= len;
+        out.files += 1;
+        out.bytes += len;
+    }
+    out.kept_bytes = total;
+    Ok(out)
+}
+
 /// Fetch `d` from object storage into the cache (single-flight, verified), unless present.
 pub(crate) async fn repair(node: &NodeService, d: &Digest) -> Result<(), ServiceError> {
     let Some(fetches) = node.fetches() else {
@@ -289,4 +340,50 @@ pub(crate) async fn file_matches(
         node.store().mark_verified(d, stamp);
     }
     Ok(Some(ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn file(dir: &std::path::Path, name: &str, len: usize, age: Duration) {
+        let p = dir.join(name);
+        std::fs::write(&p, vec![0u8; len]).unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.set_modified(std::time::SystemTime::now() - age).unwrap();
+    }
+
+    #[test]
+    fn quarantine_is_trimmed_by_age_then_by_size_oldest_first() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let hour = Duration::from_secs(3600);
+        file(d, "ancient", 10, 100 * hour);
+        file(d, "old", 300, 5 * hour);
+        file(d, "mid", 300, 3 * hour);
+        file(d, "new", 300, hour);
+        // Retention 50 h removes `ancient`; the cap of 700 bytes then removes `old` only.
+        let got = trim_quarantine(d, 50 * hour, 700).unwrap();
+        assert_eq!(
+            got,
+            Trimmed {
+                files: 2,
+                bytes: 310,
+                kept_bytes: 600
+            }
+        );
+        let mut left: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["mid", "new"]);
+        // Within both bounds nothing more goes; a missing directory is no error.
+        assert_eq!(trim_quarantine(d, 50 * hour, 700).unwrap().files, 0);
+        assert_eq!(
+            trim_quarantine(&d.join("none"), hour, 0).unwrap(),
+            Trimmed::default()
+        );
+    }
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use flotilla_core::{layout, Algorithm, Digest, DigestHasher, RepoName, Tag, UploadId};
-use futures::Stream;
+use futures::{Stream, StreamExt, TryStreamExt};
 
 use self::uploads::UploadError;
 use crate::manifest;
@@ -240,9 +240,11 @@ impl NodeService {
         if let Some(r) = &self.inner.remote {
             r.put_blob_file(expected, &store.path(&layout::local_blob(expected)), s.size)
                 .await?;
+            self.confirm_remote(layout::remote_blob(expected));
             self.catalog(r, repo).await?;
-            r.put_bytes(&layout::remote_blob_link(repo, expected), Bytes::new())
-                .await?;
+            let link = layout::remote_blob_link(repo, expected);
+            r.put_bytes(&link, Bytes::new()).await?;
+            self.confirm_remote(link);
         }
         store.link_layer(repo, expected).await?;
         metrics::counter!("flotilla_node_blobs_committed_total").increment(1);
@@ -281,15 +283,28 @@ impl NodeService {
         }
         let m = manifest::parse(&bytes, content_type)?;
         let store = &self.inner.store;
-        for b in &m.blobs {
-            if !self.repo_has_blob(repo, b).await? {
-                return Err(ServiceError::ManifestBlobUnknown(b.clone()));
+        // Checked concurrently: each may cost object-storage HEADs.
+        let checks = m.blobs.iter().cloned().map(|b| {
+            let (me, repo) = (self.clone(), repo.clone());
+            async move {
+                if !me.repo_has_blob(&repo, &b).await? {
+                    return Err(ServiceError::ManifestBlobUnknown(b));
+                }
+                // The client may have skipped the upload because this node's disk had the
+                // blob: the acknowledgement must not depend on an object storage has lost.
+                me.ensure_blob_durable(&repo, &b).await
             }
-        }
+        });
+        futures::stream::iter(checks)
+            .buffer_unordered(8)
+            .try_collect::<Vec<()>>()
+            .await?;
         for child in &m.manifests {
-            if self.manifest_media_type(repo, child).await?.is_none() {
+            let Some(media_type) = self.manifest_media_type(repo, child).await? else {
                 return Err(ServiceError::ManifestBlobUnknown(child.clone()));
-            }
+            };
+            self.ensure_manifest_durable(repo, child, &media_type)
+                .await?;
         }
         // Object storage first: a manifest or tag is acknowledged only once it is durable
         // there, and a failure leaves no local trace of an unacknowledged tag.

@@ -1,0 +1,175 @@
+//! Faults that kill no process (issue 20), on real processes against moto and the file
+//! metadata store: objects lost from object storage, and the quarantine's bounds.
+
+use std::time::Duration;
+
+use crate::cluster_support::{layer_for, poll, try_pull, try_push_image, ClusterOpts, ClusterProc};
+use crate::support::{image_manifest, OCI_MANIFEST};
+
+const FAULT_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn blob_key(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+/// A layer deleted from object storage: a re-push whose client skipped the upload (its HEAD
+/// found the blob on a node) restores it from the node's verified copy before the 201; a
+/// replica rebuilt while the layer is missing reports the hole and stays out of service
+/// instead of calling its reseed done; once the object is back the reseed completes and
+/// every read is served, never a 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn lost_object_is_restored_from_a_node_and_a_reseed_never_hides_it() {
+    let opts = ClusterOpts {
+        seeders: 1,
+        scrub_bytes_per_sec: 0,
+        // The loss follows the upload at once: no proof of an upload may stand in for a HEAD.
+        remote_confirm_secs: 0,
+        ..ClusterOpts::default()
+    };
+    let mut c = ClusterProc::start_with(1, opts).await;
+    let oci = c.router(0);
+    let layer = layer_for("lost/prod-layer", 64 * 1024);
+    let pushed = try_push_image(&oci, "lost/prod", "v1", &layer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let layer_digest = pushed.blobs[1].clone();
+    assert!(c.s3_has_blob(&layer_digest).await);
+
+    // The object disappears from the bucket; the client's HEAD still finds the blob on a
+    // node, so it pushes only the manifest, under a new tag.
+    c.s3_delete(&blob_key(&layer_digest)).await;
+    assert!(!c.s3_has_blob(&layer_digest).await);
+    let head = oci
+        .http
+        .head(oci.url(&format!("/v2/lost/prod/blobs/{layer_digest}")))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(head.status(), 200, "the node still holds the blob");
+    let config_len = try_pull_config_len(&c, &pushed).await;
+    let m = image_manifest(&pushed.blobs[0], config_len, &layer_digest, layer.len());
+    let put = |tag: &'static str| {
+        let (oci, m) = (oci.clone(), m.clone());
+        async move {
+            oci.http
+                .put(oci.url(&format!("/v2/lost/prod/manifests/{tag}")))
+                .header("content-type", OCI_MANIFEST)
+                .body(m)
+                .send()
+                .await
+                .expect("PUT manifest")
+        }
+    };
+    let r = put("v2").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    assert!(
+        c.s3_has_blob(&layer_digest).await,
+        "a 201 that depends on a blob object storage lacks"
+    );
+
+    // Lost again, and now a replica is rebuilt from object storage.
+    c.s3_delete(&blob_key(&layer_digest)).await;
+    let replicas = c.replicas(0, "lost/prod").await;
+    assert_eq!(replicas.len(), 2, "{replicas:?}");
+    let wiped = replicas[1].clone();
+    c.wipe_and_restart(&wiped);
+    let rec = poll(
+        "the reseed to report the missing object",
+        FAULT_TIMEOUT,
+        || async {
+            let r = c.reseed_of(0, &wiped).await?;
+            r["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("lacks"))
+                .then_some(r)
+        },
+    )
+    .await;
+    assert_ne!(rec["status"], "done", "{rec}");
+    assert_eq!(
+        c.node_state(0, &wiped).await.as_deref(),
+        Some("seeding"),
+        "a replica with a hole must not take traffic"
+    );
+    // Reads keep working from the replica that holds the layer.
+    for tag in ["v1", "v2"] {
+        let mut p = pushed.clone();
+        p.tag = tag.to_owned();
+        try_pull(&oci, &p).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    // A push that depends on the layer restores it; the reseed then completes.
+    let r = put("v3").await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    assert!(c.s3_has_blob(&layer_digest).await);
+    let rec = poll("the reseed to complete", FAULT_TIMEOUT, || async {
+        let r = c.reseed_of(0, &wiped).await?;
+        (r["status"] == "done").then_some(r)
+    })
+    .await;
+    assert!(rec["last_error"].is_null(), "{rec}");
+    poll("the rebuilt replica to be ready", FAULT_TIMEOUT, || async {
+        let n = c.admin_node(0, &wiped).await?;
+        (n["state"] == "ready" && n["live"] == true).then_some(())
+    })
+    .await;
+    // Straight from the rebuilt replica, not through the router's failover.
+    let direct = c.node(&wiped).client();
+    for tag in ["v1", "v2", "v3"] {
+        let mut p = pushed.clone();
+        p.tag = tag.to_owned();
+        try_pull(&direct, &p)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// The scrubber checks object storage against what it verified on disk and restores what
+/// the bucket lost, with no client involved.
+#[tokio::test(flavor = "multi_thread")]
+async fn scrubber_restores_objects_lost_from_object_storage() {
+    let opts = ClusterOpts {
+        scrub_bytes_per_sec: 256 * 1024 * 1024,
+        scrub_interval_secs: 1,
+        ..ClusterOpts::default()
+    };
+    let c = ClusterProc::start_with(1, opts).await;
+    let oci = c.router(0);
+    let layer = layer_for("scrubbed/prod-layer", 32 * 1024);
+    let pushed = try_push_image(&oci, "scrubbed/prod", "v1", &layer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for d in &pushed.blobs {
+        c.s3_delete(&blob_key(d)).await;
+    }
+    poll(
+        "the scrubber to restore both blobs",
+        FAULT_TIMEOUT,
+        || async {
+            for d in &pushed.blobs {
+                if !c.s3_has_blob(d).await {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    // The restored objects are the right bytes.
+    for d in &pushed.blobs {
+        let bytes = c.s3_get(&blob_key(d)).await;
+        assert_eq!(&crate::support::sha256(&bytes), d);
+    }
+    let mut repaired = 0.0;
+    for id in ["n1", "n2", "n3"] {
+        repaired += c
+            .node_metric(id, "flotilla_node_remote_repaired_total")
+            .await;
+    }
+    assert!(repaired >= 2.0, "repairs counted: {repaired}");
+}
+
+/// The config blob's length, from object storage (the test pushed it).
+async fn try_pull_config_len(c: &ClusterProc, p: &crate::cluster_support::Pushed) -> usize {
+    c.s3_get(&blob_key(&p.blobs[0])).await.len()
+}
