@@ -49,6 +49,8 @@ impl Membership {
                 state: NodeState::Ready,
                 heartbeat_ms: now_ms(),
                 weight: 1,
+                store_ok: true,
+                writable: true,
             },
         })
     }
@@ -100,6 +102,7 @@ impl Membership {
                 }
             }
             self.record.heartbeat_ms = now_ms();
+            self.record.store_ok = node.object_store_healthy();
             let stored = match self.map.get_node(&self.record.id).await {
                 Ok(r) => r.map(|(rec, _)| rec.state),
                 Err(_) => Some(self.record.state),

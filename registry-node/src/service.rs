@@ -176,6 +176,11 @@ impl NodeService {
         self.inner.beat.notified().await
     }
 
+    /// Whether the object store answered the node's last call (true without one).
+    pub(crate) fn object_store_healthy(&self) -> bool {
+        self.inner.remote.as_ref().is_none_or(|r| r.healthy())
+    }
+
     /// Whether the node finished catching up with object storage and may take traffic.
     pub(crate) fn is_ready(&self) -> bool {
         self.inner.ready.load(std::sync::atomic::Ordering::Acquire)

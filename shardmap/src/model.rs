@@ -55,6 +55,18 @@ pub struct NodeRecord {
     pub heartbeat_ms: u64,
     /// Relative capacity; load is compared as keys held divided by weight. 0 = take no new keys.
     pub weight: u32,
+    /// Whether the node reached its object store at its last heartbeat. Routers prefer nodes
+    /// that do: only they can acknowledge a write or read through a miss.
+    #[serde(default = "yes")]
+    pub store_ok: bool,
+    /// Whether the node accepts new data (false when its disk is nearly full). Such a node
+    /// receives no new keys; reads keep working.
+    #[serde(default = "yes")]
+    pub writable: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The placement of one shard key, stored in `shards/<key>`.

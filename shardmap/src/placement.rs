@@ -76,7 +76,8 @@ impl From<&NodeRecord> for NodeInfo {
             id: r.id.clone(),
             rack: r.rack.clone(),
             state: r.state,
-            weight: r.weight,
+            // A node that cannot take new data takes no new keys.
+            weight: if r.writable { r.weight } else { 0 },
         }
     }
 }

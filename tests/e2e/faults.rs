@@ -1,7 +1,7 @@
 //! Faults that kill no process (issue 20), on real processes against moto and the file
-//! metadata store: objects lost from object storage, and the quarantine's bounds.
+//! metadata store: a frozen object store, objects lost from object storage.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cluster_support::{layer_for, poll, try_pull, try_push_image, ClusterOpts, ClusterProc};
 use crate::support::{image_manifest, OCI_MANIFEST};
@@ -172,4 +172,64 @@ async fn scrubber_restores_objects_lost_from_object_storage() {
 /// The config blob's length, from object storage (the test pushed it).
 async fn try_pull_config_len(c: &ClusterProc, p: &crate::cluster_support::Pushed) -> usize {
     c.s3_get(&blob_key(&p.blobs[0])).await.len()
+}
+
+async fn readyz(url: &str) -> serde_json::Value {
+    reqwest::get(format!("{url}/readyz"))
+        .await
+        .expect("GET /readyz")
+        .json()
+        .await
+        .expect("readyz JSON")
+}
+
+/// The object store frozen (SIGSTOP: connections accepted, nothing answered): a push gets a
+/// clean 503 `UNAVAILABLE` in seconds with nothing acknowledged, nodes report the store
+/// unreachable, reads of what they hold keep working, and once the store thaws pushes
+/// succeed again without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn frozen_object_store_fails_writes_in_seconds_and_heals() {
+    let c = ClusterProc::start_with(1, ClusterOpts::default()).await;
+    let oci = c.router(0);
+    let before = try_push_image(&oci, "frozen/prod", "v1", &layer_for("frozen-1", 8192))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.moto.freeze(true);
+    let t0 = Instant::now();
+    let err = try_push_image(&oci, "frozen/prod", "v2", &layer_for("frozen-2", 8192))
+        .await
+        .expect_err("a push acknowledged while object storage is frozen");
+    let took = t0.elapsed();
+    eprintln!("push with the object store frozen failed after {took:?}: {err}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(err.contains("503") && err.contains("UNAVAILABLE"), "{err}");
+    // The node that took the write says why.
+    let mut unreachable = 0;
+    for id in ["n1", "n2", "n3"] {
+        if readyz(&c.node(id).url()).await["object_store"] == "unreachable" {
+            unreachable += 1;
+        }
+    }
+    assert!(unreachable >= 1, "no node reports the frozen store");
+    // What the nodes hold is still served.
+    try_pull(&oci, &before)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    c.moto.freeze(false);
+    let after = poll(
+        "a push to succeed after the thaw",
+        FAULT_TIMEOUT,
+        || async {
+            try_push_image(&oci, "frozen/prod", "v2", &layer_for("frozen-2", 8192))
+                .await
+                .ok()
+        },
+    )
+    .await;
+    try_pull(&oci, &after)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The refused tag was never acknowledged, so nothing half-written shows: v2 is the
+    // image pushed after the thaw.
+    assert!(c.s3_has_blob(&after.blobs[1]).await);
 }

@@ -44,6 +44,18 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Freeze (SIGSTOP) or thaw (SIGCONT) the server: a frozen store accepts connections
+    /// and answers nothing, the failure no connect timeout catches.
+    pub(crate) fn freeze(&self, frozen: bool) {
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill {sig} moto");
+    }
+
     /// A signed S3 client on this server, for tampering with objects behind a node's back.
     pub(crate) fn s3(&self, bucket: &str) -> object_store::aws::AmazonS3 {
         object_store::aws::AmazonS3Builder::new()

@@ -33,16 +33,29 @@ pub(crate) fn app(node: NodeService) -> Router {
         .with_state(node)
 }
 
+/// Ready once caught up with object storage (reads are correct from then on); the body
+/// says whether object storage answers now, which decides whether writes can succeed.
 async fn readyz(State(node): State<NodeService>) -> Response {
-    if node.is_ready() {
-        "ready".into_response()
+    let ready = node.is_ready();
+    let store = match (
+        node.config().store_url.is_some(),
+        node.object_store_healthy(),
+    ) {
+        (false, _) => "none",
+        (true, true) => "up",
+        (true, false) => "unreachable",
+    };
+    let status = if ready {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "catching up with object storage",
-        )
-            .into_response()
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "ready": ready,
+        "detail": if ready { "serving" } else { "catching up with object storage" },
+        "object_store": store,
+    });
+    (status, axum::Json(body)).into_response()
 }
 
 async fn metrics_text(State(node): State<NodeService>) -> Response {
