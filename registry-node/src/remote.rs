@@ -6,7 +6,9 @@
 //! ever held whole in memory. Retries are bounded tightly: a push waiting on an unreachable
 //! store should fail with 503 in seconds, not hang for the library's default three minutes.
 
-use std::path::Path as FsPath;
+use std::fmt;
+use std::path::{Path as FsPath, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,11 +26,159 @@ const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts in flight per blob: bounds memory at `PART_SIZE * MAX_PARTS_IN_FLIGHT` per upload.
 const MAX_PARTS_IN_FLIGHT: usize = 4;
 
+/// Why a string is not a [`StoreUrl`]; every variant quotes the whole URL so the message
+/// stands on its own after the flag name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StoreUrlError {
+    #[error("invalid store URL {url:?}: {error}")]
+    Syntax { url: String, error: url::ParseError },
+    #[error("invalid store URL {url:?}: unsupported scheme {scheme:?} (expected s3, gs, az, file or memory)")]
+    UnsupportedScheme { url: String, scheme: String },
+    #[error("invalid store URL {url:?}: missing {part}")]
+    Missing { url: String, part: &'static str },
+    #[error("invalid store URL {url:?}: file:// needs a local absolute directory (file:///DIR)")]
+    NotLocal { url: String },
+    #[error("invalid store URL {url:?}: unknown parameter {param:?} (s3 takes endpoint and region; other schemes none)")]
+    UnknownParameter { url: String, param: String },
+    #[error("invalid store URL {url:?}: endpoint {endpoint:?} is not an http:// or https:// URL")]
+    Endpoint { url: String, endpoint: String },
+}
+
+/// An object-store URL: `s3://BUCKET[/PREFIX][?endpoint=http://HOST:PORT&region=R]`,
+/// `gs://BUCKET[/PREFIX]`, `az://CONTAINER[/PREFIX]`, `file:///DIR`, `memory://`.
+///
+/// Parsing checks the scheme, the bucket or directory and the query without any I/O, so a
+/// process rejects a bad URL before it creates anything on disk; [`Remote::open`] then only
+/// fails for reasons of the store itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreUrl {
+    url: url::Url,
+    backend: Backend,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Backend {
+    S3 {
+        bucket: String,
+        endpoint: Option<String>,
+        region: Option<String>,
+    },
+    Gcs {
+        bucket: String,
+    },
+    Azure {
+        container: String,
+    },
+    File(PathBuf),
+    Memory,
+}
+
+impl StoreUrl {
+    /// A `file://` store in `dir`, for callers that own a directory (`flotilla dev`, tests)
+    /// and should not have to get percent-encoding right by hand.
+    pub fn file(dir: &FsPath) -> Result<StoreUrl, StoreUrlError> {
+        let url = url::Url::from_directory_path(dir).map_err(|()| StoreUrlError::NotLocal {
+            url: format!("file://{}", dir.display()),
+        })?;
+        url.as_str().parse()
+    }
+
+    /// The key prefix inside the bucket (empty for `file://`, whose directory is the root).
+    fn prefix(&self) -> String {
+        match self.backend {
+            Backend::File(_) => String::new(),
+            _ => self.url.path().trim_matches('/').to_owned(),
+        }
+    }
+}
+
+impl FromStr for StoreUrl {
+    type Err = StoreUrlError;
+
+    fn from_str(s: &str) -> Result<StoreUrl, StoreUrlError> {
+        let url = url::Url::parse(s).map_err(|error| StoreUrlError::Syntax {
+            url: s.to_owned(),
+            error,
+        })?;
+        let missing = |part| StoreUrlError::Missing {
+            url: s.to_owned(),
+            part,
+        };
+        let host = || url.host_str().filter(|h| !h.is_empty()).map(str::to_owned);
+        let allowed: &[&str] = if url.scheme() == "s3" {
+            &["endpoint", "region"]
+        } else {
+            &[]
+        };
+        if let Some((param, _)) = url
+            .query_pairs()
+            .find(|(k, _)| !allowed.contains(&k.as_ref()))
+        {
+            return Err(StoreUrlError::UnknownParameter {
+                url: s.to_owned(),
+                param: param.into_owned(),
+            });
+        }
+        let query = |k: &str| {
+            url.query_pairs()
+                .find(|(q, _)| q == k)
+                .map(|(_, v)| v.into_owned())
+        };
+        let backend = match url.scheme() {
+            "s3" => {
+                let endpoint = query("endpoint");
+                if let Some(e) = &endpoint {
+                    let ok = url::Url::parse(e)
+                        .is_ok_and(|e| matches!(e.scheme(), "http" | "https") && e.has_host());
+                    if !ok {
+                        return Err(StoreUrlError::Endpoint {
+                            url: s.to_owned(),
+                            endpoint: e.clone(),
+                        });
+                    }
+                }
+                Backend::S3 {
+                    bucket: host().ok_or_else(|| missing("bucket"))?,
+                    endpoint,
+                    region: query("region"),
+                }
+            }
+            "gs" => Backend::Gcs {
+                bucket: host().ok_or_else(|| missing("bucket"))?,
+            },
+            "az" => Backend::Azure {
+                container: host().ok_or_else(|| missing("container"))?,
+            },
+            "file" => {
+                let dir = url
+                    .to_file_path()
+                    .map_err(|()| StoreUrlError::NotLocal { url: s.to_owned() })?;
+                if dir.parent().is_none() {
+                    return Err(missing("directory"));
+                }
+                Backend::File(dir)
+            }
+            "memory" => Backend::Memory,
+            other => {
+                return Err(StoreUrlError::UnsupportedScheme {
+                    url: s.to_owned(),
+                    scheme: other.to_owned(),
+                })
+            }
+        };
+        Ok(StoreUrl { url, backend })
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.url.as_str())
+    }
+}
+
 /// Failures talking to object storage; all of them mean "unavailable" to a client.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
-    #[error("invalid store URL {url:?}: {reason}")]
-    Url { url: String, reason: String },
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
     #[error("reading local file for upload: {0}")]
@@ -43,23 +193,11 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// `s3://BUCKET[/PREFIX][?endpoint=http://HOST:PORT&region=R]`, `gs://BUCKET[/PREFIX]`,
-    /// `az://CONTAINER[/PREFIX]`, `file:///DIR`, `memory://`.
-    /// S3 credentials come from the usual `AWS_*` variables; custom endpoints use path-style
-    /// addressing (what MinIO, moto and Ceph expect).
-    pub fn open(url: &str) -> Result<Remote, RemoteError> {
-        let bad = |reason: &str| RemoteError::Url {
-            url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-        let query = |k: &str| {
-            parsed
-                .query_pairs()
-                .find(|(q, _)| q == k)
-                .map(|(_, v)| v.into_owned())
-        };
-        let prefix = parsed.path().trim_matches('/').to_owned();
+    /// Build the store `url` names. S3 credentials come from the usual `AWS_*` variables;
+    /// custom endpoints use path-style addressing (what MinIO, moto and Ceph expect). GCS and
+    /// Azure take credentials and endpoints from their libraries' usual variables.
+    pub fn open(url: &StoreUrl) -> Result<Remote, RemoteError> {
+        let prefix = url.prefix();
         let retry = object_store::RetryConfig {
             backoff: object_store::BackoffConfig {
                 init_backoff: Duration::from_millis(50),
@@ -72,53 +210,46 @@ impl Remote {
         let client = object_store::ClientOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(120));
-        let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
-            "s3" => {
-                let bucket = parsed.host_str().ok_or_else(|| bad("missing bucket"))?;
+        let store: Arc<dyn ObjectStore> = match &url.backend {
+            Backend::S3 {
+                bucket,
+                endpoint,
+                region,
+            } => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry)
                     .with_client_options(client);
-                if let Some(region) = query("region") {
+                if let Some(region) = region {
                     b = b.with_region(region);
                 }
-                if let Some(endpoint) = query("endpoint") {
+                if let Some(endpoint) = endpoint {
                     b = b
                         .with_allow_http(endpoint.starts_with("http://"))
                         .with_endpoint(endpoint)
                         .with_virtual_hosted_style_request(false);
                 }
-                (Arc::new(b.build()?), prefix)
+                Arc::new(b.build()?)
             }
-            "file" => {
-                let dir = parsed
-                    .to_file_path()
-                    .map_err(|()| bad("not a local path"))?;
-                std::fs::create_dir_all(&dir)?;
-                (
-                    Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?),
-                    String::new(),
-                )
+            Backend::File(dir) => {
+                std::fs::create_dir_all(dir)?;
+                Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?)
             }
-            // Credentials and endpoints from the libraries' usual environment variables.
-            "gs" => {
-                let bucket = parsed.host_str().ok_or_else(|| bad("missing bucket"))?;
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            Backend::Gcs { bucket } => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry)
-                    .with_client_options(client);
-                (Arc::new(b.build()?), prefix)
-            }
-            "az" => {
-                let container = parsed.host_str().ok_or_else(|| bad("missing container"))?;
-                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_client_options(client)
+                    .build()?,
+            ),
+            Backend::Azure { container } => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(container)
                     .with_retry(retry)
-                    .with_client_options(client);
-                (Arc::new(b.build()?), prefix)
-            }
-            "memory" => (Arc::new(object_store::memory::InMemory::new()), prefix),
-            other => return Err(bad(&format!("unsupported scheme {other:?}"))),
+                    .with_client_options(client)
+                    .build()?,
+            ),
+            Backend::Memory => Arc::new(object_store::memory::InMemory::new()),
         };
         Ok(Remote { store, prefix })
     }
@@ -275,5 +406,61 @@ impl Remote {
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("flotilla_node_remote_blob_bytes_out_total").increment(size);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(url: &str, expected: Result<&str, &str>) {
+        match (url.parse::<StoreUrl>(), expected) {
+            (Ok(u), Ok(prefix)) => {
+                assert_eq!(u.prefix(), prefix, "{url}");
+                assert_eq!(u.to_string().parse::<StoreUrl>().as_ref(), Ok(&u), "{url}");
+            }
+            (Err(e), Err(needle)) => {
+                let msg = e.to_string();
+                assert!(msg.contains(needle), "{url}: {msg:?} lacks {needle:?}");
+                assert!(msg.contains(&format!("{url:?}")), "{url}: {msg:?}");
+            }
+            (got, want) => panic!("{url}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn grammar() {
+        check(
+            "s3://b/p/q?endpoint=http://127.0.0.1:9000&region=us-east-1",
+            Ok("p/q"),
+        );
+        check("s3://b", Ok(""));
+        check("gs://b/p", Ok("p"));
+        check("az://c/p/", Ok("p"));
+        check("file:///var/lib/objects", Ok(""));
+        check("memory://", Ok(""));
+        check("s4://x", Err("unsupported scheme \"s4\""));
+        check("s3:///p", Err("missing bucket"));
+        check("gs://", Err("missing bucket"));
+        check("az://", Err("missing container"));
+        check("file:///", Err("missing directory"));
+        check("file://host/dir", Err("local absolute directory"));
+        check(
+            "s3://b?endpiont=http://x",
+            Err("unknown parameter \"endpiont\""),
+        );
+        check("gs://b?region=x", Err("unknown parameter \"region\""));
+        check(
+            "s3://b?endpoint=127.0.0.1:9000",
+            Err("is not an http:// or https:// URL"),
+        );
+        check("bucket/prefix", Err("relative URL without a base"));
+    }
+
+    #[test]
+    fn file_constructor_encodes_the_path() {
+        let u = StoreUrl::file(FsPath::new("/tmp/a b")).unwrap();
+        assert_eq!(u.backend, Backend::File(PathBuf::from("/tmp/a b/")));
+        assert!(StoreUrl::file(FsPath::new("relative")).is_err());
     }
 }
