@@ -13,6 +13,8 @@
 //! own deadline), so a large blob on a slow but live link is not cut. A timeout counts as
 //! the store being unreachable: [`Remote::healthy`] reports it until the next success.
 
+mod url;
+
 use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,9 @@ use futures::StreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, PutPayload, WriteMultipart};
 use tokio::io::AsyncReadExt;
+
+use crate::url::Backend;
+pub use crate::url::{StoreUrl, StoreUrlError};
 
 /// Parts at least this large go up as multipart uploads (S3's minimum part is 5 MiB).
 const MULTIPART_THRESHOLD: u64 = 16 * 1024 * 1024;
@@ -50,8 +55,6 @@ fn transfer_deadline(bytes: u64) -> Duration {
 pub enum RemoteError {
     #[error("object store did not answer {op} within {after:?}")]
     Timeout { op: &'static str, after: Duration },
-    #[error("invalid store URL {url:?}: {reason}")]
-    Url { url: String, reason: String },
     #[error("object store: {0}")]
     Store(#[from] object_store::Error),
     #[error("reading local file for upload: {0}")]
@@ -68,23 +71,11 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// `s3://BUCKET[/PREFIX][?endpoint=http://HOST:PORT&region=R]`, `gs://BUCKET[/PREFIX]`,
-    /// `az://CONTAINER[/PREFIX]`, `file:///DIR`, `memory://`.
-    /// S3 credentials come from the usual `AWS_*` variables; custom endpoints use path-style
-    /// addressing (what MinIO, moto and Ceph expect).
-    pub fn open(url: &str) -> Result<Remote, RemoteError> {
-        let bad = |reason: &str| RemoteError::Url {
-            url: url.to_owned(),
-            reason: reason.to_owned(),
-        };
-        let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-        let query = |k: &str| {
-            parsed
-                .query_pairs()
-                .find(|(q, _)| q == k)
-                .map(|(_, v)| v.into_owned())
-        };
-        let prefix = parsed.path().trim_matches('/').to_owned();
+    /// Build the store `url` names. S3 credentials come from the usual `AWS_*` variables;
+    /// custom endpoints use path-style addressing (what MinIO, moto and Ceph expect). GCS and
+    /// Azure take credentials and endpoints from their libraries' usual variables.
+    pub fn open(url: &StoreUrl) -> Result<Remote, RemoteError> {
+        let prefix = url.prefix();
         let retry = object_store::RetryConfig {
             backoff: object_store::BackoffConfig {
                 init_backoff: Duration::from_millis(50),
@@ -98,53 +89,46 @@ impl Remote {
             .with_connect_timeout(Duration::from_secs(2))
             // A backstop per attempt; the deadlines below are what a caller waits at most.
             .with_timeout(Duration::from_secs(60));
-        let (store, prefix): (Arc<dyn ObjectStore>, String) = match parsed.scheme() {
-            "s3" => {
-                let bucket = parsed.host_str().ok_or_else(|| bad("missing bucket"))?;
+        let store: Arc<dyn ObjectStore> = match &url.backend {
+            Backend::S3 {
+                bucket,
+                endpoint,
+                region,
+            } => {
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry)
                     .with_client_options(client);
-                if let Some(region) = query("region") {
+                if let Some(region) = region {
                     b = b.with_region(region);
                 }
-                if let Some(endpoint) = query("endpoint") {
+                if let Some(endpoint) = endpoint {
                     b = b
                         .with_allow_http(endpoint.starts_with("http://"))
                         .with_endpoint(endpoint)
                         .with_virtual_hosted_style_request(false);
                 }
-                (Arc::new(b.build()?), prefix)
+                Arc::new(b.build()?)
             }
-            "file" => {
-                let dir = parsed
-                    .to_file_path()
-                    .map_err(|()| bad("not a local path"))?;
-                std::fs::create_dir_all(&dir)?;
-                (
-                    Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?),
-                    String::new(),
-                )
+            Backend::File(dir) => {
+                std::fs::create_dir_all(dir)?;
+                Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir)?)
             }
-            // Credentials and endpoints from the libraries' usual environment variables.
-            "gs" => {
-                let bucket = parsed.host_str().ok_or_else(|| bad("missing bucket"))?;
-                let b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+            Backend::Gcs { bucket } => Arc::new(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env()
                     .with_bucket_name(bucket)
                     .with_retry(retry)
-                    .with_client_options(client);
-                (Arc::new(b.build()?), prefix)
-            }
-            "az" => {
-                let container = parsed.host_str().ok_or_else(|| bad("missing container"))?;
-                let b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_client_options(client)
+                    .build()?,
+            ),
+            Backend::Azure { container } => Arc::new(
+                object_store::azure::MicrosoftAzureBuilder::from_env()
                     .with_container_name(container)
                     .with_retry(retry)
-                    .with_client_options(client);
-                (Arc::new(b.build()?), prefix)
-            }
-            "memory" => (Arc::new(object_store::memory::InMemory::new()), prefix),
-            other => return Err(bad(&format!("unsupported scheme {other:?}"))),
+                    .with_client_options(client)
+                    .build()?,
+            ),
+            Backend::Memory => Arc::new(object_store::memory::InMemory::new()),
         };
         Ok(Remote::new(store, prefix))
     }

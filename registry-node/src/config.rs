@@ -1,20 +1,24 @@
-//! Node configuration, validated once by the binary and passed by value.
+//! Node configuration, passed by value. Every field is already typed and validated (the
+//! binary builds it from its flags in one place), so the node never parses a string.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla_core::{NodeId, RackId};
+use shardmap::MetaUrl;
+
+use flotilla_objstore::StoreUrl;
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub id: NodeId,
     pub rack: RackId,
     pub data_dir: PathBuf,
-    /// Object store URL (`s3://...`, `file:///...`, `memory://`); `None` keeps everything
-    /// local only (tests and the single-node spec suite).
-    pub store_url: Option<String>,
-    /// Metadata store URL; with it the node registers itself for routers to find.
-    pub meta_url: Option<String>,
+    /// Object store; `None` keeps everything local only (tests and the single-node spec
+    /// suite).
+    pub store_url: Option<StoreUrl>,
+    /// Metadata store; with it the node registers itself for routers to find.
+    pub meta_url: Option<MetaUrl>,
     /// Shared secret required on the node-internal API; `None` disables that API.
     pub secret: Option<String>,
     /// URL routers and peers use to reach this node; defaults to `http://<listen addr>`.

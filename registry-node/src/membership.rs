@@ -36,7 +36,7 @@ pub(crate) struct Membership {
 impl Membership {
     pub(crate) fn open(
         cfg: &NodeConfig,
-        meta_url: &str,
+        meta_url: &shardmap::MetaUrl,
         advertise: String,
     ) -> Result<Self, shardmap::StoreError> {
         let store: Arc<dyn MetaStore> = shardmap::open(meta_url)?;

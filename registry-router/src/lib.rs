@@ -28,7 +28,7 @@ pub use cluster::Cluster;
 
 #[derive(Clone, Debug)]
 pub struct RouterConfig {
-    pub meta_url: String,
+    pub meta_url: shardmap::MetaUrl,
     pub replication_factor: usize,
     pub shard_key_depth: NonZeroUsize,
     /// How often the node and shard snapshot is refreshed from the metadata store.
@@ -52,7 +52,7 @@ pub struct RouterConfig {
 }
 
 impl RouterConfig {
-    pub fn new(meta_url: String) -> Self {
+    pub fn new(meta_url: shardmap::MetaUrl) -> Self {
         RouterConfig {
             meta_url,
             replication_factor: 2,

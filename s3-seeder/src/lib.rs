@@ -27,14 +27,14 @@ use shardmap::{Keyspace, MetaStore, ShardMap};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Seeder settings, built by the binary.
+/// Seeder settings, built by the binary from already validated flags.
 #[derive(Clone, Debug)]
 pub struct SeederConfig {
     /// This instance's name in the leader record and progress records.
     pub id: String,
-    pub meta_url: String,
-    /// Object store URL, the same the nodes use (listing only; the seeder reads no bytes).
-    pub store_url: String,
+    pub meta_url: shardmap::MetaUrl,
+    /// Object store, the same the nodes use (listing only; the seeder reads no bytes).
+    pub store_url: flotilla_objstore::StoreUrl,
     /// Shared secret of the node-internal API.
     pub secret: Option<String>,
     /// A node missing from `nodes/` this long is replaced shard by shard.
@@ -59,7 +59,7 @@ pub struct SeederConfig {
 }
 
 impl SeederConfig {
-    pub fn new(meta_url: String, store_url: String) -> Self {
+    pub fn new(meta_url: shardmap::MetaUrl, store_url: flotilla_objstore::StoreUrl) -> Self {
         SeederConfig {
             id: format!("seeder-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
             meta_url,

@@ -9,7 +9,7 @@
 //!   replicas for a new key; [`plan_add_node`] / [`plan_remove_node`] compute the minimal
 //!   [`Move`]s after a membership change. No I/O.
 //! - [`store`]: the [`MetaStore`] trait (get/put/CAS/delete/list/watch, leases, locks), its
-//!   backends chosen by URL through [`open`] (`file://` embedded, `consul://`, `etcd://`), and
+//!   backends chosen by a [`MetaUrl`] through [`open`] (`file://` embedded, `consul://`, `etcd://`), and
 //!   [`ShardMap`], typed helpers every backend shares.
 //! - `testsuite` (feature `testsuite`): the conformance suite every backend runs.
 
@@ -28,5 +28,6 @@ pub use placement::{
     PlacementError,
 };
 pub use store::{
-    open, Conflict, Entry, Lease, MetaStore, ShardMap, StoreError, Version, WatchEvent,
+    open, Conflict, Entry, Lease, MetaStore, MetaUrl, MetaUrlError, ShardMap, StoreError, Version,
+    WatchEvent,
 };

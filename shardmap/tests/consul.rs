@@ -348,7 +348,7 @@ async fn start_standin() -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consul_standin_passes_the_suite() {
     let addr = start_standin().await;
-    let store = shardmap::open(&format!("consul://{addr}")).unwrap();
+    let store = shardmap::open(&format!("consul://{addr}").parse().unwrap()).unwrap();
     testsuite::run_all(store.clone(), "flotilla/").await;
     // Consul's minimum session TTL is 10 s, so this takes ~10 s.
     testsuite::lease_expiry(&*store, "flotilla/", Duration::from_secs(10)).await;

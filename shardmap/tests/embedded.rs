@@ -9,11 +9,11 @@ use shardmap::testsuite;
 async fn embedded_store_passes_the_suite() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
-    let store = shardmap::open(&url).unwrap();
+    let store = shardmap::open(&url.parse().unwrap()).unwrap();
     testsuite::run_all(store.clone(), "flotilla/").await;
     testsuite::lease_expiry(&*store, "flotilla/", Duration::from_secs(1)).await;
     // A second handle (another process) sees the same data and keeps versions increasing.
-    let other = shardmap::open(&url).unwrap();
+    let other = shardmap::open(&url.parse().unwrap()).unwrap();
     let v1 = store.put("flotilla/x", "1".into()).await.unwrap();
     let v2 = other.put("flotilla/x", "2".into()).await.unwrap();
     assert!(v2 > v1);

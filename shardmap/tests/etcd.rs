@@ -145,7 +145,7 @@ async fn etcd_single_member_passes_the_suite() {
     let Some(bin) = etcd_binary() else { return };
     let members = start_cluster(&bin, 1);
     wait_ready(&members).await;
-    let store = shardmap::open(&url(&members)).unwrap();
+    let store = shardmap::open(&url(&members).parse().unwrap()).unwrap();
     testsuite::run_all(store.clone(), "flotilla/").await;
     testsuite::lease_expiry(&*store, "flotilla/", Duration::from_secs(2)).await;
 }
@@ -158,7 +158,7 @@ async fn etcd_cluster_survives_leader_loss() {
     // Put the leader first in the endpoint list so the client is talking to it when it dies.
     let leader = leader_index(&members).await;
     members.swap(0, leader);
-    let store = shardmap::open(&url(&members)).unwrap();
+    let store = shardmap::open(&url(&members).parse().unwrap()).unwrap();
     let s: &dyn MetaStore = &*store;
 
     let v1 = s.put("flotilla/k", "1".into()).await.unwrap();

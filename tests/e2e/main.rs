@@ -8,6 +8,7 @@ mod support;
 mod bench_smoke;
 mod clients;
 mod cluster;
+mod config;
 mod crash;
 mod dev;
 mod faults;

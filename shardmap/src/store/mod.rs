@@ -1,6 +1,6 @@
 //! The `MetaStore` trait — get, put, compare-and-swap, delete, list, watch, leases and leader
 //! locks over opaque bytes — plus typed shard-map helpers shared by every backend, and
-//! [`open`], which picks a backend from a URL.
+//! [`open`], which picks a backend from a [`MetaUrl`].
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,6 +17,9 @@ pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod file;
+pub mod url;
+
+pub use url::{MetaUrl, MetaUrlError};
 
 /// A key's version: a store-wide, monotonically increasing revision (etcd `mod_revision`,
 /// Consul `ModifyIndex`, the embedded store's revision counter). Compare-and-swap and watch
@@ -173,26 +176,22 @@ pub trait MetaStore: Send + Sync + fmt::Debug {
     async fn unlock(&self, key: &str, lease: &Lease) -> Result<(), StoreError>;
 }
 
-/// Open a metadata store by URL: `file:///var/lib/flotilla/meta` (embedded, the default),
+/// Open a metadata store: `file:///var/lib/flotilla/meta` (embedded, the default),
 /// `consul://127.0.0.1:8500` (token from `CONSUL_HTTP_TOKEN`), or
 /// `etcd://10.0.0.1:2379,10.0.0.2:2379` (tried in order, failing over on connection errors).
-pub fn open(url: &str) -> Result<Arc<dyn MetaStore>, StoreError> {
-    if let Some(dir) = url.strip_prefix("file://") {
-        if dir.is_empty() {
-            return Err(StoreError::BadUrl(url.to_owned()));
+/// The URL was validated when parsed; what can still fail here is the backend itself (the
+/// embedded store's directory, an HTTP client).
+pub fn open(url: &MetaUrl) -> Result<Arc<dyn MetaStore>, StoreError> {
+    match &url.0 {
+        url::Backend::File(dir) => Ok(Arc::new(file::FileStore::open(dir)?)),
+        #[cfg(feature = "consul")]
+        url::Backend::Consul(addr) => {
+            let token = std::env::var("CONSUL_HTTP_TOKEN").ok();
+            Ok(Arc::new(consul::ConsulStore::new(addr, token)?))
         }
-        return Ok(Arc::new(file::FileStore::open(dir)?));
+        #[cfg(feature = "etcd")]
+        url::Backend::Etcd(addrs) => Ok(Arc::new(etcd::EtcdStore::new(&addrs.join(","))?)),
     }
-    #[cfg(feature = "consul")]
-    if let Some(addr) = url.strip_prefix("consul://") {
-        let token = std::env::var("CONSUL_HTTP_TOKEN").ok();
-        return Ok(Arc::new(consul::ConsulStore::new(addr, token)?));
-    }
-    #[cfg(feature = "etcd")]
-    if let Some(addrs) = url.strip_prefix("etcd://") {
-        return Ok(Arc::new(etcd::EtcdStore::new(addrs)?));
-    }
-    Err(StoreError::BadUrl(url.to_owned()))
 }
 
 /// Typed shard-map operations on any [`MetaStore`], so every backend agrees on keys and

@@ -1,0 +1,174 @@
+//! The low-level arguments: what clap parses, one struct per subcommand. URLs stay strings
+//! here; `config` turns them into typed, validated configs (ripgrep's low/high args split),
+//! so that every message about a bad URL names its flag in one consistent form.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use flotilla_core::{NodeId, RackId};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "A distributed, sharded OCI container registry"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Cmd {
+    /// Run the embedded cluster in one process: nodes in racks, the router on --listen, the
+    /// seeder, the embedded metadata store and a file:// object store under --data.
+    Dev(DevArgs),
+    /// Run one registry node serving the OCI API.
+    Node(NodeArgs),
+    /// Run the router: the front door mapping each service/mode to its replica pair.
+    Router(RouterArgs),
+    /// Run a seeder: reseeds empty nodes from object storage, replaces dead nodes, rebalances.
+    /// Any number may run; one (leader-elected through the metadata store) acts.
+    Seeder(SeederArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct DevArgs {
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+    #[arg(long, default_value = "./flotilla-data")]
+    pub data: PathBuf,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Rack of each node in order, comma-separated (default: n1,n2 in r1; n3 in r2).
+    #[arg(long, value_delimiter = ',', default_value = "r1,r1,r2")]
+    pub racks: Vec<RackId>,
+    /// Blob GETs answered with a 307 to a live replica (`router --blob-redirect`) instead
+    /// of proxied: `auto` does so when --listen is a loopback address, since every client
+    /// can then reach the nodes (which listen on loopback too).
+    #[arg(long, value_enum, default_value_t = Redirect::Auto)]
+    pub blob_redirect: Redirect,
+}
+
+/// `flotilla dev --blob-redirect`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum Redirect {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct RouterArgs {
+    #[arg(long, default_value = "127.0.0.1:5000")]
+    pub listen: SocketAddr,
+    /// Metadata store URL (file:///DIR, consul://HOST:PORT, etcd://HOST:PORT,...).
+    #[arg(long)]
+    pub meta: String,
+    /// Replication factor for newly placed keys.
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    /// Shared secret for the node-internal API.
+    #[arg(long, env = "FLOTILLA_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// MiB of manifests answered from the router's memory (0 disables the cache).
+    #[arg(long, default_value_t = 64)]
+    pub manifest_cache_mib: u64,
+    /// Longest a cached manifest is served when no newer shard epoch has been seen (a
+    /// bound for writes this router cannot observe, e.g. while the metadata store is away).
+    #[arg(long, default_value_t = 10)]
+    pub manifest_cache_ttl_secs: u64,
+    /// Answer blob GETs with a 307 to a live replica (probed first) instead of proxying
+    /// the bytes: the router leaves the data path, clients must reach the nodes' URLs.
+    #[arg(long)]
+    pub blob_redirect: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct SeederArgs {
+    /// Metadata store URL (file:///DIR, consul://HOST:PORT, etcd://HOST:PORT,...).
+    #[arg(long)]
+    pub meta: String,
+    /// Object store URL, the one the nodes use (s3://BUCKET/PREFIX?endpoint=..., file:///DIR).
+    #[arg(long)]
+    pub store: String,
+    /// Shared secret for the node-internal API.
+    #[arg(long, env = "FLOTILLA_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Replace a node missing from the map this many seconds, shard by shard.
+    #[arg(long, default_value_t = 600)]
+    pub replace_after_secs: u64,
+    /// This instance's name (default: random).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Repositories seeded in parallel per node.
+    #[arg(long, default_value_t = 4)]
+    pub seed_concurrency: usize,
+    /// Pace of each seeding job in bytes per second (0 = unpaced).
+    #[arg(long, default_value_t = 0)]
+    pub seed_bytes_per_sec: u64,
+    /// Replica moves in flight at once.
+    #[arg(long, default_value_t = 2)]
+    pub max_moves: usize,
+    /// Minimum seconds between starting two rebalance moves.
+    #[arg(long, default_value_t = 2)]
+    pub rebalance_interval_secs: u64,
+    /// Serve `/metrics` (Prometheus) and `/healthz` on this address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct NodeArgs {
+    #[arg(long)]
+    pub id: NodeId,
+    #[arg(long, default_value = "r1")]
+    pub rack: RackId,
+    #[arg(long, default_value = "127.0.0.1:5001")]
+    pub listen: SocketAddr,
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Metadata store URL (file:///DIR, consul://HOST:PORT, etcd://HOST:PORT,...).
+    #[arg(long)]
+    pub meta: Option<String>,
+    /// Object store URL (s3://BUCKET/PREFIX?endpoint=..., gs://, az://, file:///DIR).
+    #[arg(long)]
+    pub store: Option<String>,
+    /// URL routers use to reach this node (default: http://LISTEN).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Shared secret required on the node-internal API (`/internal/v1`).
+    #[arg(long, env = "FLOTILLA_SECRET", hide_env_values = true)]
+    pub secret: Option<String>,
+    /// Idle upload sessions older than this many seconds are purged.
+    #[arg(long, default_value_t = 3600)]
+    pub upload_max_age_secs: u64,
+    /// Seconds to wait for in-flight requests on shutdown.
+    #[arg(long, default_value_t = 30)]
+    pub drain_secs: u64,
+    /// Scrubber pace: stored blob bytes re-hashed per second (0 disables scrubbing).
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
+    pub scrub_bytes_per_sec: u64,
+    /// Seconds between two scrub passes.
+    #[arg(long, default_value_t = 60)]
+    pub scrub_interval_secs: u64,
+    /// Seconds between two sweeps for data of shards moved away (0 disables; needs --meta
+    /// and --store).
+    #[arg(long, default_value_t = 60)]
+    pub gc_interval_secs: u64,
+    /// Seconds a repository stays orphaned (and an unlinked blob unmodified) before deletion.
+    #[arg(long, default_value_t = 600)]
+    pub gc_grace_secs: u64,
+    /// Quarantined blobs older than this many seconds are deleted.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub quarantine_retention_secs: u64,
+    /// The quarantine is trimmed, oldest first, to at most this many bytes.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub quarantine_max_bytes: u64,
+    /// Seconds a successful upload or HEAD proves object storage holds an object; a push
+    /// that depends on an older proof checks again (0: always check).
+    #[arg(long, default_value_t = 60)]
+    pub remote_confirm_secs: u64,
+}

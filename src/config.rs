@@ -1,0 +1,222 @@
+//! The high-level configuration: the `cli` arguments validated once into the typed configs
+//! the crates take. Nothing here touches the disk or the network, so a bad flag fails before
+//! a process creates its data directory, and every error starts with the flag it is about.
+//! `flotilla dev` builds its configs here too, from the same URL types and defaults.
+
+use std::fmt::Display;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_core::{NodeId, RackId};
+use flotilla_objstore::StoreUrl;
+use metrics_exporter_prometheus::PrometheusHandle;
+use registry_node::NodeConfig;
+use registry_router::RouterConfig;
+use s3_seeder::SeederConfig;
+use shardmap::MetaUrl;
+
+use crate::cli::{Cli, Cmd, DevArgs, NodeArgs, Redirect, RouterArgs, SeederArgs};
+
+/// A subcommand with everything it needs, ready to run.
+#[derive(Debug)]
+pub(crate) enum Run {
+    Dev(DevConfig),
+    Node {
+        listen: SocketAddr,
+        cfg: NodeConfig,
+    },
+    Router {
+        listen: SocketAddr,
+        cfg: RouterConfig,
+    },
+    Seeder {
+        /// Where `/metrics` and `/healthz` are served, if anywhere.
+        metrics_listen: Option<SocketAddr>,
+        cfg: SeederConfig,
+    },
+}
+
+/// `flotilla dev`: the configs of every component it runs in one process.
+#[derive(Debug)]
+pub(crate) struct DevConfig {
+    pub listen: SocketAddr,
+    /// Absolute, so the file:// URLs below stay valid whatever the process's directory.
+    pub data: PathBuf,
+    /// The embedded metadata store every component shares (`flotilla dev` waits on it for
+    /// the nodes to be ready before it opens the router).
+    pub meta: MetaUrl,
+    pub nodes: Vec<NodeConfig>,
+    pub seeder: SeederConfig,
+    pub router: RouterConfig,
+}
+
+/// Validate the whole command line. `metrics` is the process's one recorder, which every
+/// component renders on `/metrics`.
+pub(crate) fn validate(cli: &Cli, metrics: &PrometheusHandle) -> anyhow::Result<Run> {
+    Ok(match &cli.cmd {
+        Cmd::Dev(a) => Run::Dev(dev(a, metrics)?),
+        Cmd::Node(a) => Run::Node {
+            listen: a.listen,
+            cfg: node(a, metrics)?,
+        },
+        Cmd::Router(a) => Run::Router {
+            listen: a.listen,
+            cfg: router(a, metrics)?,
+        },
+        Cmd::Seeder(a) => Run::Seeder {
+            metrics_listen: a.metrics_listen,
+            cfg: seeder(a)?,
+        },
+    })
+}
+
+/// Prefix an error with the flag it is about, in the one form every flag error takes.
+fn flag<E: Display>(name: &'static str) -> impl FnOnce(E) -> anyhow::Error {
+    move |e| anyhow::anyhow!("{name}: {e}")
+}
+
+fn meta_url(s: &str) -> anyhow::Result<MetaUrl> {
+    s.parse().map_err(flag("--meta"))
+}
+
+fn store_url(s: &str) -> anyhow::Result<StoreUrl> {
+    s.parse().map_err(flag("--store"))
+}
+
+fn secs(name: &'static str, secs: u64, min: u64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(secs >= min, "{name}: must be at least {min}");
+    Ok(Duration::from_secs(secs))
+}
+
+/// Routers and peers dial this URL; a bare `HOST:PORT` would register a node nobody can
+/// reach, so it is refused here rather than noticed as failing requests.
+fn advertise(s: &str) -> anyhow::Result<String> {
+    let host = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .filter(|rest| !rest.is_empty() && !rest.starts_with('/'));
+    anyhow::ensure!(
+        host.is_some(),
+        "--advertise: {s:?} is not an http:// or https:// URL"
+    );
+    Ok(s.to_owned())
+}
+
+fn node(a: &NodeArgs, metrics: &PrometheusHandle) -> anyhow::Result<NodeConfig> {
+    // Zero would make the purge interval zero, which the purge timer cannot run at.
+    let upload_max_age = secs("--upload-max-age-secs", a.upload_max_age_secs, 1)?;
+    Ok(NodeConfig {
+        store_url: a.store.as_deref().map(store_url).transpose()?,
+        meta_url: a.meta.as_deref().map(meta_url).transpose()?,
+        advertise: a.advertise.as_deref().map(advertise).transpose()?,
+        secret: a.secret.clone(),
+        metrics: Some(metrics.clone()),
+        upload_max_age,
+        upload_purge_interval: upload_max_age.min(Duration::from_secs(60)),
+        drain_timeout: secs("--drain-secs", a.drain_secs, 0)?,
+        scrub_bytes_per_sec: a.scrub_bytes_per_sec,
+        scrub_interval: secs("--scrub-interval-secs", a.scrub_interval_secs, 0)?,
+        gc_interval: secs("--gc-interval-secs", a.gc_interval_secs, 0)?,
+        gc_grace: secs("--gc-grace-secs", a.gc_grace_secs, 0)?,
+        quarantine_retention: secs(
+            "--quarantine-retention-secs",
+            a.quarantine_retention_secs,
+            0,
+        )?,
+        quarantine_max_bytes: a.quarantine_max_bytes,
+        remote_confirm_ttl: secs("--remote-confirm-secs", a.remote_confirm_secs, 0)?,
+        ..NodeConfig::new(a.id.clone(), a.rack.clone(), a.data.clone())
+    })
+}
+
+fn router(a: &RouterArgs, metrics: &PrometheusHandle) -> anyhow::Result<RouterConfig> {
+    anyhow::ensure!(a.replicas >= 1, "--replicas: must be at least 1");
+    let manifest_cache_bytes = a
+        .manifest_cache_mib
+        .checked_mul(1024 * 1024)
+        .context("--manifest-cache-mib: too large")?;
+    Ok(RouterConfig {
+        replication_factor: a.replicas,
+        secret: a.secret.clone(),
+        manifest_cache_bytes,
+        manifest_cache_ttl: secs("--manifest-cache-ttl-secs", a.manifest_cache_ttl_secs, 0)?,
+        blob_redirect: a.blob_redirect,
+        metrics: Some(metrics.clone()),
+        ..RouterConfig::new(meta_url(&a.meta)?)
+    })
+}
+
+fn seeder(a: &SeederArgs) -> anyhow::Result<SeederConfig> {
+    let defaults = SeederConfig::new(meta_url(&a.meta)?, store_url(&a.store)?);
+    let id = match &a.id {
+        Some(id) if id.trim().is_empty() => anyhow::bail!("--id: must not be empty"),
+        Some(id) => id.clone(),
+        None => defaults.id.clone(),
+    };
+    Ok(SeederConfig {
+        id,
+        secret: a.secret.clone(),
+        replace_after: secs("--replace-after-secs", a.replace_after_secs, 0)?,
+        seed_concurrency: a.seed_concurrency,
+        seed_bytes_per_sec: a.seed_bytes_per_sec,
+        max_moves: a.max_moves,
+        rebalance_interval: secs("--rebalance-interval-secs", a.rebalance_interval_secs, 0)?,
+        ..defaults
+    })
+}
+
+fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
+    anyhow::ensure!(a.nodes >= 1, "--nodes: must be at least 1");
+    let data = std::path::absolute(&a.data).map_err(flag("--data"))?;
+    let meta = MetaUrl::file(data.join("meta")).map_err(flag("--data"))?;
+    let store = StoreUrl::file(&data.join("objects")).map_err(flag("--data"))?;
+    // One process: a fresh random secret per run guards the node-internal API.
+    let secret = std::env::var("FLOTILLA_SECRET")
+        .unwrap_or_else(|_| uuid::Uuid::new_v4().simple().to_string());
+    let default_rack: RackId = "r1".parse().expect("valid rack");
+    let nodes = (0..a.nodes)
+        .map(|i| {
+            let id: NodeId = format!("n{}", i + 1).parse()?;
+            // Nodes past the end of --racks join the last rack listed.
+            let rack = a
+                .racks
+                .get(i)
+                .or(a.racks.last())
+                .unwrap_or(&default_rack)
+                .clone();
+            let dir = data.join(id.as_str());
+            Ok(NodeConfig {
+                store_url: Some(store.clone()),
+                meta_url: Some(meta.clone()),
+                metrics: Some(metrics.clone()),
+                secret: Some(secret.clone()),
+                ..NodeConfig::new(id, rack, dir)
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let seeder = SeederConfig {
+        id: "dev-seeder".to_owned(),
+        secret: Some(secret.clone()),
+        ..SeederConfig::new(meta.clone(), store)
+    };
+    let router = RouterConfig {
+        metrics: Some(metrics.clone()),
+        secret: Some(secret),
+        blob_redirect: match a.blob_redirect {
+            Redirect::Auto => a.listen.ip().is_loopback(),
+            Redirect::Always => true,
+            Redirect::Never => false,
+        },
+        ..RouterConfig::new(meta.clone())
+    };
+    Ok(DevConfig {
+        listen: a.listen,
+        data,
+        meta,
+        nodes,
+        seeder,
+        router,
+    })
+}

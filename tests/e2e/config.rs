@@ -1,0 +1,96 @@
+//! Flags are validated before a process does anything: a bad URL is refused with a message
+//! naming its flag, and `flotilla node` has not created its data directory by then.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::KillOnDrop;
+
+/// Run `flotilla ARGS`, expect it to fail within a few seconds, return its stderr.
+fn refused(args: &[&str]) -> String {
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("FLOTILLA_SECRET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flotilla"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flotilla {args:?} still running after 20 s; it should have refused its flags"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.0.stderr.as_mut().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "flotilla {args:?} succeeded: {stderr}");
+    stderr
+}
+
+fn assert_names(stderr: &str, flag: &str, url: &str) {
+    assert!(
+        stderr.contains(&format!("{flag}: ")) && stderr.contains(url),
+        "stderr does not name {flag} and {url:?}: {stderr}"
+    );
+}
+
+#[test]
+fn node_refuses_a_bad_store_or_meta_url_before_creating_its_data_dir() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("d");
+    let data = data.to_str().expect("utf-8 path");
+    let node = [
+        "node",
+        "--id",
+        "n1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data,
+    ];
+    let cases = [
+        ("--store", "s4://nope", "unsupported scheme \"s4\""),
+        ("--store", "s3:///no-bucket", "missing bucket"),
+        ("--meta", "zk://x", "unsupported scheme \"zk\""),
+        ("--meta", "etcd://host-without-port", "is not HOST:PORT"),
+    ];
+    for (flag, url, why) in cases {
+        let stderr = refused(&[&node[..], &[flag, url]].concat());
+        assert_names(&stderr, flag, url);
+        assert!(stderr.contains(why), "{flag} {url}: {stderr}");
+        assert!(
+            !tmp.path().join("d").exists(),
+            "{flag} {url}: the data directory was created before the flag was checked"
+        );
+    }
+    // A good --meta does not excuse a bad --store (both are checked up front).
+    let meta = format!("file://{}", tmp.path().join("meta").display());
+    let stderr = refused(&[&node[..], &["--meta", &meta, "--store", "s4://nope"]].concat());
+    assert_names(&stderr, "--store", "s4://nope");
+    assert!(!tmp.path().join("d").exists() && !tmp.path().join("meta").exists());
+}
+
+#[test]
+fn router_and_seeder_refuse_a_bad_meta_or_store_url() {
+    let stderr = refused(&["router", "--listen", "127.0.0.1:0", "--meta", "zk://x"]);
+    assert_names(&stderr, "--meta", "zk://x");
+    let stderr = refused(&["seeder", "--meta", "zk://x", "--store", "memory://"]);
+    assert_names(&stderr, "--meta", "zk://x");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let meta = format!("file://{}", tmp.path().join("meta").display());
+    let stderr = refused(&["seeder", "--meta", &meta, "--store", "s4://nope"]);
+    assert_names(&stderr, "--store", "s4://nope");
+    assert!(
+        !tmp.path().join("meta").exists(),
+        "the seeder opened its metadata store before checking --store"
+    );
+}
