@@ -171,4 +171,8 @@ pub(crate) struct NodeArgs {
     /// that depends on an older proof checks again (0: always check).
     #[arg(long, default_value_t = 60)]
     pub remote_confirm_secs: u64,
+    /// Below this many free bytes the node refuses new data (507) and takes no new keys
+    /// (default: the smaller of 2 GiB and 5% of the data directory's filesystem).
+    #[arg(long)]
+    pub min_free_bytes: Option<u64>,
 }

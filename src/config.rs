@@ -126,6 +126,7 @@ fn node(a: &NodeArgs, metrics: &PrometheusHandle) -> anyhow::Result<NodeConfig> 
             0,
         )?,
         quarantine_max_bytes: a.quarantine_max_bytes,
+        min_free_bytes: a.min_free_bytes,
         remote_confirm_ttl: secs("--remote-confirm-secs", a.remote_confirm_secs, 0)?,
         ..NodeConfig::new(a.id.clone(), a.rack.clone(), a.data.clone())
     })

@@ -51,6 +51,9 @@ pub struct NodeConfig {
     /// How long a successful upload or HEAD counts as proof that object storage holds an
     /// object (see `durable`); zero checks every time.
     pub remote_confirm_ttl: Duration,
+    /// Below this many free bytes on the data directory's filesystem the node takes no new
+    /// data; `None` picks the smaller of 2 GiB and 5% of the filesystem.
+    pub min_free_bytes: Option<u64>,
     /// Blob fetches in flight while seeding one repository.
     pub seed_concurrency: usize,
     /// Renders `/metrics`; the process installs one recorder and hands every node its handle.
@@ -79,6 +82,7 @@ impl NodeConfig {
             quarantine_retention: Duration::from_secs(7 * 24 * 3600),
             quarantine_max_bytes: 1 << 30,
             remote_confirm_ttl: Duration::from_secs(60),
+            min_free_bytes: None,
             seed_concurrency: 8,
             metrics: None,
         }

@@ -15,6 +15,7 @@
 
 mod anti_entropy;
 pub mod config;
+mod disk;
 mod durable;
 mod gc;
 mod http;
@@ -62,6 +63,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let node = NodeService::open(cfg.clone()).await?;
+    node.check_disk().await;
     let app = http::app(node.clone());
     let tasks = node.start_background();
     let addr = listener.local_addr().ok();

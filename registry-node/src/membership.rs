@@ -103,6 +103,7 @@ impl Membership {
             }
             self.record.heartbeat_ms = now_ms();
             self.record.store_ok = node.object_store_healthy();
+            self.record.writable = node.writable();
             let stored = match self.map.get_node(&self.record.id).await {
                 Ok(r) => r.map(|(rec, _)| rec.state),
                 Err(_) => Some(self.record.state),

@@ -42,6 +42,10 @@ pub enum ServiceError {
     Remote(#[from] RemoteError),
     #[error("object storage holds corrupt content for {0}")]
     CorruptRemote(Digest),
+    #[error(
+        "the node's disk is nearly full ({free} bytes free, floor {floor}); it takes no new data"
+    )]
+    NotWritable { free: u64, floor: u64 },
 }
 
 pub(crate) type Result<T, E = ServiceError> = std::result::Result<T, E>;
@@ -60,6 +64,8 @@ pub(crate) struct Inner {
     /// Repositories whose catalog entry this process has written or seen (each is written
     /// once per process, before the repository's first object).
     pub(crate) cataloged: std::sync::Mutex<std::collections::HashSet<RepoName>>,
+    /// Free space and whether the node takes new data (see `disk`).
+    pub(crate) disk: crate::disk::DiskState,
     /// Object-storage keys recently seen to exist (see `durable`).
     pub(crate) confirmed: crate::durable::Confirmed,
     /// Seen `layout::remote_catalog_complete()` (it is never removed).
@@ -111,6 +117,7 @@ impl NodeService {
                 needs_seed: std::sync::atomic::AtomicBool::new(needs_seed),
                 cataloged: std::sync::Mutex::default(),
                 confirmed,
+                disk: crate::disk::DiskState::default(),
                 catalog_complete: std::sync::atomic::AtomicBool::new(false),
                 seed_id,
                 beat: tokio::sync::Notify::new(),

@@ -57,6 +57,18 @@ impl NodeService {
     /// Start the housekeeping loops.
     pub(crate) fn start_background(&self) -> BackgroundTasks {
         let me = self.clone();
+        let c = self.inner.cancel.child_token();
+        self.inner.tasks.spawn(async move {
+            // Cheap (one statvfs), and what decides whether a push is refused with 507.
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = c.cancelled() => break,
+                    _ = tick.tick() => me.check_disk().await,
+                }
+            }
+        });
+        let me = self.clone();
         let cancel = self.inner.cancel.child_token();
         let c = cancel.clone();
         self.inner.tasks.spawn(async move {

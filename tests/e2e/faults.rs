@@ -233,3 +233,158 @@ async fn frozen_object_store_fails_writes_in_seconds_and_heals() {
     // image pushed after the thaw.
     assert!(c.s3_has_blob(&after.blobs[1]).await);
 }
+
+/// A tmpfs of `mib` MiB mounted for the test, unmounted on drop (after the node using it,
+/// which is declared later and so dropped first).
+struct Tmpfs {
+    dir: std::path::PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(mib: u64) -> Tmpfs {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join("small");
+        std::fs::create_dir_all(&dir).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("run mount")
+            .success();
+        assert!(ok, "mounting a tmpfs needs root (CI runs as root)");
+        Tmpfs {
+            dir,
+            _parent: parent,
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+fn files_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// A node on a small disk: a push that fills it gets a clear 507 with the OCI body and its
+/// partial bytes are deleted at once; below the free-space floor the node refuses new data
+/// fast and says so in `/readyz`, reads keep working, and it takes data again by itself
+/// once space returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn full_disk_refuses_cleanly_frees_the_upload_and_recovers() {
+    let fs = Tmpfs::mount(64);
+    let data = fs.dir.join("node");
+    let node = crate::support::NodeProc::spawn(
+        data.clone(),
+        crate::support::free_port(),
+        "n1",
+        vec!["--min-free-bytes".into(), (4u64 << 20).to_string()],
+    );
+    node.wait_ready().await;
+    let oci = node.client();
+    let small = layer_for("disk-small", 64 * 1024);
+    let kept = try_push_image(&oci, "disk/prod", "v1", &small)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // 100 MiB in 10 MiB chunks onto a 64 MiB disk.
+    let r = oci
+        .http
+        .post(oci.url("/v2/disk/prod/blobs/uploads/"))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 202);
+    let mut location = r.headers()["location"].to_str().unwrap().to_owned();
+    let chunk = vec![7u8; 10 << 20];
+    let mut refused = None;
+    for _ in 0..10 {
+        match oci.patch(&location, chunk.clone()).await {
+            Ok(r) if r.status() == 202 => {
+                location = r.headers()["location"].to_str().unwrap().to_owned();
+            }
+            Ok(r) => {
+                refused = Some((r.status().as_u16(), r.text().await.unwrap_or_default()));
+                break;
+            }
+            // The node may answer before it read the whole chunk and close the connection.
+            Err(e) => {
+                refused = Some((0, e.to_string()));
+                break;
+            }
+        }
+    }
+    let (status, body) = refused.expect("100 MiB accepted onto a 64 MiB disk");
+    if status != 0 {
+        assert_eq!(status, 507, "{body}");
+        assert!(
+            body.contains("UNAVAILABLE") && body.contains("disk is full"),
+            "{body}"
+        );
+    }
+    // The partial upload is gone at once (not at the hourly purge), and its space with it.
+    poll(
+        "the failed upload's bytes to be removed",
+        Duration::from_secs(10),
+        || async { (files_under(&data.join("uploads")) == 0).then_some(()) },
+    )
+    .await;
+    let status = oci.http.get(oci.url(&location)).send().await.expect("GET");
+    assert_eq!(status.status(), 404, "the failed session must be gone");
+    let ready = poll(
+        "the node to be writable again",
+        Duration::from_secs(10),
+        || async {
+            let r = readyz(&node.url()).await;
+            (r["writable"] == true).then_some(r)
+        },
+    )
+    .await;
+    eprintln!("after the failed upload: {ready}");
+
+    // Below the floor: refused fast with the cause, reads still served.
+    let free = ready["disk_free_bytes"].as_u64().expect("free bytes");
+    let ballast = fs.dir.join("ballast");
+    std::fs::write(&ballast, vec![1u8; (free - (2 << 20)) as usize]).expect("ballast");
+    let full = poll(
+        "the node to report it is not writable",
+        Duration::from_secs(10),
+        || async {
+            let r = readyz(&node.url()).await;
+            (r["writable"] == false).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(full["ready"], true, "reads still served: {full}");
+    let t0 = Instant::now();
+    let r = oci
+        .post_blob("disk/prod", &crate::support::sha256(b"x"), b"x".to_vec())
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), 507);
+    let body = r.text().await.unwrap_or_default();
+    assert!(body.contains("min_free_bytes"), "{body}");
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    try_pull(&oci, &kept)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    std::fs::remove_file(&ballast).expect("remove ballast");
+    poll(
+        "the node to take data again",
+        Duration::from_secs(10),
+        || async {
+            try_push_image(&oci, "disk/prod", "v2", &layer_for("disk-after", 4096))
+                .await
+                .ok()
+        },
+    )
+    .await;
+}

@@ -40,9 +40,30 @@ impl From<UploadError> for ApiError {
     }
 }
 
+/// 507: the node's disk is full (or below its floor); nothing was acknowledged.
+fn disk_full(detail: serde_json::Value) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable)
+        .with_status(StatusCode::INSUFFICIENT_STORAGE)
+        .message("the node's disk is full: nothing was acknowledged and the partial upload was removed; retry (new data goes to nodes with room)")
+        .detail(detail)
+}
+
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
+        if e.is_disk_full() {
+            tracing::warn!(error = %e, "write refused: disk full");
+            let detail = match &e {
+                ServiceError::NotWritable { free, floor } => {
+                    serde_json::json!({"free_bytes": free, "min_free_bytes": floor})
+                }
+                _ => serde_json::json!({"free_bytes": 0}),
+            };
+            return disk_full(detail);
+        }
         match e {
+            ServiceError::NotWritable { free, floor } => {
+                disk_full(serde_json::json!({"free_bytes": free, "min_free_bytes": floor}))
+            }
             ServiceError::Store(e) => e.into(),
             ServiceError::Upload(e) => e.into(),
             ServiceError::DigestMismatch { expected, actual } => {

@@ -50,10 +50,14 @@ async fn readyz(State(node): State<NodeService>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let (free, floor) = node.disk_figures();
     let body = serde_json::json!({
         "ready": ready,
         "detail": if ready { "serving" } else { "catching up with object storage" },
         "object_store": store,
+        "writable": node.writable(),
+        "disk_free_bytes": free,
+        "min_free_bytes": floor,
     });
     (status, axum::Json(body)).into_response()
 }

@@ -86,6 +86,7 @@ impl NodeService {
         d: &Digest,
         from: Option<&RepoName>,
     ) -> Result<bool> {
+        self.ensure_writable()?;
         let found = match from {
             Some(src) => self.repo_has_blob(src, d).await?,
             None => {
@@ -110,6 +111,7 @@ impl NodeService {
     // ---- uploads ---------------------------------------------------------------------
 
     pub(crate) async fn start_upload(&self, repo: &RepoName) -> Result<UploadId> {
+        self.ensure_writable()?;
         let h = self
             .inner
             .uploads
@@ -130,6 +132,7 @@ impl NodeService {
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        self.ensure_writable()?;
         let h = self
             .inner
             .uploads
@@ -137,6 +140,7 @@ impl NodeService {
             .await?;
         let id = h.lock().await.id.clone();
         let result = self.finish_into(&h, repo, expected, Some(body)).await;
+        let result = self.note_disk(result);
         self.inner.uploads.remove(&id).await;
         result
     }
@@ -156,6 +160,7 @@ impl NodeService {
         E: std::fmt::Display,
     {
         let h = self.inner.uploads.get(repo, id)?;
+        self.ensure_writable()?;
         let mut s = h.lock().await;
         if let Some((start, end)) = range {
             if start != s.size {
@@ -173,7 +178,13 @@ impl NodeService {
                 }
             }
         }
-        Ok(s.append(body).await?)
+        let appended = self.note_disk(s.append(body).await.map_err(ServiceError::from));
+        if appended.as_ref().is_err_and(ServiceError::is_disk_full) {
+            // The bytes that did land only hold the disk full: drop the session with them.
+            drop(s);
+            self.inner.uploads.remove(id).await;
+        }
+        appended
     }
 
     pub(crate) async fn upload_status(&self, repo: &RepoName, id: &UploadId) -> Result<u64> {
@@ -202,9 +213,12 @@ impl NodeService {
         E: std::fmt::Display,
     {
         let h = self.inner.uploads.get(repo, id)?;
-        let result = self.finish_into(&h, repo, expected, body).await;
+        let result = match self.ensure_writable() {
+            Ok(()) => self.finish_into(&h, repo, expected, body).await,
+            Err(e) => Err(e),
+        };
         self.inner.uploads.remove(id).await;
-        result
+        self.note_disk(result)
     }
 
     async fn finish_into<S, E>(
@@ -255,6 +269,20 @@ impl NodeService {
     // ---- manifests -------------------------------------------------------------------
 
     pub(crate) async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &flotilla_core::Reference,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<PutManifest> {
+        self.ensure_writable()?;
+        let put = self
+            .put_manifest_inner(repo, reference, content_type, bytes)
+            .await;
+        self.note_disk(put)
+    }
+
+    async fn put_manifest_inner(
         &self,
         repo: &RepoName,
         reference: &flotilla_core::Reference,
