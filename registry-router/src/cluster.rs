@@ -21,6 +21,16 @@ type Snapshot<K, V> = Arc<HashMap<K, V>>;
 
 /// Full refresh period while the watch is healthy: only a guard against a missed event.
 const WATCHED_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
+/// A manifest or tag write waits at most this long for its epoch bump: the write path must
+/// not hang on the metadata store (the write itself is already durable on the nodes).
+const BUMP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Reads of the metadata store on a request path (an unknown key's record, a placement)
+/// give up after this and answer 503.
+const LOOKUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+/// The manifest cache is trusted only while the router heard from the metadata store this
+/// recently (node heartbeats arrive as watch events every few seconds): a router that
+/// cannot see epoch bumps must not answer from what they would have invalidated.
+pub const CACHE_TRUST: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Inner {
@@ -36,6 +46,9 @@ struct Inner {
     store_ok: AtomicBool,
     /// Whether the metadata-store watch is established (events reach the snapshots).
     watch_ok: AtomicBool,
+    /// When the router last heard from the metadata store (ms since the Unix epoch): a watch
+    /// event, a refresh or an epoch bump. Zero after a failed bump.
+    contact_ms: std::sync::atomic::AtomicU64,
     manifests: ManifestCache,
     cancel: CancellationToken,
     tasks: TaskTracker,
@@ -81,6 +94,7 @@ impl Cluster {
                 rr: AtomicUsize::new(0),
                 store_ok: AtomicBool::new(false),
                 watch_ok: AtomicBool::new(false),
+                contact_ms: std::sync::atomic::AtomicU64::new(0),
                 manifests,
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -145,6 +159,7 @@ impl Cluster {
                 *self.inner.nodes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(nodes);
                 *self.inner.shards.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shards);
                 self.inner.store_ok.store(true, Ordering::Relaxed);
+                self.heard_from_store();
                 Ok(())
             }
             Err(e) => {
@@ -185,6 +200,7 @@ impl Cluster {
                                 _ = c.cancelled() => return,
                                 ev = events.next() => match ev {
                                     Some(Ok(ev)) => {
+                                        me.heard_from_store();
                                         if !me.apply_event(&ev) {
                                             let _ = me.refresh().await;
                                         }
@@ -359,9 +375,38 @@ impl Cluster {
         live
     }
 
+    fn heard_from_store(&self) {
+        self.inner.contact_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether cached manifests may be served: the watch is up and the store was heard from
+    /// within [`CACHE_TRUST`], so an epoch bump made elsewhere would have reached us.
+    pub fn cache_trusted(&self) -> bool {
+        let last = self.inner.contact_ms.load(Ordering::Relaxed);
+        self.inner.watch_ok.load(Ordering::Relaxed)
+            && now_ms().saturating_sub(last) < CACHE_TRUST.as_millis() as u64
+    }
+
     /// The shard record of `key`; with `create`, place a new key (first push). Concurrent
-    /// routers agree through compare-and-swap: the loser adopts the winner's record.
+    /// routers agree through compare-and-swap: the loser adopts the winner's record. A key
+    /// the snapshot lacks costs metadata-store calls, bounded by [`LOOKUP_DEADLINE`].
     pub async fn shard(
+        &self,
+        key: &ShardKey,
+        create: bool,
+    ) -> Result<Option<ShardRecord>, RouterError> {
+        if let Some(r) = self.shards().get(key) {
+            return Ok(Some(r.clone()));
+        }
+        match tokio::time::timeout(LOOKUP_DEADLINE, self.lookup_or_place(key, create)).await {
+            Ok(r) => r,
+            Err(_) => Err(RouterError::Meta(shardmap::StoreError::Protocol(format!(
+                "metadata store did not answer within {LOOKUP_DEADLINE:?}"
+            )))),
+        }
+    }
+
+    async fn lookup_or_place(
         &self,
         key: &ShardKey,
         create: bool,
@@ -464,6 +509,25 @@ impl Cluster {
         if !self.inner.manifests.enabled() {
             return;
         }
+        match tokio::time::timeout(BUMP_DEADLINE, self.bump_epoch(key)).await {
+            Ok(true) => {
+                self.heard_from_store();
+                return;
+            }
+            Ok(false) => {}
+            Err(_) => {
+                tracing::warn!(%key, "metadata store did not take the epoch bump within {BUMP_DEADLINE:?}")
+            }
+        }
+        // Nobody can be told: drop our own entries and stop trusting the cache until the
+        // store is heard from again.
+        self.inner.contact_ms.store(0, Ordering::Relaxed);
+        metrics::counter!("flotilla_router_manifest_cache_clears_total").increment(1);
+        self.inner.manifests.clear();
+    }
+
+    /// One epoch bump (CAS, re-read on a lost race); false when it could not be written.
+    async fn bump_epoch(&self, key: &ShardKey) -> bool {
         for _ in 0..10 {
             let got = match self.inner.map.get_shard(key).await {
                 Ok(Some(g)) => g,
@@ -478,7 +542,7 @@ impl Cluster {
             match self.inner.map.cas_shard(&rec, Some(v)).await {
                 Ok(Ok(_)) => {
                     self.cache_shard(rec);
-                    return;
+                    return true;
                 }
                 Ok(Err(_)) => continue, // lost a race: re-read and bump again
                 Err(e) => {
@@ -487,7 +551,6 @@ impl Cluster {
                 }
             }
         }
-        metrics::counter!("flotilla_router_manifest_cache_clears_total").increment(1);
-        self.inner.manifests.clear();
+        false
     }
 }

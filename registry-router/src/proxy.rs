@@ -179,7 +179,14 @@ async fn read_cached(
     };
     let head = req.method() == Method::HEAD;
     let cache = cluster.manifests();
-    if let Some(hit) = cache.get(&what, rec.epoch) {
+    // Only while the router would have seen an epoch bump made through another router.
+    let hit = if cluster.cache_trusted() {
+        cache.get(&what, rec.epoch)
+    } else {
+        metrics::counter!("flotilla_router_manifest_cache_untrusted_total").increment(1);
+        None
+    };
+    if let Some(hit) = hit {
         metrics::counter!("flotilla_router_manifest_cache_hits_total").increment(1);
         let body = if head {
             Body::empty()
