@@ -39,6 +39,24 @@ struct Inner {
     tasks: TaskTracker,
 }
 
+/// What [`Cluster::shard`] does about a key that has no record yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unplaced {
+    /// Place it now (a first push creates the key).
+    Place,
+    /// Answer `None`: a read of an unknown key must not create it.
+    Absent,
+}
+
+/// How [`Cluster::candidates`] orders the live replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaOrder {
+    /// Rotated on every call, so reads share the load over every copy.
+    Spread,
+    /// As the record lists them: writes go to the primary first.
+    PrimaryFirst,
+}
+
 /// Cheap `Clone` handle shared by every request.
 #[derive(Clone, Debug)]
 pub struct Cluster {
@@ -310,14 +328,14 @@ impl Cluster {
     /// Nodes to try for `rec`, best first. Live replicas come first (rotated for reads so
     /// both copies share the load), then the rest as a last resort: the record decides which
     /// nodes may answer, liveness only the order.
-    pub fn candidates(&self, rec: &ShardRecord, spread: bool) -> Vec<NodeRecord> {
+    pub fn candidates(&self, rec: &ShardRecord, order: ReplicaOrder) -> Vec<NodeRecord> {
         let nodes = self.nodes();
         let (mut live, rest): (Vec<NodeRecord>, Vec<NodeRecord>) = rec
             .replicas
             .iter()
             .filter_map(|id| nodes.get(id).cloned())
             .partition(|n| self.is_live(n));
-        if spread && live.len() > 1 {
+        if order == ReplicaOrder::Spread && live.len() > 1 {
             let k = self.inner.rr.fetch_add(1, Ordering::Relaxed) % live.len();
             live.rotate_left(k);
         }
@@ -360,12 +378,12 @@ impl Cluster {
         live
     }
 
-    /// The shard record of `key`; with `create`, place a new key (first push). Concurrent
-    /// routers agree through compare-and-swap: the loser adopts the winner's record.
+    /// The shard record of `key`; with [`Unplaced::Place`], place a new key (first push).
+    /// Concurrent routers agree through compare-and-swap: the loser adopts the winner's record.
     pub async fn shard(
         &self,
         key: &ShardKey,
-        create: bool,
+        unplaced: Unplaced,
     ) -> Result<Option<ShardRecord>, RouterError> {
         if let Some(r) = self.shards().get(key) {
             return Ok(Some(r.clone()));
@@ -374,7 +392,7 @@ impl Cluster {
             self.cache_shard(r.clone());
             return Ok(Some(r));
         }
-        if !create {
+        if unplaced == Unplaced::Absent {
             return Ok(None);
         }
         let nodes: Vec<NodeInfo> = self
