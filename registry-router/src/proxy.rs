@@ -94,17 +94,13 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             Ok(after_blob_write(cluster, &repo, node, &nodes, resp))
         }
         OciRoute::Manifest { repo, .. } if method == Method::PUT || method == Method::DELETE => {
-            let resp = replicated_write(
-                cluster,
-                &repo,
-                if method == Method::PUT {
-                    Unplaced::Place
-                } else {
-                    Unplaced::Absent
-                },
-                req,
-            )
-            .await;
+            // A manifest PUT may be the repository's first write; a DELETE never places.
+            let unplaced = if method == Method::PUT {
+                Unplaced::Place
+            } else {
+                Unplaced::Absent
+            };
+            let resp = replicated_write(cluster, &repo, unplaced, req).await;
             // A refused request changed nothing; anything else may have.
             if resp.as_ref().is_ok_and(|r| !r.status().is_client_error()) {
                 cluster.manifests_changed(&repo.shard_key(depth)).await;
