@@ -1,41 +1,145 @@
 //! The admin API (`/admin/v1`, JSON) and the router's health and metrics endpoints.
-//! Described in `docs/openapi.yaml`.
+//! Described in `docs/openapi.yaml` (a test holds the document to these routes and types).
+//! Every admin error, including a refused path or body, is the OCI error body
+//! `{"errors":[{"code","message","detail"}]}` the registry API uses, so clients need one
+//! error parser.
 
-use axum::extract::{Path, State};
+use std::collections::HashSet;
+use std::str::FromStr;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
-use flotilla_core::{NodeId, ShardKey};
+use flotilla_core::{ErrorCode, NodeId, RackId, ShardKey};
 use http::StatusCode;
-use serde::Deserialize;
-use shardmap::{NodeState, ShardRecord};
+use registry_client::ApiError;
+use serde::{Deserialize, Serialize};
+use shardmap::{
+    MoveRecord, NodeRecord, NodeState, Record, ReseedRecord, SeederLeader, ShardRecord, Versioned,
+};
 
 use crate::Cluster;
 
+/// Compare-and-swap attempts before an update gives up with a 503.
+const CAS_ATTEMPTS: usize = 5;
+
+/// Every admin route (paths relative to `/admin/v1`) with its handlers. One table, so the
+/// OpenAPI test checks the document against exactly what [`routes`] registers.
+fn table() -> [(&'static str, MethodRouter<Cluster>); 6] {
+    [
+        ("/nodes", get(nodes)),
+        ("/shards", get(shards)),
+        ("/shards/{*key}", get(shard).put(pin_shard)),
+        ("/nodes/{id}/drain", post(drain)),
+        ("/nodes/{id}/undrain", post(undrain)),
+        ("/reseed", get(reseed)),
+    ]
+}
+
 pub fn routes() -> Router<Cluster> {
-    Router::new()
-        .route("/nodes", get(nodes))
-        .route("/shards", get(shards))
-        .route("/shards/{*key}", get(shard).put(pin_shard))
-        .route("/nodes/{id}/drain", post(drain))
-        .route("/nodes/{id}/undrain", post(undrain))
-        .route("/reseed", get(reseed))
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, (path, m)| r.route(path, m))
+        .fallback(|| async { ApiError::unknown_route() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
 }
 
-fn bad_request(msg: impl Into<String>) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        Json(serde_json::json!({"error": msg.into()})),
-    )
-        .into_response()
+/// A request the admin API refuses: the spec's `UNSUPPORTED` ("invalid set of parameters"),
+/// with the 400 the admin API has always answered.
+fn invalid(msg: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::Unsupported)
+        .with_status(StatusCode::BAD_REQUEST)
+        .message(msg)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(serde_json::json!({"error": e.to_string()})),
-    )
-        .into_response()
+/// The metadata store failed. The operator asking is the one who can fix it, so the
+/// message carries the store's error (unlike the registry API's 5xx).
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::warn!(error = %e, "admin request failed on the metadata store");
+    ApiError::new(ErrorCode::Unavailable).message(e.to_string())
+}
+
+/// A path parameter type and how its refusal reads.
+trait Param: FromStr {
+    fn refused(raw: &str) -> ApiError;
+}
+
+impl Param for ShardKey {
+    fn refused(raw: &str) -> ApiError {
+        ApiError::new(ErrorCode::NameInvalid).message(format!("{raw:?} is not a valid shard key"))
+    }
+}
+
+impl Param for NodeId {
+    fn refused(raw: &str) -> ApiError {
+        invalid(format!("{raw:?} is not a valid node id"))
+    }
+}
+
+/// The route's one path parameter, parsed; refused in the OCI error shape instead of axum's
+/// plain-text rejection.
+struct PathParam<T>(T);
+
+impl<S: Send + Sync, T: Param> FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| invalid(e.body_text()).with_status(e.status()))?;
+        raw.parse().map(PathParam).map_err(|_| T::refused(&raw))
+    }
+}
+
+/// Body of `PUT /shards/{key}`.
+#[derive(Debug, Serialize, Deserialize)]
+struct PinRequest {
+    /// Node ids, primary first. Strings rather than `NodeId`s so a bad id is named in the
+    /// error instead of failing the whole body.
+    replicas: Vec<String>,
+}
+
+/// Any body that does not decode (not JSON, wrong content type, wrong shape) gets the same
+/// 400 naming the expected shape, with axum's reason as the detail.
+impl<S: Send + Sync> FromRequest<S> for PinRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<PinRequest>::from_request(req, state).await {
+            Ok(Json(body)) => Ok(body),
+            Err(e) => Err(
+                invalid(r#"body must be JSON: {"replicas": ["node-id", ...]}"#)
+                    .detail(e.body_text()),
+            ),
+        }
+    }
+}
+
+/// One entry of `GET /nodes`: the node record as routing sees it.
+#[derive(Debug, Serialize)]
+struct NodeView {
+    id: NodeId,
+    url: String,
+    rack: RackId,
+    state: NodeState,
+    live: bool,
+    /// Shard keys listing the node as a replica.
+    shards: usize,
+    heartbeat_ms: u64,
+    /// The node reached its object store at its last heartbeat.
+    store_ok: bool,
+    /// The node takes new data (false: its disk is below its free-space floor).
+    writable: bool,
+}
+
+/// `GET /reseed`. Records are shown as stored, `"v"` included.
+#[derive(Debug, Serialize)]
+struct ReseedReport {
+    leader: Option<SeederLeader>,
+    reseeds: Vec<Versioned<ReseedRecord>>,
+    moves: Vec<Versioned<MoveRecord>>,
 }
 
 pub async fn readyz(State(c): State<Cluster>) -> Response {
@@ -57,98 +161,84 @@ pub async fn metrics_text(State(c): State<Cluster>) -> Response {
     }
 }
 
-async fn nodes(State(c): State<Cluster>) -> Response {
+async fn nodes(State(c): State<Cluster>) -> Json<Vec<NodeView>> {
     let shards = c.shards();
-    let mut out: Vec<serde_json::Value> = c
+    let mut out: Vec<NodeView> = c
         .nodes()
         .values()
-        .map(|n| {
-            let held: Vec<&str> = shards
+        .map(|n| NodeView {
+            id: n.id.clone(),
+            url: n.url.clone(),
+            rack: n.rack.clone(),
+            state: n.state,
+            live: c.is_live(n),
+            shards: shards
                 .values()
                 .filter(|s| s.replicas.contains(&n.id))
-                .map(|s| s.key.as_str())
-                .collect();
-            serde_json::json!({
-                "id": n.id, "url": n.url, "rack": n.rack, "state": n.state,
-                "live": c.is_live(n), "shards": held.len(), "heartbeat_ms": n.heartbeat_ms,
-            })
+                .count(),
+            heartbeat_ms: n.heartbeat_ms,
+            store_ok: n.store_ok,
+            writable: n.writable,
         })
         .collect();
-    out.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-    Json(out).into_response()
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(out)
 }
 
-async fn shards(State(c): State<Cluster>) -> Response {
+async fn shards(State(c): State<Cluster>) -> Json<Vec<ShardRecord>> {
     let mut out: Vec<ShardRecord> = c.shards().values().cloned().collect();
     out.sort_by(|a, b| a.key.cmp(&b.key));
-    Json(out).into_response()
+    Json(out)
 }
 
-async fn shard(State(c): State<Cluster>, Path(key): Path<String>) -> Response {
-    let Ok(key) = key.parse::<ShardKey>() else {
-        return bad_request(format!("{key:?} is not a valid shard key"));
-    };
-    match c.map().get_shard(&key).await {
-        Ok(Some((rec, _))) => Json(rec).into_response(),
-        Ok(None) => (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({"error": "no such shard key"})),
-        )
-            .into_response(),
-        Err(e) => unavailable(e),
+async fn shard(
+    State(c): State<Cluster>,
+    PathParam(key): PathParam<ShardKey>,
+) -> Result<Json<ShardRecord>, ApiError> {
+    match c.map().get_shard(&key).await.map_err(unavailable)? {
+        Some((rec, _)) => Ok(Json(rec)),
+        None => Err(ApiError::new(ErrorCode::NameUnknown)
+            .message("no such shard key")
+            .detail(key.as_str())),
     }
-}
-
-#[derive(Deserialize)]
-struct PinRequest {
-    replicas: Vec<String>,
 }
 
 /// Pin a key to operator-chosen nodes: distinct, registered, in distinct racks when the
 /// cluster has enough racks.
 async fn pin_shard(
     State(c): State<Cluster>,
-    Path(key): Path<String>,
-    body: Result<Json<PinRequest>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Ok(key) = key.parse::<ShardKey>() else {
-        return bad_request(format!("{key:?} is not a valid shard key"));
-    };
-    let Ok(Json(req)) = body else {
-        return bad_request("body must be JSON: {\"replicas\": [\"node-id\", ...]}");
-    };
+    PathParam(key): PathParam<ShardKey>,
+    req: PinRequest,
+) -> Result<Json<ShardRecord>, ApiError> {
     let nodes = c.nodes();
     let mut ids = Vec::new();
     for r in &req.replicas {
-        let Ok(id) = r.parse::<NodeId>() else {
-            return bad_request(format!("{r:?} is not a valid node id"));
-        };
+        let id: NodeId = r.parse().map_err(|_| NodeId::refused(r))?;
         if !nodes.contains_key(&id) {
-            return bad_request(format!("node {id} is not registered"));
+            return Err(invalid(format!("node {id} is not registered")));
         }
         if ids.contains(&id) {
-            return bad_request(format!("node {id} is listed twice"));
+            return Err(invalid(format!("node {id} is listed twice")));
         }
         ids.push(id);
     }
     if ids.is_empty() {
-        return bad_request("at least one replica is required");
+        return Err(invalid("at least one replica is required"));
     }
-    let racks: std::collections::HashSet<_> = ids
+    let racks: HashSet<_> = ids
         .iter()
         .filter_map(|i| nodes.get(i))
         .map(|n| &n.rack)
         .collect();
-    let cluster_racks: std::collections::HashSet<_> = nodes.values().map(|n| &n.rack).collect();
+    let cluster_racks: HashSet<_> = nodes.values().map(|n| &n.rack).collect();
     if racks.len() < ids.len() && cluster_racks.len() >= ids.len() {
-        return bad_request("replicas must be in distinct racks when the cluster has enough racks");
+        return Err(invalid(
+            "replicas must be in distinct racks when the cluster has enough racks",
+        ));
     }
     let map = c.map();
-    for _ in 0..5 {
-        let current = match map.get_shard(&key).await {
-            Ok(cur) => cur,
-            Err(e) => return unavailable(e),
-        };
+    for _ in 0..CAS_ATTEMPTS {
+        let current = map.get_shard(&key).await.map_err(unavailable)?;
         let (epoch, created, version) = match &current {
             Some((r, v)) => (r.epoch + 1, r.created_ms, Some(*v)),
             None => (1, 0, None),
@@ -162,83 +252,548 @@ async fn pin_shard(
             rack_relaxed: racks.len() < ids.len(),
             created_ms: created,
         };
-        match map.cas_shard(&rec, version).await {
-            Ok(Ok(_)) => {
-                c.cache_shard(rec.clone());
-                return Json(rec).into_response();
-            }
-            Ok(Err(_)) => continue,
-            Err(e) => return unavailable(e),
+        if map
+            .cas_shard(&rec, version)
+            .await
+            .map_err(unavailable)?
+            .is_ok()
+        {
+            c.cache_shard(rec.clone());
+            return Ok(Json(rec));
         }
     }
-    unavailable("the shard record kept changing; retry")
+    Err(unavailable("the shard record kept changing; retry"))
 }
 
-async fn set_state(c: &Cluster, id: &str, state: NodeState) -> Response {
-    let Ok(id) = id.parse::<NodeId>() else {
-        return bad_request(format!("{id:?} is not a valid node id"));
-    };
-    let key = c.map().keys().node(&id);
+async fn set_state(
+    c: &Cluster,
+    id: &NodeId,
+    state: NodeState,
+) -> Result<Json<NodeRecord>, ApiError> {
+    let key = c.map().keys().node(id);
     let store = c.map().store();
-    for _ in 0..5 {
-        let (mut rec, version) = match c.map().get_node(&id).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                return (
-                    StatusCode::NOT_FOUND,
-                    Json(serde_json::json!({"error": "no such node"})),
-                )
-                    .into_response()
-            }
-            Err(e) => return unavailable(e),
+    for _ in 0..CAS_ATTEMPTS {
+        let Some((mut rec, version)) = c.map().get_node(id).await.map_err(unavailable)? else {
+            return Err(ApiError::new(ErrorCode::NameUnknown)
+                .message("no such node")
+                .detail(id.as_str()));
         };
         rec.state = state;
-        let bytes = shardmap::Record::encode(&rec);
-        match store.cas(&key, Some(version), bytes.into()).await {
-            Ok(Ok(_)) => {
-                let _ = c.refresh().await;
-                return Json(rec).into_response();
-            }
-            Ok(Err(_)) => continue,
-            Err(e) => return unavailable(e),
+        let bytes = rec.encode();
+        if store
+            .cas(&key, Some(version), bytes.into())
+            .await
+            .map_err(unavailable)?
+            .is_ok()
+        {
+            let _ = c.refresh().await;
+            return Ok(Json(rec));
         }
     }
-    unavailable("the node record kept changing; retry")
+    Err(unavailable("the node record kept changing; retry"))
 }
 
-async fn drain(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+async fn drain(
+    State(c): State<Cluster>,
+    PathParam(id): PathParam<NodeId>,
+) -> Result<Json<NodeRecord>, ApiError> {
     set_state(&c, &id, NodeState::Draining).await
 }
 
-async fn undrain(State(c): State<Cluster>, Path(id): Path<String>) -> Response {
+async fn undrain(
+    State(c): State<Cluster>,
+    PathParam(id): PathParam<NodeId>,
+) -> Result<Json<NodeRecord>, ApiError> {
     set_state(&c, &id, NodeState::Ready).await
 }
 
 /// Recovery progress as the seeder records it in the metadata store: the acting leader,
 /// every node's reseed (shards, objects, bytes, rate, ETA) and the replica moves in flight.
 /// Read from the store on each call (not the router's cache) so it is current.
-async fn reseed(State(c): State<Cluster>) -> Response {
-    let keys = c.map().keys().clone();
-    let store = c.map().store().clone();
-    let decode = |v: &[u8]| serde_json::from_slice::<serde_json::Value>(v).ok();
-    let leader = match store.get(&keys.seeder_leader()).await {
-        Ok(v) => v.and_then(|(b, _)| decode(&b)),
-        Err(e) => return unavailable(e),
-    };
-    let mut lists = Vec::new();
-    for prefix in [keys.reseeds(), keys.moves()] {
-        match store.list(&prefix).await {
-            Ok(entries) => lists.push(
-                entries
-                    .iter()
-                    .filter_map(|e| decode(&e.value))
-                    .collect::<Vec<_>>(),
-            ),
-            Err(e) => return unavailable(e),
+async fn reseed(State(c): State<Cluster>) -> Result<Json<ReseedReport>, ApiError> {
+    let keys = c.map().keys();
+    let store = c.map().store();
+    let leader = store
+        .get(&keys.seeder_leader())
+        .await
+        .map_err(unavailable)?
+        .and_then(|(b, _)| SeederLeader::decode(&b));
+    Ok(Json(ReseedReport {
+        leader,
+        reseeds: stored(&c, &keys.reseeds()).await?,
+        moves: stored(&c, &keys.moves()).await?,
+    }))
+}
+
+/// The records under `prefix`. One that does not decode (corrupt, or a newer format) is
+/// left out rather than failing the whole report, as the seeder itself skips it.
+async fn stored<T: Record>(c: &Cluster, prefix: &str) -> Result<Vec<Versioned<T>>, ApiError> {
+    let entries = c.map().store().list(prefix).await.map_err(unavailable)?;
+    Ok(entries
+        .iter()
+        .filter_map(|e| match T::decode(&e.key, &e.value) {
+            Ok(rec) => Some(Versioned::current(rec)),
+            Err(err) => {
+                tracing::debug!(error = %err, "admin reseed report skips a record");
+                None
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use axum::body::Body;
+    use serde_json::Value;
+    use shardmap::{MoveReason, ReseedStatus};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::RouterConfig;
+
+    const DOC: &str = include_str!("../../docs/openapi.yaml");
+    const METHODS: [&str; 7] = ["get", "put", "post", "delete", "patch", "head", "options"];
+
+    fn doc() -> Value {
+        serde_yaml_ng::from_str(DOC).expect("docs/openapi.yaml parses")
+    }
+
+    /// The document's path for a registered axum path.
+    fn doc_path(axum_path: &str) -> String {
+        format!("/admin/v1{}", axum_path.replace("{*key}", "{key}"))
+    }
+
+    /// A concrete request path for a documented one.
+    fn concrete(doc_path: &str) -> String {
+        doc_path
+            .replace("{key}", "billing/prod")
+            .replace("{id}", "n1")
+    }
+
+    async fn cluster() -> (tempfile::TempDir, Cluster) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = RouterConfig::new(shardmap::MetaUrl::file(dir.path()).unwrap());
+        let c = Cluster::open(cfg).await.unwrap();
+        (dir, c)
+    }
+
+    async fn call(c: &Cluster, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        let mut req = Request::builder()
+            .method(method.to_uppercase().as_str())
+            .uri(path);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let req = req
+            .body(Body::from(body.unwrap_or_default().to_owned()))
+            .unwrap();
+        let resp = crate::app(c.clone()).oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// `(status, code, message)` of an OCI error body; panics on any other shape.
+    fn oci_error(status: u16, v: &Value) -> (u16, String, String) {
+        let e = &v["errors"][0];
+        let code = e["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{status}: {v}"));
+        let message = e["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{status}: {v}"));
+        (status, code.to_owned(), message.to_owned())
+    }
+
+    fn documented_methods(doc: &Value, path: &str) -> BTreeSet<String> {
+        let item = doc["paths"][path].as_object().cloned().unwrap_or_default();
+        item.keys()
+            .filter(|k| METHODS.contains(&k.as_str()))
+            .cloned()
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_route_is_documented_with_its_methods() {
+        let doc = doc();
+        let registered: BTreeSet<String> = table().iter().map(|(p, _)| doc_path(p)).collect();
+        let documented: BTreeSet<String> =
+            doc["paths"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(
+            registered, documented,
+            "admin routes vs docs/openapi.yaml paths"
+        );
+
+        let (_dir, c) = cluster().await;
+        for path in &registered {
+            let methods = documented_methods(&doc, path);
+            assert!(!methods.is_empty(), "{path} documents no method");
+            for m in ["get", "put", "post", "delete", "patch"] {
+                let (s, v) = call(&c, m, &concrete(path), None).await;
+                if methods.contains(m) {
+                    assert_ne!(s, 405, "{m} {path} is documented but not routed: {v}");
+                } else {
+                    assert_eq!(s, 405, "{m} {path} is routed but not documented: {v}");
+                    assert_eq!(oci_error(s, &v).1, "UNSUPPORTED");
+                }
+            }
+        }
+        let (s, v) = call(&c, "get", "/admin/v1/nope", None).await;
+        assert_eq!(
+            oci_error(s, &v),
+            (404, "UNSUPPORTED".into(), "no such API endpoint".into())
+        );
+    }
+
+    fn node_record() -> NodeRecord {
+        NodeRecord {
+            id: "n1".parse().unwrap(),
+            url: "http://10.0.0.5:5001".into(),
+            rack: "r1".parse().unwrap(),
+            state: NodeState::Ready,
+            heartbeat_ms: 1,
+            weight: 1,
+            store_ok: true,
+            writable: true,
         }
     }
-    let moves = lists.pop().unwrap_or_default();
-    let reseeds = lists.pop().unwrap_or_default();
-    Json(serde_json::json!({ "leader": leader, "reseeds": reseeds, "moves": moves }))
-        .into_response()
+
+    fn shard_record() -> ShardRecord {
+        ShardRecord {
+            key: "billing/prod".parse().unwrap(),
+            replicas: vec!["n1".parse().unwrap()],
+            joining: vec!["n2".parse().unwrap()],
+            epoch: 1,
+            pinned: true,
+            rack_relaxed: false,
+            created_ms: 1,
+        }
+    }
+
+    /// Every optional field set, so every documented property has a value to check.
+    fn reseed_report() -> ReseedReport {
+        ReseedReport {
+            leader: Some(SeederLeader {
+                id: "seeder-1".into(),
+                since_ms: 1,
+            }),
+            reseeds: vec![Versioned::current(ReseedRecord {
+                node: "n1".parse().unwrap(),
+                seed_id: "s".into(),
+                status: ReseedStatus::Done,
+                started_ms: 1,
+                updated_ms: 2,
+                finished_ms: Some(3),
+                shards_total: 1,
+                shards_done: vec!["billing/prod".parse().unwrap()],
+                repos_done: vec!["billing/prod/api".parse().unwrap()],
+                objects_total: 1,
+                objects_done: 1,
+                bytes_done: 1,
+                bytes_per_sec: 1.5,
+                objects_per_sec: 1.5,
+                eta_secs: Some(0.5),
+                seeder: "seeder-1".into(),
+                last_error: Some("boom".into()),
+            })],
+            moves: vec![Versioned::current(MoveRecord {
+                key: "billing/prod".parse().unwrap(),
+                from: "n1".parse().unwrap(),
+                to: "n2".parse().unwrap(),
+                reason: MoveReason::Rebalance,
+                started_ms: 1,
+                updated_ms: 2,
+                joined_ms: Some(2),
+                repos_total: 1,
+                repos_done: 1,
+                objects_done: 1,
+                bytes_done: 1,
+                seeder: "seeder-1".into(),
+                last_error: Some("boom".into()),
+            })],
+        }
+    }
+
+    /// What the handler of `method path` serialises on success.
+    fn success_sample(method: &str, path: &str) -> Value {
+        let v = match (method, path) {
+            ("get", "/admin/v1/nodes") => serde_json::to_value(vec![NodeView {
+                id: "n1".parse().unwrap(),
+                url: "http://10.0.0.5:5001".into(),
+                rack: "r1".parse().unwrap(),
+                state: NodeState::Ready,
+                live: true,
+                shards: 1,
+                heartbeat_ms: 1,
+                store_ok: true,
+                writable: true,
+            }]),
+            ("get", "/admin/v1/shards") => serde_json::to_value(vec![shard_record()]),
+            ("get" | "put", "/admin/v1/shards/{key}") => serde_json::to_value(shard_record()),
+            ("post", "/admin/v1/nodes/{id}/drain" | "/admin/v1/nodes/{id}/undrain") => {
+                serde_json::to_value(node_record())
+            }
+            ("get", "/admin/v1/reseed") => serde_json::to_value(reseed_report()),
+            other => panic!("no sample for {other:?}: add one with the new endpoint"),
+        };
+        v.unwrap()
+    }
+
+    fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+        match schema["$ref"].as_str() {
+            Some(r) => {
+                let name = r.strip_prefix("#/components/schemas/").unwrap_or(r);
+                let target = &doc["components"]["schemas"][name];
+                assert!(target.is_object(), "unresolved $ref {r}");
+                resolve(doc, target)
+            }
+            None => schema,
+        }
+    }
+
+    /// Differences between `schema` and the serialised `value`, with their JSON path.
+    fn mismatches(doc: &Value, schema: &Value, value: &Value, at: &str, out: &mut Vec<String>) {
+        let schema = resolve(doc, schema);
+        if value.is_null() {
+            if schema["nullable"] != true {
+                out.push(format!("{at}: null, but the schema is not nullable"));
+            }
+            return;
+        }
+        if let Some(props) = schema["properties"].as_object() {
+            let Some(obj) = value.as_object() else {
+                out.push(format!(
+                    "{at}: the schema has properties, the value is {value}"
+                ));
+                return;
+            };
+            let want: BTreeSet<&String> = props.keys().collect();
+            let have: BTreeSet<&String> = obj.keys().collect();
+            if want != have {
+                out.push(format!(
+                    "{at}: documented properties {want:?}, serialised fields {have:?}"
+                ));
+            }
+            for r in schema["required"].as_array().into_iter().flatten() {
+                let r = r.as_str().unwrap_or_default();
+                if !props.contains_key(r) {
+                    out.push(format!("{at}: required {r:?} is not a property"));
+                }
+            }
+            for (k, sub) in props {
+                if let Some(v) = obj.get(k) {
+                    mismatches(doc, sub, v, &format!("{at}.{k}"), out);
+                }
+            }
+            return;
+        }
+        let ok = match schema["type"].as_str() {
+            Some("array") => {
+                let Some(items) = value.as_array() else {
+                    out.push(format!("{at}: documented array, serialised {value}"));
+                    return;
+                };
+                if items.is_empty() {
+                    out.push(format!("{at}: the sample array is empty, nothing checked"));
+                }
+                for (i, v) in items.iter().enumerate() {
+                    mismatches(doc, &schema["items"], v, &format!("{at}[{i}]"), out);
+                }
+                true
+            }
+            Some("string") => value.is_string(),
+            Some("integer") => value.is_u64() || value.is_i64(),
+            Some("number") => value.is_number(),
+            Some("boolean") => value.is_boolean(),
+            Some("object") => value.is_object(),
+            // OpenAPI's "any value" (the error body's `detail`).
+            None => true,
+            Some(other) => {
+                out.push(format!("{at}: unknown schema type {other:?}"));
+                true
+            }
+        };
+        if !ok {
+            out.push(format!(
+                "{at}: documented {}, serialised {value}",
+                schema["type"]
+            ));
+        }
+        if let Some(allowed) = schema["enum"].as_array() {
+            if !allowed.contains(value) {
+                out.push(format!(
+                    "{at}: {value} is not in the documented enum {allowed:?}"
+                ));
+            }
+        }
+    }
+
+    fn json_schema(content_holder: &Value) -> &Value {
+        &content_holder["content"]["application/json"]["schema"]
+    }
+
+    #[tokio::test]
+    async fn documented_bodies_match_the_types() {
+        let doc = doc();
+        let error_body = {
+            let resp = invalid("x").detail("d").into_response();
+            let bytes = axum::body::to_bytes(resp.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        };
+        let mut out = Vec::new();
+        for (axum_path, _) in table() {
+            let path = doc_path(axum_path);
+            for method in documented_methods(&doc, &path) {
+                let op = &doc["paths"][&path][&method];
+                let at = format!("{method} {path}");
+                let responses = op["responses"].as_object().unwrap();
+                assert!(responses.contains_key("200"), "{at}: no 200 documented");
+                for (status, resp) in responses {
+                    let schema = json_schema(resp);
+                    let sample = if status == "200" {
+                        success_sample(&method, &path)
+                    } else {
+                        error_body.clone()
+                    };
+                    mismatches(&doc, schema, &sample, &format!("{at} {status}"), &mut out);
+                }
+                if op.get("requestBody").is_some() {
+                    let sample = serde_json::to_value(PinRequest {
+                        replicas: vec!["n1".into()],
+                    })
+                    .unwrap();
+                    let schema = json_schema(&op["requestBody"]);
+                    mismatches(&doc, schema, &sample, &format!("{at} body"), &mut out);
+                }
+            }
+        }
+        assert!(
+            out.is_empty(),
+            "docs/openapi.yaml drifted:\n{}",
+            out.join("\n")
+        );
+    }
+
+    #[tokio::test]
+    async fn refusals_are_oci_error_bodies() {
+        let (_dir, c) = cluster().await;
+        let cases = [
+            (
+                "get",
+                "/admin/v1/shards/Bad",
+                None,
+                400,
+                "NAME_INVALID",
+                "\"Bad\" is not a valid shard key",
+            ),
+            (
+                "put",
+                "/admin/v1/shards/Bad",
+                Some(r#"{"replicas":["n1"]}"#),
+                400,
+                "NAME_INVALID",
+                "is not a valid shard key",
+            ),
+            (
+                "get",
+                "/admin/v1/shards/billing/prod",
+                None,
+                404,
+                "NAME_UNKNOWN",
+                "no such shard key",
+            ),
+            (
+                "put",
+                "/admin/v1/shards/billing/prod",
+                Some("{not json"),
+                400,
+                "UNSUPPORTED",
+                "body must be JSON",
+            ),
+            (
+                "put",
+                "/admin/v1/shards/billing/prod",
+                None,
+                400,
+                "UNSUPPORTED",
+                "body must be JSON",
+            ),
+            (
+                "put",
+                "/admin/v1/shards/billing/prod",
+                Some(r#"{"replicas":["N!"]}"#),
+                400,
+                "UNSUPPORTED",
+                "\"N!\" is not a valid node id",
+            ),
+            (
+                "put",
+                "/admin/v1/shards/billing/prod",
+                Some(r#"{"replicas":["n1"]}"#),
+                400,
+                "UNSUPPORTED",
+                "node n1 is not registered",
+            ),
+            (
+                "put",
+                "/admin/v1/shards/billing/prod",
+                Some(r#"{"replicas":[]}"#),
+                400,
+                "UNSUPPORTED",
+                "at least one replica",
+            ),
+            (
+                "post",
+                "/admin/v1/nodes/Bad/drain",
+                None,
+                400,
+                "UNSUPPORTED",
+                "\"Bad\" is not a valid node id",
+            ),
+            (
+                "post",
+                "/admin/v1/nodes/n9/undrain",
+                None,
+                404,
+                "NAME_UNKNOWN",
+                "no such node",
+            ),
+            (
+                "delete",
+                "/admin/v1/reseed",
+                None,
+                405,
+                "UNSUPPORTED",
+                "method not allowed",
+            ),
+        ];
+        for (method, path, body, status, code, msg) in cases {
+            let (s, v) = call(&c, method, path, body).await;
+            let (s, got_code, got_msg) = oci_error(s, &v);
+            assert_eq!(
+                (s, got_code.as_str()),
+                (status, code),
+                "{method} {path}: {v}"
+            );
+            assert!(
+                got_msg.contains(msg),
+                "{method} {path}: {got_msg:?} lacks {msg:?}"
+            );
+        }
+        let (s, v) = call(&c, "get", "/admin/v1/reseed", None).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(
+            v,
+            serde_json::json!({"leader": null, "reseeds": [], "moves": []})
+        );
+    }
 }

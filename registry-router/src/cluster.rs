@@ -54,6 +54,24 @@ struct Inner {
     tasks: TaskTracker,
 }
 
+/// What [`Cluster::shard`] does about a key that has no record yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unplaced {
+    /// Place it now (a first push creates the key).
+    Place,
+    /// Answer `None`: a read of an unknown key must not create it.
+    Absent,
+}
+
+/// How [`Cluster::candidates`] orders the live replicas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplicaOrder {
+    /// Rotated on every call, so reads share the load over every copy.
+    Spread,
+    /// As the record lists them: writes go to the primary first.
+    PrimaryFirst,
+}
+
 /// Cheap `Clone` handle shared by every request.
 #[derive(Clone, Debug)]
 pub struct Cluster {
@@ -325,14 +343,14 @@ impl Cluster {
     /// Nodes to try for `rec`, best first. Live replicas come first (rotated for reads so
     /// both copies share the load), then the rest as a last resort: the record decides which
     /// nodes may answer, liveness only the order.
-    pub fn candidates(&self, rec: &ShardRecord, spread: bool) -> Vec<NodeRecord> {
+    pub fn candidates(&self, rec: &ShardRecord, order: ReplicaOrder) -> Vec<NodeRecord> {
         let nodes = self.nodes();
         let (mut live, rest): (Vec<NodeRecord>, Vec<NodeRecord>) = rec
             .replicas
             .iter()
             .filter_map(|id| nodes.get(id).cloned())
             .partition(|n| self.is_live(n));
-        if spread && live.len() > 1 {
+        if order == ReplicaOrder::Spread && live.len() > 1 {
             let k = self.inner.rr.fetch_add(1, Ordering::Relaxed) % live.len();
             live.rotate_left(k);
         }
@@ -387,18 +405,19 @@ impl Cluster {
             && now_ms().saturating_sub(last) < CACHE_TRUST.as_millis() as u64
     }
 
-    /// The shard record of `key`; with `create`, place a new key (first push). Concurrent
-    /// routers agree through compare-and-swap: the loser adopts the winner's record. A key
-    /// the snapshot lacks costs metadata-store calls, bounded by [`LOOKUP_DEADLINE`].
+    /// The shard record of `key`; with [`Unplaced::Place`], place a new key (first push).
+    /// Concurrent routers agree through compare-and-swap: the loser adopts the winner's
+    /// record. A key the snapshot lacks costs metadata-store calls, bounded by
+    /// [`LOOKUP_DEADLINE`].
     pub async fn shard(
         &self,
         key: &ShardKey,
-        create: bool,
+        unplaced: Unplaced,
     ) -> Result<Option<ShardRecord>, RouterError> {
         if let Some(r) = self.shards().get(key) {
             return Ok(Some(r.clone()));
         }
-        match tokio::time::timeout(LOOKUP_DEADLINE, self.lookup_or_place(key, create)).await {
+        match tokio::time::timeout(LOOKUP_DEADLINE, self.lookup_or_place(key, unplaced)).await {
             Ok(r) => r,
             Err(_) => Err(RouterError::Meta(shardmap::StoreError::Protocol(format!(
                 "metadata store did not answer within {LOOKUP_DEADLINE:?}"
@@ -409,16 +428,13 @@ impl Cluster {
     async fn lookup_or_place(
         &self,
         key: &ShardKey,
-        create: bool,
+        unplaced: Unplaced,
     ) -> Result<Option<ShardRecord>, RouterError> {
-        if let Some(r) = self.shards().get(key) {
-            return Ok(Some(r.clone()));
-        }
         if let Some((r, _)) = self.inner.map.get_shard(key).await? {
             self.cache_shard(r.clone());
             return Ok(Some(r));
         }
-        if !create {
+        if unplaced == Unplaced::Absent {
             return Ok(None);
         }
         let nodes: Vec<NodeInfo> = self

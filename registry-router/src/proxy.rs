@@ -15,6 +15,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use registry_client::{ApiError, OciRoute, API_VERSION_HEADER};
 use shardmap::NodeRecord;
 
+use crate::cluster::{ReplicaOrder, Unplaced};
 use crate::manifest_cache::Cacheable;
 use crate::Cluster;
 
@@ -81,11 +82,11 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
         OciRoute::Upload { repo, id } => forward_upload(cluster, &repo, &id, req).await,
         OciRoute::UploadStart { repo } => {
             let rec = cluster
-                .shard(&repo.shard_key(depth), true)
+                .shard(&repo.shard_key(depth), Unplaced::Place)
                 .await
                 .map_err(shard_error)?
                 .ok_or_else(|| unavailable("no placement for this repository"))?;
-            let nodes = cluster.candidates(&rec, false);
+            let nodes = cluster.candidates(&rec, ReplicaOrder::PrimaryFirst);
             let node = nodes
                 .first()
                 .ok_or_else(|| unavailable("no live replica"))?;
@@ -93,7 +94,13 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             Ok(after_blob_write(cluster, &repo, node, &nodes, resp))
         }
         OciRoute::Manifest { repo, .. } if method == Method::PUT || method == Method::DELETE => {
-            let resp = replicated_write(cluster, &repo, method == Method::PUT, req).await;
+            // A manifest PUT may be the repository's first write; a DELETE never places.
+            let unplaced = if method == Method::PUT {
+                Unplaced::Place
+            } else {
+                Unplaced::Absent
+            };
+            let resp = replicated_write(cluster, &repo, unplaced, req).await;
             // A refused request changed nothing; anything else may have.
             if resp.as_ref().is_ok_and(|r| !r.status().is_client_error()) {
                 cluster.manifests_changed(&repo.shard_key(depth)).await;
@@ -110,14 +117,17 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             read_cached(cluster, &repo, Cacheable::Listing(&pq), req).await
         }
         OciRoute::Blob { repo, .. } if method == Method::DELETE => {
-            replicated_write(cluster, &repo, false, req).await
+            replicated_write(cluster, &repo, Unplaced::Absent, req).await
         }
         OciRoute::Tags { repo }
         | OciRoute::Manifest { repo, .. }
         | OciRoute::Blob { repo, .. }
         | OciRoute::Referrers { repo, .. } => {
-            let nodes = match cluster.shard(&repo.shard_key(depth), false).await {
-                Ok(Some(rec)) => cluster.candidates(&rec, true),
+            let nodes = match cluster
+                .shard(&repo.shard_key(depth), Unplaced::Absent)
+                .await
+            {
+                Ok(Some(rec)) => cluster.candidates(&rec, ReplicaOrder::Spread),
                 // Unknown key: any node answers correctly (from object storage, or 404).
                 Ok(None) => cluster.any_live(),
                 Err(e) => return Err(shard_error(e)),
@@ -172,7 +182,10 @@ async fn read_cached(
     let depth = cluster.config().shard_key_depth;
     // The epoch is read before the upstream request, so an answer that raced a write is
     // labelled with the epoch that write's bump supersedes.
-    let rec = match cluster.shard(&repo.shard_key(depth), false).await {
+    let rec = match cluster
+        .shard(&repo.shard_key(depth), Unplaced::Absent)
+        .await
+    {
         Ok(Some(rec)) => rec,
         Ok(None) => return read(cluster, cluster.any_live(), req).await,
         Err(e) => return Err(shard_error(e)),
@@ -203,7 +216,7 @@ async fn read_cached(
     let (mut parts, body) = req.into_parts();
     parts.method = Method::GET;
     let req = Request::from_parts(parts, body);
-    let resp = read(cluster, cluster.candidates(&rec, true), req).await?;
+    let resp = read(cluster, cluster.candidates(&rec, ReplicaOrder::Spread), req).await?;
     let bounded = resp
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -248,8 +261,16 @@ fn upstream(
     b.body(body)
 }
 
+/// Whether an upstream answer's body reaches the client: a HEAD's must not, its
+/// `Content-Length` describes a body that is not sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UpstreamBody {
+    Stream,
+    Omit,
+}
+
 /// Turn an upstream response into ours, streaming its body.
-fn downstream(resp: reqwest::Response, head: bool) -> Response {
+fn downstream(resp: reqwest::Response, body: UpstreamBody) -> Response {
     let status = resp.status();
     let mut headers = HeaderMap::new();
     for (k, v) in resp.headers() {
@@ -257,10 +278,9 @@ fn downstream(resp: reqwest::Response, head: bool) -> Response {
             headers.append(k.clone(), v.clone());
         }
     }
-    let body = if head {
-        Body::empty()
-    } else {
-        Body::from_stream(resp.bytes_stream())
+    let body = match body {
+        UpstreamBody::Omit => Body::empty(),
+        UpstreamBody::Stream => Body::from_stream(resp.bytes_stream()),
     };
     let mut out = Response::new(body);
     *out.status_mut() = status;
@@ -296,7 +316,11 @@ async fn read_from(
     pq: &str,
     headers: &HeaderMap,
 ) -> Result<(Response, usize), ApiError> {
-    let head = method == Method::HEAD;
+    let body = if method == Method::HEAD {
+        UpstreamBody::Omit
+    } else {
+        UpstreamBody::Stream
+    };
     let mut last: Option<(Response, usize)> = None;
     for (i, node) in nodes.iter().enumerate() {
         let attempt = upstream(
@@ -313,10 +337,10 @@ async fn read_from(
         metrics::histogram!("flotilla_router_upstream_seconds", "node" => node.id.to_string())
             .record(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(r)) if !r.status().is_server_error() => return Ok((downstream(r, head), i)),
+            Ok(Ok(r)) if !r.status().is_server_error() => return Ok((downstream(r, body), i)),
             Ok(Ok(r)) => {
                 tracing::warn!(node = %node.id, status = %r.status(), "read failed upstream; trying the partner");
-                last = Some((downstream(r, head), i));
+                last = Some((downstream(r, body), i));
             }
             Ok(Err(e)) => {
                 tracing::warn!(node = %node.id, error = %e, "read failed upstream; trying the partner");
@@ -358,7 +382,10 @@ async fn forward_streaming(
         tracing::warn!(node = %node.id, error = %e, "upload forwarding failed");
         unavailable("the replica holding this upload is unreachable; retry the upload")
     })?;
-    Ok(rewrite_location(downstream(r, false), &node.id))
+    Ok(rewrite_location(
+        downstream(r, UpstreamBody::Stream),
+        &node.id,
+    ))
 }
 
 /// Prefix upload-session `Location`s with the owning node, so later requests find it.
@@ -414,8 +441,11 @@ async fn forward_upload(
     let resp = forward_streaming(cluster, &node, req).await?;
     if completes {
         let depth = cluster.config().shard_key_depth;
-        if let Ok(Some(rec)) = cluster.shard(&repo.shard_key(depth), false).await {
-            let nodes = cluster.candidates(&rec, false);
+        if let Ok(Some(rec)) = cluster
+            .shard(&repo.shard_key(depth), Unplaced::Absent)
+            .await
+        {
+            let nodes = cluster.candidates(&rec, ReplicaOrder::PrimaryFirst);
             return Ok(after_blob_write(cluster, repo, &node, &nodes, resp));
         }
     }
@@ -470,12 +500,12 @@ fn after_blob_write(
 async fn replicated_write(
     cluster: &Cluster,
     repo: &RepoName,
-    create: bool,
+    unplaced: Unplaced,
     req: Request,
 ) -> Result<Response, ApiError> {
     let depth = cluster.config().shard_key_depth;
     let rec = match cluster
-        .shard(&repo.shard_key(depth), create)
+        .shard(&repo.shard_key(depth), unplaced)
         .await
         .map_err(shard_error)?
     {
@@ -486,7 +516,13 @@ async fn replicated_write(
         }
     };
     let extra = cluster.sync_only(&rec);
-    read_with_body_to(cluster, cluster.candidates(&rec, false), &extra, req).await
+    read_with_body_to(
+        cluster,
+        cluster.candidates(&rec, ReplicaOrder::PrimaryFirst),
+        &extra,
+        req,
+    )
+    .await
 }
 
 async fn read_with_body(
@@ -570,5 +606,5 @@ async fn read_with_body_to(
             }
         }
     }
-    Ok(downstream(resp, false))
+    Ok(downstream(resp, UpstreamBody::Stream))
 }

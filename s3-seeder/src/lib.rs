@@ -9,12 +9,12 @@
 //!   drained node, move to rack-valid nodes; a node below its fair share receives moves
 //!   (rate-limited). A move is add as joining → seed → swap in → drop, each step a CAS on the
 //!   shard record with the epoch bumped.
-//! - All work state lives in the metadata store ([`records`]), so a successor resumes.
+//! - All work state lives in the metadata store ([`shardmap::seeder`]), so a successor
+//!   resumes.
 //! - Bytes never pass through the seeder: it asks nodes to fetch (`/internal/v1/seed`), and
 //!   the node verifies every byte on the same path a client read uses ([`nodes`]).
 
 pub mod nodes;
-pub mod records;
 pub mod work;
 
 use std::future::Future;
@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shardmap::{Keyspace, MetaStore, ShardMap};
+use shardmap::{Keyspace, MetaStore, SeederLeader, ShardMap};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -167,12 +167,15 @@ pub async fn run(
         }
         tracing::info!(seeder = %cfg.id, "acting as the seeder leader");
         metrics::gauge!("flotilla_seeder_leader").set(1.0);
-        let leader = serde_json::json!({ "id": cfg.id, "since_ms": now_ms() });
+        let leader = SeederLeader {
+            id: cfg.id.clone(),
+            since_ms: now_ms(),
+        };
         let _ = map
             .store()
             .put_with_lease(
                 &map.keys().seeder_leader(),
-                Bytes::from(leader.to_string()),
+                Bytes::from(leader.encode()),
                 &lease,
             )
             .await;

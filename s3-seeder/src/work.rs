@@ -12,14 +12,13 @@ use flotilla_core::{NodeId, RepoName, ShardKey};
 use flotilla_objstore::Remote;
 use futures::StreamExt;
 use shardmap::{
-    plan_add_node, plan_remove_node, Loads, Move, NodeInfo, NodeRecord, NodeState, Record,
-    ShardMap, ShardRecord,
+    plan_add_node, plan_remove_node, Loads, Move, MoveReason, MoveRecord, NodeInfo, NodeRecord,
+    NodeState, Record, ReseedRecord, ReseedStatus, ShardMap, ShardRecord,
 };
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::nodes::{shard_repos, NodeClient};
-use crate::records::{MoveReason, MoveRecord, ReseedRecord, ReseedStatus};
 use crate::{now_ms, sleep_or, SeederConfig, SeederError};
 
 /// Progress records are rewritten at most this often (plus at every shard boundary).

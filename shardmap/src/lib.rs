@@ -5,6 +5,8 @@
 //!
 //! - [`model`]: the versioned records ([`NodeRecord`], [`ShardRecord`]) and the key layout
 //!   ([`Keyspace`]) under the store prefix (default `flotilla/`).
+//! - [`seeder`]: the seeder's work records ([`ReseedRecord`], [`MoveRecord`],
+//!   [`SeederLeader`]), written by the seeder and read by the router's admin API.
 //! - [`placement`]: pure, deterministic placement — [`place`] picks RF rack-distinct, balanced
 //!   replicas for a new key; [`plan_add_node`] / [`plan_remove_node`] compute the minimal
 //!   [`Move`]s after a membership change. No I/O.
@@ -15,6 +17,7 @@
 
 pub mod model;
 pub mod placement;
+pub mod seeder;
 pub mod store;
 #[cfg(feature = "testsuite")]
 pub mod testsuite;
@@ -22,11 +25,12 @@ pub mod testsuite;
 /// The key prefix every Flotilla component uses unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "flotilla/";
 
-pub use model::{Keyspace, NodeRecord, NodeState, Record, RecordError, ShardRecord};
+pub use model::{Keyspace, NodeRecord, NodeState, Record, RecordError, ShardRecord, Versioned};
 pub use placement::{
     place, plan_add_node, plan_remove_node, rendezvous, Loads, Move, NodeInfo, Placement,
     PlacementError,
 };
+pub use seeder::{MoveReason, MoveRecord, ReseedRecord, ReseedStatus, SeederLeader};
 pub use store::{
     open, Conflict, Entry, Lease, MetaStore, MetaUrl, MetaUrlError, ShardMap, StoreError, Version,
     WatchEvent,

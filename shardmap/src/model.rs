@@ -95,18 +95,8 @@ pub struct ShardRecord {
 pub trait Record: Serialize + DeserializeOwned {
     /// Serialise with the `"v"` field first.
     fn encode(&self) -> Vec<u8> {
-        #[derive(Serialize)]
-        struct Versioned<'a, T: Serialize> {
-            v: u64,
-            #[serde(flatten)]
-            rec: &'a T,
-        }
         // Serialising plain structs of strings and integers into a Vec cannot fail.
-        serde_json::to_vec(&Versioned {
-            v: RECORD_VERSION,
-            rec: self,
-        })
-        .unwrap_or_default()
+        serde_json::to_vec(&Versioned::current(self)).unwrap_or_default()
     }
 
     /// Parse a stored value, refusing unknown future versions and corrupt bytes with a typed
@@ -131,6 +121,25 @@ pub trait Record: Serialize + DeserializeOwned {
                 supported: RECORD_VERSION,
             }),
             Some(_) => serde_json::from_slice(bytes).map_err(corrupt),
+        }
+    }
+}
+
+/// A record as it is stored, `"v"` first: what [`Record::encode`] writes, and what an API
+/// that shows stored records verbatim serialises.
+#[derive(Clone, Debug, Serialize)]
+pub struct Versioned<T> {
+    pub v: u64,
+    #[serde(flatten)]
+    pub rec: T,
+}
+
+impl<T> Versioned<T> {
+    /// `rec` in the format this build writes.
+    pub fn current(rec: T) -> Self {
+        Versioned {
+            v: RECORD_VERSION,
+            rec,
         }
     }
 }

@@ -375,8 +375,9 @@ async fn admin_api_validates_pins_and_drains() {
     for (body, msg) in bad {
         let (s, v) = put_pin(&c, "pinned/prod", body).await;
         assert_eq!(s, 400, "{body}: {v}");
-        let err = v["error"].as_str().unwrap_or_default();
+        let err = v["errors"][0]["message"].as_str().unwrap_or_default();
         assert!(err.contains(msg), "{body}: error {err:?} lacks {msg:?}");
+        assert_eq!(v["errors"][0]["code"], "UNSUPPORTED", "{body}: {v}");
     }
     let (s, _) = c.admin_get(0, "/shards/pinned/prod").await;
     assert_eq!(s, 404, "a refused pin must not create the key");

@@ -36,6 +36,15 @@ pub struct EtcdStore {
     current: Arc<AtomicUsize>,
 }
 
+/// Which keys a range request covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Span {
+    /// Exactly the key.
+    Key,
+    /// Every key starting with it.
+    Prefix,
+}
+
 fn b64(s: &str) -> String {
     B64.encode(s.as_bytes())
 }
@@ -165,9 +174,9 @@ impl EtcdStore {
         }
     }
 
-    async fn range(&self, key: &str, prefix: bool) -> Result<Vec<Entry>, StoreError> {
+    async fn range(&self, key: &str, span: Span) -> Result<Vec<Entry>, StoreError> {
         let mut body = json!({ "key": b64(key) });
-        if prefix {
+        if span == Span::Prefix {
             body["range_end"] = B64.encode(prefix_end(key.as_bytes())).into();
         }
         let v = self.post("/v3/kv/range", body).await?;
@@ -209,7 +218,7 @@ impl EtcdStore {
 impl MetaStore for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<(Bytes, Version)>, StoreError> {
         Ok(self
-            .range(key, false)
+            .range(key, Span::Key)
             .await?
             .into_iter()
             .next()
@@ -250,7 +259,7 @@ impl MetaStore for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<Entry>, StoreError> {
-        let mut out = self.range(prefix, true).await?;
+        let mut out = self.range(prefix, Span::Prefix).await?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }

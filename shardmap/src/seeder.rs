@@ -1,11 +1,18 @@
-//! The seeder's work state as stored in the metadata store (versioned JSON, `"v": 1`, through
-//! `shardmap::Record`): one [`ReseedRecord`] per node under `reseed/<node>` and one
-//! [`MoveRecord`] per shard move under `moves/<key>`. Everything a new leader needs to resume
-//! lives here, never only in a leader's memory.
+//! The seeder's records in the metadata store, beside their keys in [`Keyspace`]: the seeder
+//! writes them and the router's admin API reads them, so both share these types. One
+//! [`ReseedRecord`] per node under `reseed/<node>` and one [`MoveRecord`] per shard move
+//! under `moves/<key>` (versioned JSON, `"v": 1`, through [`Record`]), and the unversioned
+//! [`SeederLeader`] under `seeder/leader`. Everything a new leader needs to resume lives
+//! here, never only in a leader's memory. Field names are the stored format: renaming one
+//! is a data migration. Unknown fields are ignored so an older reader still decodes a record
+//! a newer seeder wrote.
+//!
+//! [`Keyspace`]: crate::Keyspace
 
 use flotilla_core::{NodeId, RepoName, ShardKey};
 use serde::{Deserialize, Serialize};
-use shardmap::Record;
+
+use crate::Record;
 
 /// Where a node's reseed stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +115,29 @@ pub struct MoveRecord {
 
 impl Record for MoveRecord {}
 
+/// The acting seeder, bound to its lease so it vanishes when the leader dies. Written as
+/// plain JSON without `"v"` (it never outlives one leader's term, so there is nothing to
+/// migrate).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeederLeader {
+    /// The seeder instance's name.
+    pub id: String,
+    /// When it took the lock, ms since the Unix epoch.
+    pub since_ms: u64,
+}
+
+impl SeederLeader {
+    pub fn encode(&self) -> Vec<u8> {
+        // A struct of a string and an integer always serialises.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// `None` for bytes that are not a leader record (the admin API then shows no leader).
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +171,19 @@ mod tests {
         let back = ReseedRecord::decode("k", &bytes).unwrap();
         assert_eq!(back.objects_done, 10);
         assert_eq!(back.status, ReseedStatus::Seeding);
+    }
+
+    /// The stored field names are a format: pin them, and that unknown fields are ignored.
+    #[test]
+    fn stored_format_is_pinned() {
+        let stored = br#"{"v":1,"key":"billing/api","from":"n1","to":"n3","reason":"drain",
+            "started_ms":1,"updated_ms":2,"joined_ms":null,"repos_total":3,"repos_done":1,
+            "objects_done":4,"bytes_done":5,"seeder":"s1","last_error":null,"future":true}"#;
+        let m = MoveRecord::decode("k", stored).unwrap();
+        assert_eq!(m.reason, MoveReason::Drain);
+        assert_eq!(m.to.as_str(), "n3");
+        let leader = SeederLeader::decode(br#"{"id":"s1","since_ms":9,"extra":1}"#).unwrap();
+        assert_eq!(leader.since_ms, 9);
+        assert_eq!(leader.encode(), br#"{"id":"s1","since_ms":9}"#);
     }
 }
