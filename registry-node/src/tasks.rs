@@ -56,8 +56,10 @@ impl NodeService {
 
     /// Start the housekeeping loops.
     pub(crate) fn start_background(&self) -> BackgroundTasks {
+        // One token for every loop: `BackgroundTasks::shutdown` cancels it and awaits them.
+        let cancel = self.inner.cancel.child_token();
         let me = self.clone();
-        let c = self.inner.cancel.child_token();
+        let c = cancel.clone();
         self.inner.tasks.spawn(async move {
             // Cheap (one statvfs), and what decides whether a push is refused with 507.
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -69,7 +71,6 @@ impl NodeService {
             }
         });
         let me = self.clone();
-        let cancel = self.inner.cancel.child_token();
         let c = cancel.clone();
         self.inner.tasks.spawn(async move {
             let mut tick = tokio::time::interval(me.inner.cfg.upload_purge_interval);
