@@ -354,6 +354,13 @@ impl Cluster {
             let k = self.inner.rr.fetch_add(1, Ordering::Relaxed) % live.len();
             live.rotate_left(k);
         }
+        // Stable: within each class the order above stands. Nodes that reach object storage
+        // first (only they can read a miss through); for the primary of a write, nodes that
+        // take new data first as well.
+        match order {
+            ReplicaOrder::Spread => live.sort_by_key(|n| !n.store_ok),
+            ReplicaOrder::PrimaryFirst => live.sort_by_key(|n| (!n.writable, !n.store_ok)),
+        }
         live.extend(rest);
         live
     }

@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use flotilla_core::{ErrorCode, RepoName, UploadId};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use registry_client::{ApiError, OciRoute, API_VERSION_HEADER};
 use shardmap::NodeRecord;
@@ -73,12 +73,17 @@ fn shard_error(e: crate::RouterError) -> ApiError {
 async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Response, ApiError> {
     let depth = cluster.config().shard_key_depth;
     let method = req.method().clone();
+    let kind = if matches!(route, OciRoute::Blob { .. }) {
+        ReadKind::Blob
+    } else {
+        ReadKind::Metadata
+    };
     let redirect = cluster.config().blob_redirect
         && method == Method::GET
         && matches!(route, OciRoute::Blob { .. });
     match route {
         OciRoute::Base => Ok(StatusCode::OK.into_response()),
-        OciRoute::Catalog => read(cluster, cluster.any_live(), req).await,
+        OciRoute::Catalog => read(cluster, cluster.any_live(), ReadKind::Metadata, req).await,
         OciRoute::Upload { repo, id } => forward_upload(cluster, &repo, &id, req).await,
         OciRoute::UploadStart { repo } => {
             let rec = cluster
@@ -135,7 +140,7 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             if redirect {
                 return redirect_blob(cluster, nodes, req).await;
             }
-            read(cluster, nodes, req).await
+            read(cluster, nodes, kind, req).await
         }
     }
 }
@@ -150,13 +155,21 @@ async fn redirect_blob(
     req: Request,
 ) -> Result<Response, ApiError> {
     let pq = path_and_query(&req);
-    let (probe, i) = read_from(cluster, &nodes, &Method::HEAD, &pq, req.headers()).await?;
+    let (probe, i) = read_from(
+        cluster,
+        &nodes,
+        ReadKind::Blob,
+        &Method::HEAD,
+        &pq,
+        req.headers(),
+    )
+    .await?;
     if probe.status().is_server_error() {
         return Ok(probe); // every replica failed
     }
     if !probe.status().is_success() {
         // The node's own answer (404, 416...): proxied with its body, as a read gives it.
-        return read(cluster, vec![nodes[i].clone()], req).await;
+        return read(cluster, vec![nodes[i].clone()], ReadKind::Metadata, req).await;
     }
     metrics::counter!("flotilla_router_blob_redirects_total").increment(1);
     Response::builder()
@@ -187,7 +200,7 @@ async fn read_cached(
         .await
     {
         Ok(Some(rec)) => rec,
-        Ok(None) => return read(cluster, cluster.any_live(), req).await,
+        Ok(None) => return read(cluster, cluster.any_live(), ReadKind::Metadata, req).await,
         Err(e) => return Err(shard_error(e)),
     };
     let head = req.method() == Method::HEAD;
@@ -216,7 +229,13 @@ async fn read_cached(
     let (mut parts, body) = req.into_parts();
     parts.method = Method::GET;
     let req = Request::from_parts(parts, body);
-    let resp = read(cluster, cluster.candidates(&rec, ReplicaOrder::Spread), req).await?;
+    let resp = read(
+        cluster,
+        cluster.candidates(&rec, ReplicaOrder::Spread),
+        ReadKind::Metadata,
+        req,
+    )
+    .await?;
     let bounded = resp
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -280,12 +299,148 @@ fn downstream(resp: reqwest::Response, body: UpstreamBody) -> Response {
     }
     let body = match body {
         UpstreamBody::Omit => Body::empty(),
-        UpstreamBody::Stream => Body::from_stream(resp.bytes_stream()),
+        UpstreamBody::Stream => Body::from_stream(idle_bounded(resp.bytes_stream().boxed())),
     };
     let mut out = Response::new(body);
     *out.status_mut() = status;
     *out.headers_mut() = headers;
     out
+}
+
+/// How long an upstream body may go without delivering a byte before it counts as stalled
+/// (a frozen node): progress, not total time, bounds a stream.
+const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, reqwest::Error>>;
+
+/// `s`, ended with an error when no chunk arrives within [`STREAM_IDLE`].
+fn idle_bounded(
+    s: ByteStream,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    futures::stream::unfold(Some(s), |s| async move {
+        let mut s = s?;
+        match tokio::time::timeout(STREAM_IDLE, s.next()).await {
+            Ok(Some(Ok(b))) => Some((Ok(b), Some(s))),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::other("upstream stalled mid-body")),
+                None,
+            )),
+        }
+    })
+}
+
+/// A whole-blob GET being relayed, and what it takes to resume it elsewhere.
+///
+/// Blobs are content-addressed, so byte `n` of a blob is the same on every replica: when the
+/// replica serving a client dies or stalls mid-body, the router asks the next replica for
+/// `Range: bytes=n-` and carries on, and the client never sees the cut. A resumed part is
+/// accepted only as a 206 starting exactly at `n`; otherwise the stream ends in an error
+/// (the client sees an aborted transfer, never wrong bytes) and a metric counts it.
+struct Resume {
+    cluster: Cluster,
+    nodes: Vec<NodeRecord>,
+    pq: String,
+    headers: HeaderMap,
+}
+
+struct Relay {
+    resume: Resume,
+    stream: ByteStream,
+    sent: u64,
+    /// Replicas already used (the current one included).
+    tried: Vec<usize>,
+}
+
+impl Resume {
+    fn respond(self, resp: reqwest::Response, served_by: usize) -> Response {
+        let status = resp.status();
+        let mut headers = HeaderMap::new();
+        for (k, v) in resp.headers() {
+            if !hop_by_hop(k) {
+                headers.append(k.clone(), v.clone());
+            }
+        }
+        let relay = Relay {
+            resume: self,
+            stream: resp.bytes_stream().boxed(),
+            sent: 0,
+            tried: vec![served_by],
+        };
+        let body = futures::stream::unfold(Some(relay), |relay| async move {
+            let mut relay = relay?;
+            loop {
+                match tokio::time::timeout(STREAM_IDLE, relay.stream.next()).await {
+                    Ok(Some(Ok(b))) => {
+                        relay.sent += b.len() as u64;
+                        return Some((Ok(b), Some(relay)));
+                    }
+                    Ok(None) => return None,
+                    Ok(Some(Err(_))) | Err(_) => {
+                        if relay.resume_elsewhere().await {
+                            continue;
+                        }
+                        metrics::counter!("flotilla_router_blob_streams_cut_total").increment(1);
+                        let e = std::io::Error::other("every replica failed mid-body");
+                        return Some((Err(e), None));
+                    }
+                }
+            }
+        });
+        let mut out = Response::new(Body::from_stream(body));
+        *out.status_mut() = status;
+        *out.headers_mut() = headers;
+        out
+    }
+}
+
+impl Relay {
+    /// Continue from byte `sent` on a replica not tried yet; false when none can.
+    async fn resume_elsewhere(&mut self) -> bool {
+        let r = &self.resume;
+        for (i, node) in r.nodes.iter().enumerate() {
+            if self.tried.contains(&i) {
+                continue;
+            }
+            self.tried.push(i);
+            let mut headers = r.headers.clone();
+            let range = format!("bytes={}-", self.sent);
+            if let Ok(v) = HeaderValue::from_str(&range) {
+                headers.insert(http::header::RANGE, v);
+            }
+            let attempt = upstream(
+                &r.cluster,
+                node,
+                &Method::GET,
+                &r.pq,
+                &headers,
+                reqwest::Body::from(Bytes::new()),
+            );
+            let got =
+                tokio::time::timeout(r.cluster.config().upstream_timeout, attempt.send()).await;
+            let Ok(Ok(resp)) = got else {
+                r.cluster.eject(&node.id);
+                continue;
+            };
+            let starts_here = resp
+                .headers()
+                .get(http::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.parse::<u64>().ok())
+                == Some(self.sent);
+            if resp.status() != StatusCode::PARTIAL_CONTENT || !starts_here {
+                continue;
+            }
+            tracing::warn!(node = %node.id, offset = self.sent, path = r.pq, "blob stream cut; resumed from another replica");
+            metrics::counter!("flotilla_router_blob_streams_resumed_total").increment(1);
+            self.stream = resp.bytes_stream().boxed();
+            return true;
+        }
+        false
+    }
 }
 
 fn path_and_query(req: &Request) -> String {
@@ -295,23 +450,37 @@ fn path_and_query(req: &Request) -> String {
         .unwrap_or_else(|| req.uri().path().to_owned())
 }
 
+/// What a read fetches, which decides how hard the router tries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadKind {
+    /// Manifests, tags, listings: the first replica's answer stands (404 included).
+    Metadata,
+    /// Blob bytes: a 404 asks the partner too (one replica's hole must never reach a client),
+    /// and a whole-blob body cut mid-stream is resumed from another replica.
+    Blob,
+}
+
 /// A body-less request tried on each node in turn; a connection error, timeout or 5xx moves
 /// on to the next before the client sees anything.
 async fn read(
     cluster: &Cluster,
     nodes: Vec<NodeRecord>,
+    kind: ReadKind,
     req: Request,
 ) -> Result<Response, ApiError> {
     let pq = path_and_query(&req);
-    read_from(cluster, &nodes, req.method(), &pq, req.headers())
+    read_from(cluster, &nodes, kind, req.method(), &pq, req.headers())
         .await
         .map(|(resp, _)| resp)
 }
 
-/// [`read`] as `method` on `pq`, also saying which of `nodes` gave the answer.
+/// [`read`] as `method` on `pq`, also saying which of `nodes` gave the answer. Each attempt
+/// must produce its response head within the upstream timeout; the body is then held to
+/// progress ([`STREAM_IDLE`]), not to a total, so a large blob is never cut for being large.
 async fn read_from(
     cluster: &Cluster,
     nodes: &[NodeRecord],
+    kind: ReadKind,
     method: &Method,
     pq: &str,
     headers: &HeaderMap,
@@ -330,13 +499,35 @@ async fn read_from(
             pq,
             headers,
             reqwest::Body::from(Bytes::new()),
-        )
-        .timeout(cluster.config().upstream_timeout);
+        );
         let started = Instant::now();
         let result = tokio::time::timeout(cluster.config().upstream_timeout, attempt.send()).await;
         metrics::histogram!("flotilla_router_upstream_seconds", "node" => node.id.to_string())
             .record(started.elapsed().as_secs_f64());
         match result {
+            Ok(Ok(r))
+                if kind == ReadKind::Blob
+                    && r.status() == StatusCode::NOT_FOUND
+                    && i + 1 < nodes.len() =>
+            {
+                metrics::counter!("flotilla_router_blob_404_retries_total").increment(1);
+                tracing::warn!(node = %node.id, path = pq, "a replica lacks a blob; asking the partner");
+                last = Some((downstream(r, body), i));
+            }
+            Ok(Ok(r))
+                if kind == ReadKind::Blob
+                    && r.status() == StatusCode::OK
+                    && body == UpstreamBody::Stream
+                    && !headers.contains_key(http::header::RANGE) =>
+            {
+                let resume = Resume {
+                    cluster: cluster.clone(),
+                    nodes: nodes.to_vec(),
+                    pq: pq.to_owned(),
+                    headers: headers.clone(),
+                };
+                return Ok((resume.respond(r, i), i));
+            }
             Ok(Ok(r)) if !r.status().is_server_error() => return Ok((downstream(r, body), i)),
             Ok(Ok(r)) => {
                 tracing::warn!(node = %node.id, status = %r.status(), "read failed upstream; trying the partner");

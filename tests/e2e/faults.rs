@@ -388,3 +388,147 @@ async fn full_disk_refuses_cleanly_frees_the_upload_and_recovers() {
     )
     .await;
 }
+
+/// One replica has a hole (its copy of a layer gone, and object storage lost the layer too,
+/// so it cannot read through): reads through the router never see the 404, whichever
+/// replica the rotation picks first; the router asks the partner.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_replicas_hole_never_reaches_a_client() {
+    let opts = ClusterOpts {
+        scrub_bytes_per_sec: 0,
+        ..ClusterOpts::default()
+    };
+    let c = ClusterProc::start_with(1, opts).await;
+    let oci = c.router(0);
+    let pushed = try_push_image(
+        &oci,
+        "holes/prod",
+        "v1",
+        &layer_for("holes-layer", 16 * 1024),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let layer = pushed.blobs[1].clone();
+    let hex = layer.trim_start_matches("sha256:").to_owned();
+    let replicas = c.replicas(0, "holes/prod").await;
+    let holed = c.node(&replicas[0]);
+    std::fs::remove_file(holed.data.join("blobs/sha256").join(&hex[..2]).join(&hex))
+        .expect("remove the replica's copy");
+    c.s3_delete(&blob_key(&layer)).await;
+    let direct = holed
+        .client()
+        .http
+        .get(holed.client().url(&format!("/v2/holes/prod/blobs/{layer}")))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(direct.status(), 404, "the hole is real");
+    for round in 0..6 {
+        let r = oci
+            .http
+            .get(oci.url(&format!("/v2/holes/prod/blobs/{layer}")))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), 200, "round {round}");
+        let body = r.bytes().await.expect("body");
+        assert_eq!(crate::support::sha256(&body), layer);
+    }
+    let retries = crate::support::metric_sum(
+        &c.routers[0].url(),
+        "flotilla_router_blob_404_retries_total",
+    )
+    .await;
+    assert!(
+        retries >= 1.0,
+        "the router never asked the partner: {retries}"
+    );
+}
+
+/// A replica killed while it streams a large blob to a client: the router resumes the body
+/// from the partner at the byte where it was cut, and the client gets the whole, correct
+/// blob without seeing the failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blob_stream_cut_mid_body_is_resumed_from_the_partner() {
+    let mut c = ClusterProc::start_with(1, ClusterOpts::default()).await;
+    let oci = c.router(0);
+    let big = layer_for("cut-layer", 64 << 20);
+    let pushed = try_push_image(&oci, "cut/prod", "v1", &big)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let layer = pushed.blobs[1].clone();
+    let replicas = c.replicas(0, "cut/prod").await;
+    // Both replicas hold it on disk (the partner is warmed after the push).
+    poll("both replicas to hold the layer", FAULT_TIMEOUT, || async {
+        replicas
+            .iter()
+            .all(|r| c.node(r).has_blob(&layer))
+            .then_some(())
+    })
+    .await;
+    let blob_gets = |c: &ClusterProc| {
+        let urls: Vec<(String, String)> = replicas
+            .iter()
+            .map(|r| (r.clone(), c.node(r).url()))
+            .collect();
+        async move {
+            let mut out = Vec::new();
+            for (id, url) in urls {
+                let text = reqwest::get(format!("{url}/metrics"))
+                    .await
+                    .expect("metrics")
+                    .text()
+                    .await
+                    .expect("text");
+                let n: f64 = text
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("flotilla_node_requests_total")
+                            && l.contains("method=\"GET\"")
+                            && l.contains("route=\"blob\"")
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum();
+                out.push((id, n));
+            }
+            out
+        }
+    };
+    let before = blob_gets(&c).await;
+    let mut resp = oci
+        .http
+        .get(oci.url(&format!("/v2/cut/prod/blobs/{layer}")))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.status(), 200);
+    let mut got = resp
+        .chunk()
+        .await
+        .expect("first chunk")
+        .expect("some bytes")
+        .to_vec();
+    let after = blob_gets(&c).await;
+    let serving = before
+        .iter()
+        .zip(&after)
+        .find(|((_, a), (_, b))| b > a)
+        .map(|((id, _), _)| id.clone())
+        .expect("a replica served the GET");
+    c.kill9(&serving);
+    while let Some(chunk) = resp.chunk().await.expect("the body must not break") {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got.len(), big.len());
+    assert_eq!(crate::support::sha256(&got), layer);
+    let resumed = crate::support::metric_sum(
+        &c.routers[0].url(),
+        "flotilla_router_blob_streams_resumed_total",
+    )
+    .await;
+    assert!(
+        resumed >= 1.0,
+        "cut after {} bytes but not resumed",
+        got.len()
+    );
+}
