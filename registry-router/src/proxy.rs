@@ -3,6 +3,7 @@
 //! then synchronously to the live partner; blob bytes stream to one node, and the partner
 //! is warmed asynchronously (it reads through object storage until then).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -557,8 +558,18 @@ async fn forward_streaming(
 ) -> Result<Response, ApiError> {
     let pq = path_and_query(&req);
     let (parts, body) = req.into_parts();
-    let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let r = upstream(
+    let progress = Arc::new(Progress::default());
+    let seen = progress.clone();
+    let stream = body
+        .into_data_stream()
+        .map_err(std::io::Error::other)
+        .inspect_ok(move |b| seen.moved(b.len()));
+    let tracked = progress.clone();
+    let stream = stream.chain(futures::stream::once(async move {
+        tracked.finished();
+        Ok(Bytes::new())
+    }));
+    let send = upstream(
         cluster,
         node,
         &parts.method,
@@ -566,17 +577,92 @@ async fn forward_streaming(
         &parts.headers,
         reqwest::Body::wrap_stream(stream),
     )
-    .send()
-    .await
-    .map_err(|e| {
-        cluster.eject(&node.id);
-        tracing::warn!(node = %node.id, error = %e, "upload forwarding failed");
-        unavailable("the replica holding this upload is unreachable; retry the upload")
-    })?;
+    .send();
+    let r = match watch_progress(send, &progress).await {
+        Ok(r) => r,
+        Err(why) => {
+            cluster.eject(&node.id);
+            tracing::warn!(node = %node.id, error = %why, "upload forwarding failed");
+            return Err(unavailable(
+                "the replica holding this upload is unreachable; retry the upload",
+            ));
+        }
+    };
     Ok(rewrite_location(
         downstream(r, UpstreamBody::Stream),
         &node.id,
     ))
+}
+
+/// How far a forwarded upload got, for [`watch_progress`].
+#[derive(Debug, Default)]
+struct Progress {
+    /// Milliseconds (since `START`) of the last byte moved, or of the body's end.
+    last_ms: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicBool,
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+fn mono_ms() -> u64 {
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl Progress {
+    fn moved(&self, n: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.bytes.fetch_add(n as u64, Relaxed);
+        self.last_ms.store(mono_ms(), Relaxed);
+    }
+
+    fn finished(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.done.store(true, Relaxed);
+        self.last_ms.store(mono_ms(), Relaxed);
+    }
+
+    /// How long the node may go without visible progress: while the body flows, an idle
+    /// bound; once it has all been sent, time for the node to hash, fsync and write it
+    /// through to object storage (at 1 MiB/s at worst) before it answers.
+    fn allowance(&self) -> std::time::Duration {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.done.load(Relaxed) {
+            UPLOAD_IDLE + std::time::Duration::from_secs(self.bytes.load(Relaxed) >> 20)
+        } else {
+            UPLOAD_IDLE
+        }
+    }
+
+    fn stalled(&self) -> bool {
+        let since =
+            mono_ms().saturating_sub(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        std::time::Duration::from_millis(since) > self.allowance()
+    }
+}
+
+/// A forwarded upload may go this long without a byte moving (a frozen node stops taking
+/// bytes; a client that stops sending is held to the same bound).
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Await `send` while `progress` moves; an error when it stalls past its allowance.
+async fn watch_progress(
+    send: impl std::future::Future<Output = reqwest::Result<reqwest::Response>>,
+    progress: &Progress,
+) -> Result<reqwest::Response, String> {
+    progress.moved(0);
+    tokio::pin!(send);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            r = &mut send => return r.map_err(|e| e.to_string()),
+            _ = tick.tick() => {
+                if progress.stalled() {
+                    return Err(format!("no progress within {:?}", progress.allowance()));
+                }
+            }
+        }
+    }
 }
 
 /// Prefix upload-session `Location`s with the owning node, so later requests find it.
