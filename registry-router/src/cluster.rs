@@ -23,7 +23,7 @@ type Snapshot<K, V> = Arc<HashMap<K, V>>;
 const WATCHED_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 /// A manifest or tag write waits at most this long for its epoch bump: the write path must
 /// not hang on the metadata store (the write itself is already durable on the nodes).
-const BUMP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(1);
+const BUMP_DEADLINE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Reads of the metadata store on a request path (an unknown key's record, a placement)
 /// give up after this and answer 503.
 const LOOKUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);

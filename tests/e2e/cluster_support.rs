@@ -112,6 +112,8 @@ pub(crate) struct ClusterOpts {
     pub gc_grace_secs: u64,
     /// Nodes' `--remote-confirm-secs` (how long an upload proves an object exists).
     pub remote_confirm_secs: u64,
+    /// Keep the shard map in a real etcd instead of the embedded file store.
+    pub etcd: bool,
 }
 
 impl Default for ClusterOpts {
@@ -127,6 +129,7 @@ impl Default for ClusterOpts {
             gc_interval_secs: 60,
             gc_grace_secs: 600,
             remote_confirm_secs: 60,
+            etcd: false,
         }
     }
 }
@@ -145,6 +148,7 @@ pub(crate) struct ClusterProc {
     pub store_url: String,
     pub proxy: Option<Proxy>,
     pub moto: Moto,
+    pub etcd: Option<crate::etcdsupport::Etcd>,
     pub tmp: tempfile::TempDir,
     pub http: reqwest::Client,
 }
@@ -169,7 +173,15 @@ impl ClusterProc {
         let tmp = tempfile::tempdir().expect("tempdir");
         let meta_dir = tmp.path().join("meta");
         std::fs::create_dir_all(&meta_dir).expect("meta dir");
-        let meta_url = format!("file://{}", meta_dir.display());
+        let etcd = if opts.etcd {
+            Some(crate::etcdsupport::Etcd::start().await)
+        } else {
+            None
+        };
+        let meta_url = match &etcd {
+            Some(e) => e.url(),
+            None => format!("file://{}", meta_dir.display()),
+        };
         let proxy = if opts.proxy {
             Some(Proxy::start(moto.port).await)
         } else {
@@ -189,6 +201,7 @@ impl ClusterProc {
             store_url,
             proxy,
             moto,
+            etcd,
             tmp,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))

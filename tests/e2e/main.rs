@@ -2,6 +2,7 @@
 //! real `flotilla` processes (and real clients: skopeo, podman, the Docker engine).
 
 mod cluster_support;
+mod etcdsupport;
 mod s3support;
 mod support;
 
