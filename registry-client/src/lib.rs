@@ -19,3 +19,9 @@ pub use route::OciRoute;
 
 /// Sent on every `/v2/` answer, as clients probe for it.
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+
+/// Set by a node on a blob body every byte of which verified against the digest before the
+/// first one was sent (a file verified in its current state). Only such a body may be
+/// carried on from another replica after a cut: bytes of a body still being verified may be
+/// the corrupt ones, and a resumed tail would make a complete-looking wrong blob.
+pub const VERIFIED_HEADER: &str = "x-flotilla-verified";

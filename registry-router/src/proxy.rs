@@ -34,6 +34,8 @@ fn hop_by_hop(name: &http::HeaderName) -> bool {
             | "upgrade"
             | "host"
             | "proxy-connection"
+            // Between node and router only (see `VERIFIED_HEADER`).
+            | registry_client::VERIFIED_HEADER
     )
 }
 
@@ -322,12 +324,18 @@ fn idle_bounded(
         let mut s = s?;
         match tokio::time::timeout(STREAM_IDLE, s.next()).await {
             Ok(Some(Ok(b))) => Some((Ok(b), Some(s))),
-            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+            Ok(Some(Err(e))) => {
+                metrics::counter!("flotilla_router_upstream_bodies_cut_total").increment(1);
+                Some((Err(std::io::Error::other(e)), None))
+            }
             Ok(None) => None,
-            Err(_) => Some((
-                Err(std::io::Error::other("upstream stalled mid-body")),
-                None,
-            )),
+            Err(_) => {
+                metrics::counter!("flotilla_router_upstream_bodies_cut_total").increment(1);
+                Some((
+                    Err(std::io::Error::other("upstream stalled mid-body")),
+                    None,
+                ))
+            }
         }
     })
 }
@@ -336,9 +344,10 @@ fn idle_bounded(
 ///
 /// Blobs are content-addressed, so byte `n` of a blob is the same on every replica: when the
 /// replica serving a client dies or stalls mid-body, the router asks the next replica for
-/// `Range: bytes=n-` and carries on, and the client never sees the cut. A resumed part is
-/// accepted only as a 206 starting exactly at `n`; otherwise the stream ends in an error
-/// (the client sees an aborted transfer, never wrong bytes) and a metric counts it.
+/// `Range: bytes=n-` and carries on, and the client never sees the cut. Only a body the
+/// node marked as verified before it started (`VERIFIED_HEADER`) is carried on, and only
+/// with a verified 206 starting exactly at `n`; otherwise the stream ends in an error (the
+/// client sees an aborted transfer, never a complete wrong blob) and a metric counts it.
 struct Resume {
     cluster: Cluster,
     nodes: Vec<NodeRecord>,
@@ -432,7 +441,10 @@ impl Relay {
                 .and_then(|v| v.split('-').next())
                 .and_then(|v| v.parse::<u64>().ok())
                 == Some(self.sent);
-            if resp.status() != StatusCode::PARTIAL_CONTENT || !starts_here {
+            let verified = resp
+                .headers()
+                .contains_key(registry_client::VERIFIED_HEADER);
+            if resp.status() != StatusCode::PARTIAL_CONTENT || !starts_here || !verified {
                 continue;
             }
             tracing::warn!(node = %node.id, offset = self.sent, path = r.pq, "blob stream cut; resumed from another replica");
@@ -518,6 +530,7 @@ async fn read_from(
             Ok(Ok(r))
                 if kind == ReadKind::Blob
                     && r.status() == StatusCode::OK
+                    && r.headers().contains_key(registry_client::VERIFIED_HEADER)
                     && body == UpstreamBody::Stream
                     && !headers.contains_key(http::header::RANGE) =>
             {

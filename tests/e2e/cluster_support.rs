@@ -114,6 +114,8 @@ pub(crate) struct ClusterOpts {
     pub remote_confirm_secs: u64,
     /// Keep the shard map in a real etcd instead of the embedded file store.
     pub etcd: bool,
+    /// Further flags for every node.
+    pub node_args: Vec<String>,
 }
 
 impl Default for ClusterOpts {
@@ -130,6 +132,7 @@ impl Default for ClusterOpts {
             gc_grace_secs: 600,
             remote_confirm_secs: 60,
             etcd: false,
+            node_args: Vec::new(),
         }
     }
 }
@@ -386,6 +389,7 @@ impl ClusterProc {
             .arg(self.opts.gc_grace_secs.to_string())
             .arg("--remote-confirm-secs")
             .arg(self.opts.remote_confirm_secs.to_string())
+            .args(&self.opts.node_args)
             .env("FLOTILLA_SECRET", CLUSTER_SECRET)
             .env("RUST_LOG", "info")
             .env("AWS_ACCESS_KEY_ID", "flotilla-test")

@@ -633,3 +633,91 @@ async fn metadata_store_frozen_or_killed_does_not_hold_up_tag_writes() {
         try_pull(&oci, &q).await.unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A large blob corrupted on one replica: a read that lands on it is cut short before its
+/// last chunk (the node verifies while it streams), never completed with wrong bytes, and
+/// the cut is counted by the router; the file is quarantined and fetched again, every later
+/// read is whole and correct, and the quarantine is trimmed to its bounds (here a cap of 0
+/// bytes) with the deletion counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupt_large_blob_is_never_served_wrong_and_the_quarantine_is_bounded() {
+    let opts = ClusterOpts {
+        scrub_bytes_per_sec: 0,
+        // The trim runs with the upload purge, every second here; keep no quarantined bytes.
+        node_args: ["--upload-max-age-secs", "1", "--quarantine-max-bytes", "0"]
+            .map(String::from)
+            .to_vec(),
+        ..ClusterOpts::default()
+    };
+    let c = ClusterProc::start_with(1, opts).await;
+    let oci = c.router(0);
+    let big = layer_for("corrupt-layer", 16 << 20);
+    let pushed = try_push_image(&oci, "rot/prod", "v1", &big)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let layer = pushed.blobs[1].clone();
+    let replicas = c.replicas(0, "rot/prod").await;
+    poll("both replicas to hold the layer", FAULT_TIMEOUT, || async {
+        replicas
+            .iter()
+            .all(|r| c.node(r).has_blob(&layer))
+            .then_some(())
+    })
+    .await;
+    let bad = &replicas[0];
+    let hex = layer.trim_start_matches("sha256:");
+    let path = c
+        .node(bad)
+        .data
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    let mut bytes = std::fs::read(&path).expect("read blob");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("corrupt blob");
+    let mut rounds = 0;
+    while c.node_metric(bad, "flotilla_node_read_corrupt_total").await < 1.0 {
+        rounds += 1;
+        assert!(rounds <= 8, "the corrupt replica was never read");
+        let r = oci
+            .http
+            .get(oci.url(&format!("/v2/rot/prod/blobs/{layer}")))
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), 200);
+        // Cut short is allowed (that read met the corruption); complete and wrong is not.
+        if let Ok(body) = r.bytes().await {
+            assert_eq!(body.len(), big.len(), "round {rounds}");
+            assert_eq!(crate::support::sha256(&body), layer, "round {rounds}");
+        }
+    }
+    let cut = crate::support::metric_sum(
+        &c.routers[0].url(),
+        "flotilla_router_upstream_bodies_cut_total",
+    )
+    .await;
+    assert!(cut >= 1.0, "the cut was not counted: {cut}");
+    for round in 0..4 {
+        let r = oci
+            .http
+            .get(oci.url(&format!("/v2/rot/prod/blobs/{layer}")))
+            .send()
+            .await
+            .expect("GET");
+        let body = r.bytes().await.expect("healed: the body must not break");
+        assert_eq!(
+            crate::support::sha256(&body),
+            layer,
+            "after healing, round {round}"
+        );
+    }
+    poll("the quarantine to be trimmed", FAULT_TIMEOUT, || async {
+        let deleted = c
+            .node_metric(bad, "flotilla_node_quarantine_deleted_total")
+            .await;
+        (deleted >= 1.0 && files_under(&c.node(bad).data.join("quarantine")) == 0).then_some(())
+    })
+    .await;
+}

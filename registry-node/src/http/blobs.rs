@@ -87,6 +87,7 @@ pub(crate) async fn get(
         Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
         None => (StatusCode::OK, 0, size),
     };
+    let verified = matches!(blob, BlobBody::File(_) | BlobBody::Bytes(_));
     let body = match blob {
         BlobBody::File(file) => Body::from_stream(file_stream(file, start, len, None)),
         BlobBody::Checked(file, check) => Body::from_stream(file_stream(file, 0, len, Some(check))),
@@ -107,6 +108,9 @@ pub(crate) async fn get(
         .header(header::ACCEPT_RANGES, "bytes")
         .header(header::ETAG, format!("\"{digest_hdr}\""))
         .header("docker-content-digest", &digest_hdr);
+    if verified {
+        resp = resp.header(registry_client::VERIFIED_HEADER, "1");
+    }
     if status == StatusCode::PARTIAL_CONTENT {
         resp = resp.header(
             header::CONTENT_RANGE,
