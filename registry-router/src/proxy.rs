@@ -802,11 +802,11 @@ async fn replicated_write(
         Some(r) => r,
         None => {
             // Nothing was ever placed here: let any node give the authoritative 404.
-            return read_with_body(cluster, cluster.any_live(), req).await;
+            return write_buffered(cluster, cluster.any_live(), &[], req).await;
         }
     };
     let extra = cluster.sync_only(&rec);
-    read_with_body_to(
+    write_buffered(
         cluster,
         cluster.candidates(&rec, ReplicaOrder::PrimaryFirst),
         &extra,
@@ -815,18 +815,12 @@ async fn replicated_write(
     .await
 }
 
-async fn read_with_body(
-    cluster: &Cluster,
-    nodes: Vec<NodeRecord>,
-    req: Request,
-) -> Result<Response, ApiError> {
-    read_with_body_to(cluster, nodes, &[], req).await
-}
-
-/// Like [`read_with_body`]; a successful write is also sent, synchronously, to `extra`: nodes
+/// The buffered write (a manifest PUT or DELETE, a blob DELETE) to the first node of `nodes`
+/// that answers (failing over past unreachable ones), then, when it succeeded, synchronously
+/// to every other live node of `nodes` and to `extra`: nodes
 /// being seeded for this shard (joining, or a replica rebuilding its disk), so no write lands
 /// between the seeder's last pass and the node taking traffic.
-async fn read_with_body_to(
+async fn write_buffered(
     cluster: &Cluster,
     nodes: Vec<NodeRecord>,
     extra: &[NodeRecord],
