@@ -86,24 +86,9 @@ impl NodeService {
     /// Make sure object storage holds blob `d` and `repo`'s link to it, restoring either from
     /// this node when missing. `Err(ManifestBlobUnknown)` when the bytes exist nowhere.
     pub(crate) async fn ensure_blob_durable(&self, repo: &RepoName, d: &Digest) -> Result<()> {
-        let Some(r) = &self.inner.remote else {
-            return Ok(());
-        };
-        if self.check_remote_blob(d, false).await? == RemoteBlob::Lost {
-            return Err(ServiceError::ManifestBlobUnknown(d.clone()));
-        }
         let link = layout::remote_blob_link(repo, d);
-        if !self.inner.confirmed.fresh(&link) {
-            if r.head(&link).await?.is_none() {
-                tracing::warn!(%repo, digest = %d, "object storage lacked a blob link this node holds; restored");
-                metrics::counter!("flotilla_node_remote_repaired_total", "kind" => "link")
-                    .increment(1);
-                self.catalog(r, repo).await?;
-                r.put_bytes(&link, bytes::Bytes::new()).await?;
-            }
-            self.confirm_remote(link);
-        }
-        Ok(())
+        self.ensure_durable(repo, d, link, bytes::Bytes::new())
+            .await
     }
 
     /// [`Self::ensure_blob_durable`] for a child manifest of an index: its bytes and the
@@ -114,21 +99,32 @@ impl NodeService {
         d: &Digest,
         media_type: &str,
     ) -> Result<()> {
+        let link = layout::remote_manifest_link(repo, d);
+        let body = bytes::Bytes::from(media_type.to_owned());
+        self.ensure_durable(repo, d, link, body).await
+    }
+
+    /// The bytes of `d` and `repo`'s `link` to them (restored with `link_body`).
+    async fn ensure_durable(
+        &self,
+        repo: &RepoName,
+        d: &Digest,
+        link: RemoteKey,
+        link_body: bytes::Bytes,
+    ) -> Result<()> {
         let Some(r) = &self.inner.remote else {
             return Ok(());
         };
         if self.check_remote_blob(d, false).await? == RemoteBlob::Lost {
             return Err(ServiceError::ManifestBlobUnknown(d.clone()));
         }
-        let link = layout::remote_manifest_link(repo, d);
         if !self.inner.confirmed.fresh(&link) {
             if r.head(&link).await?.is_none() {
-                tracing::warn!(%repo, digest = %d, "object storage lacked a manifest link this node holds; restored");
+                tracing::warn!(%repo, digest = %d, %link, "object storage lacked a link this node holds; restored");
                 metrics::counter!("flotilla_node_remote_repaired_total", "kind" => "link")
                     .increment(1);
                 self.catalog(r, repo).await?;
-                r.put_bytes(&link, bytes::Bytes::from(media_type.to_owned()))
-                    .await?;
+                r.put_bytes(&link, link_body).await?;
             }
             self.confirm_remote(link);
         }

@@ -445,6 +445,25 @@ async fn one_replicas_hole_never_reaches_a_client() {
     );
 }
 
+/// Push an image whose layer is `big` into `repo` through router 0 and wait until both
+/// replicas hold the layer on disk (the partner is warmed after the push); returns the
+/// layer's digest and the replicas.
+async fn push_to_both_replicas(c: &ClusterProc, repo: &str, big: &[u8]) -> (String, Vec<String>) {
+    let pushed = try_push_image(&c.router(0), repo, "v1", big)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let layer = pushed.blobs[1].clone();
+    let replicas = c.replicas(0, repo).await;
+    poll("both replicas to hold the layer", FAULT_TIMEOUT, || async {
+        replicas
+            .iter()
+            .all(|r| c.node(r).has_blob(&layer))
+            .then_some(())
+    })
+    .await;
+    (layer, replicas)
+}
+
 /// A replica killed while it streams a large blob to a client: the router resumes the body
 /// from the partner at the byte where it was cut, and the client gets the whole, correct
 /// blob without seeing the failure.
@@ -453,19 +472,7 @@ async fn a_blob_stream_cut_mid_body_is_resumed_from_the_partner() {
     let mut c = ClusterProc::start_with(1, ClusterOpts::default()).await;
     let oci = c.router(0);
     let big = layer_for("cut-layer", 64 << 20);
-    let pushed = try_push_image(&oci, "cut/prod", "v1", &big)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let layer = pushed.blobs[1].clone();
-    let replicas = c.replicas(0, "cut/prod").await;
-    // Both replicas hold it on disk (the partner is warmed after the push).
-    poll("both replicas to hold the layer", FAULT_TIMEOUT, || async {
-        replicas
-            .iter()
-            .all(|r| c.node(r).has_blob(&layer))
-            .then_some(())
-    })
-    .await;
+    let (layer, replicas) = push_to_both_replicas(&c, "cut/prod", &big).await;
     let blob_gets = |c: &ClusterProc| {
         let urls: Vec<(String, String)> = replicas
             .iter()
@@ -652,18 +659,7 @@ async fn corrupt_large_blob_is_never_served_wrong_and_the_quarantine_is_bounded(
     let c = ClusterProc::start_with(1, opts).await;
     let oci = c.router(0);
     let big = layer_for("corrupt-layer", 16 << 20);
-    let pushed = try_push_image(&oci, "rot/prod", "v1", &big)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let layer = pushed.blobs[1].clone();
-    let replicas = c.replicas(0, "rot/prod").await;
-    poll("both replicas to hold the layer", FAULT_TIMEOUT, || async {
-        replicas
-            .iter()
-            .all(|r| c.node(r).has_blob(&layer))
-            .then_some(())
-    })
-    .await;
+    let (layer, replicas) = push_to_both_replicas(&c, "rot/prod", &big).await;
     let bad = &replicas[0];
     let hex = layer.trim_start_matches("sha256:");
     let path = c
