@@ -104,14 +104,33 @@ fn advertise(s: &str) -> anyhow::Result<String> {
     Ok(s.to_owned())
 }
 
+/// The cluster's shared secret, required wherever components talk to each other (a node
+/// in a cluster, every router and seeder): without it a node silently refused the seeder
+/// and a wiped node never came back, so refuse to start instead, naming the flag.
+fn cluster_secret(secret: &Option<String>, role: &str) -> anyhow::Result<String> {
+    match secret {
+        Some(s) if !s.is_empty() => Ok(s.clone()),
+        _ => anyhow::bail!(
+            "--secret (or FLOTILLA_SECRET): required for a {role}: routers, seeders and nodes \
+             authenticate the node-internal API with it; give every component the same value"
+        ),
+    }
+}
+
 fn node(a: &NodeArgs, metrics: &PrometheusHandle) -> anyhow::Result<NodeConfig> {
     // Zero would make the purge interval zero, which the purge timer cannot run at.
     let upload_max_age = secs("--upload-max-age-secs", a.upload_max_age_secs, 1)?;
+    let meta_url = a.meta.as_deref().map(meta_url).transpose()?;
+    let store_url = a.store.as_deref().map(store_url).transpose()?;
+    let secret = match meta_url {
+        Some(_) => Some(cluster_secret(&a.secret, "node with --meta")?),
+        None => a.secret.clone(),
+    };
     Ok(NodeConfig {
-        store_url: a.store.as_deref().map(store_url).transpose()?,
-        meta_url: a.meta.as_deref().map(meta_url).transpose()?,
+        store_url,
+        meta_url,
         advertise: a.advertise.as_deref().map(advertise).transpose()?,
-        secret: a.secret.clone(),
+        secret,
         metrics: Some(metrics.clone()),
         upload_max_age,
         upload_purge_interval: upload_max_age.min(Duration::from_secs(60)),
@@ -138,14 +157,15 @@ fn router(a: &RouterArgs, metrics: &PrometheusHandle) -> anyhow::Result<RouterCo
         .manifest_cache_mib
         .checked_mul(1024 * 1024)
         .context("--manifest-cache-mib: too large")?;
+    let meta = meta_url(&a.meta)?;
     Ok(RouterConfig {
         replication_factor: a.replicas,
-        secret: a.secret.clone(),
+        secret: Some(cluster_secret(&a.secret, "router")?),
         manifest_cache_bytes,
         manifest_cache_ttl: secs("--manifest-cache-ttl-secs", a.manifest_cache_ttl_secs, 0)?,
         blob_redirect: a.blob_redirect,
         metrics: Some(metrics.clone()),
-        ..RouterConfig::new(meta_url(&a.meta)?)
+        ..RouterConfig::new(meta)
     })
 }
 
@@ -158,7 +178,7 @@ fn seeder(a: &SeederArgs) -> anyhow::Result<SeederConfig> {
     };
     Ok(SeederConfig {
         id,
-        secret: a.secret.clone(),
+        secret: Some(cluster_secret(&a.secret, "seeder")?),
         replace_after: secs("--replace-after-secs", a.replace_after_secs, 0)?,
         seed_concurrency: a.seed_concurrency,
         seed_bytes_per_sec: a.seed_bytes_per_sec,

@@ -103,6 +103,23 @@ pub enum SeederError {
     LostLeadership,
 }
 
+impl SeederError {
+    /// A node refused the seeder's credential: retrying cannot help, an operator must make
+    /// `--secret` agree on both sides.
+    pub fn is_config(&self) -> bool {
+        matches!(self, SeederError::Node { source, .. } if source.is_auth())
+    }
+
+    /// How the error is recorded for an operator (`GET /admin/v1/reseed`).
+    pub(crate) fn report(&self) -> String {
+        if self.is_config() {
+            format!("configuration error: {self} (the node refused the seeder's secret: give every component the same --secret/FLOTILLA_SECRET)")
+        } else {
+            self.to_string()
+        }
+    }
+}
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -383,6 +383,11 @@ impl Ctx {
                 Ok(true) => return,
                 Ok(false) => backoff = Duration::from_millis(500),
                 Err(SeederError::LostLeadership) => return,
+                Err(e) if e.is_config() => {
+                    tracing::error!(job = what, error = %e.report(), "seeder job blocked by a configuration error; retrying until it is fixed");
+                    metrics::counter!("flotilla_seeder_config_errors_total").increment(1);
+                    backoff = Duration::from_secs(5);
+                }
                 Err(e) => {
                     tracing::warn!(job = what, error = %e, "seeder job step failed; retrying");
                     metrics::counter!("flotilla_seeder_errors_total").increment(1);
@@ -475,7 +480,7 @@ impl Ctx {
         self.put_record(&key, &rec).await?;
         let result = self.reseed_shards(&node, &shard_keys, &mut rec, &key).await;
         if let Err(e) = &result {
-            rec.last_error = Some(e.to_string());
+            rec.last_error = Some(e.report());
             rec.update_rates(now_ms());
             let _ = self.put_record(&key, &rec).await;
             return result.map(|_| false);

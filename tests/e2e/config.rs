@@ -94,3 +94,42 @@ fn router_and_seeder_refuse_a_bad_meta_or_store_url() {
         "the seeder opened its metadata store before checking --store"
     );
 }
+
+/// Every component that talks to the others needs the cluster's secret: a node with `--meta`,
+/// any router, any seeder. Without it they refuse to start, naming the flag and the variable
+/// (a node without one used to disable its internal API silently, and a wiped node then sat
+/// in `seeding` forever while the seeder retried 401s). A node without `--meta` needs none.
+#[test]
+fn cluster_components_refuse_to_start_without_the_secret() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let meta = format!("file://{}", tmp.path().join("meta").display());
+    let data = tmp.path().join("d");
+    let data = data.to_str().expect("utf-8 path");
+    let node = [
+        "node",
+        "--id",
+        "n1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data,
+        "--meta",
+        &meta,
+    ];
+    let router = ["router", "--listen", "127.0.0.1:0", "--meta", &meta];
+    let seeder = ["seeder", "--meta", &meta, "--store", "memory://"];
+    for args in [&node[..], &router[..], &seeder[..]] {
+        let stderr = refused(args);
+        assert!(
+            stderr.contains("--secret") && stderr.contains("FLOTILLA_SECRET"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(
+        !tmp.path().join("d").exists() && !tmp.path().join("meta").exists(),
+        "something was created before the secret was checked"
+    );
+    // An empty secret is no secret.
+    let stderr = refused(&[&router[..], &["--secret", ""]].concat());
+    assert!(stderr.contains("--secret"), "{stderr}");
+}

@@ -567,6 +567,7 @@ async fn standalone_seeder_serves_metrics_and_takes_leadership() {
             .arg(format!("file://{}", tmp.path().join("objects").display()))
             .arg("--metrics-listen")
             .arg(format!("127.0.0.1:{port}"))
+            .env("FLOTILLA_SECRET", "standalone-test-secret")
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()

@@ -38,6 +38,11 @@ async fn require_secret(State(node): State<NodeService>, req: Request, next: Nex
         _ => false,
     };
     if !ok {
+        tracing::warn!(
+            path = %req.uri().path(),
+            secret_sent = given.is_some(),
+            "refused an internal request: missing or wrong cluster secret (--secret/FLOTILLA_SECRET must agree on every component)"
+        );
         return ApiError::new(ErrorCode::Unauthorized)
             .message("the node-internal API requires the cluster's shared secret")
             .into_response();
