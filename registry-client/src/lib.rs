@@ -20,8 +20,39 @@ pub use route::OciRoute;
 /// Sent on every `/v2/` answer, as clients probe for it.
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
 
+/// The `method` label of request metrics: the methods the API knows, and `other` for
+/// anything a client invents, so no client can create a new time series per request.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::PUT => "PUT",
+        http::Method::POST => "POST",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// Set by a node on a blob body every byte of which verified against the digest before the
 /// first one was sent (a file verified in its current state). Only such a body may be
 /// carried on from another replica after a cut: bytes of a body still being verified may be
 /// the corrupt ones, and a resumed tail would make a complete-looking wrong blob.
 pub const VERIFIED_HEADER: &str = "x-flotilla-verified";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn method_labels_are_bounded() {
+        for (m, want) in [
+            ("GET", "GET"),
+            ("PATCH", "PATCH"),
+            ("FOOBAR", "other"),
+            ("get", "other"),
+        ] {
+            let m = http::Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(super::method_label(&m), want, "{m}");
+        }
+    }
+}

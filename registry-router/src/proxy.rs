@@ -57,7 +57,7 @@ pub async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
         Err(e) => e.into_response(),
     };
     metrics::counter!("flotilla_router_requests_total",
-        "route" => label, "method" => method.to_string(), "status" => resp.status().as_u16().to_string())
+        "route" => label, "method" => registry_client::method_label(&method), "status" => resp.status().as_u16().to_string())
     .increment(1);
     metrics::histogram!("flotilla_router_request_seconds", "route" => label)
         .record(started.elapsed().as_secs_f64());

@@ -101,7 +101,7 @@ async fn dispatch(State(node): State<NodeService>, req: Request) -> Response {
         http::HeaderValue::from_static("registry/2.0"),
     );
     metrics::counter!("flotilla_node_requests_total",
-        "route" => label, "method" => method.to_string(), "status" => resp.status().as_u16().to_string())
+        "route" => label, "method" => registry_client::method_label(&method), "status" => resp.status().as_u16().to_string())
     .increment(1);
     resp
 }
