@@ -21,6 +21,13 @@ use crate::manifest_cache::Cacheable;
 use crate::Cluster;
 
 const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
+/// One attempt of a manifest or tag write (or delete) on one replica: the node writes a few
+/// small objects to object storage, each within its own 3 s deadline.
+const WRITE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A metadata read (manifest, tags, referrers) not answered by the first replica within
+/// this is also sent to the next one, and the first answer wins: a frozen replica costs a
+/// client this much, not the upstream timeout.
+const HEDGE_AFTER: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Headers that describe one hop, never forwarded.
 fn hop_by_hop(name: &http::HeaderName) -> bool {
@@ -463,6 +470,84 @@ fn path_and_query(req: &Request) -> String {
         .unwrap_or_else(|| req.uri().path().to_owned())
 }
 
+/// A metadata read sent to `nodes` in order, the next one joining whenever no answer came
+/// within [`HEDGE_AFTER`] (or the last attempt failed); the first good answer wins and the
+/// others are dropped. A replica beaten by a hedge is ejected, as a failed one is.
+async fn read_hedged(
+    cluster: &Cluster,
+    nodes: &[NodeRecord],
+    method: &Method,
+    pq: &str,
+    headers: &HeaderMap,
+    body: UpstreamBody,
+) -> Result<(Response, usize), ApiError> {
+    use futures::stream::FuturesUnordered;
+    let attempt = |i: usize| {
+        let send = upstream(
+            cluster,
+            &nodes[i],
+            method,
+            pq,
+            headers,
+            reqwest::Body::from(Bytes::new()),
+        )
+        .send();
+        let limit = cluster.config().upstream_timeout;
+        async move { (i, tokio::time::timeout(limit, send).await) }
+    };
+    let mut pending = FuturesUnordered::new();
+    pending.push(attempt(0));
+    let mut next = 1;
+    // Attempts launched and not answered yet.
+    let mut waiting = vec![0usize];
+    let mut last: Option<(Response, usize)> = None;
+    loop {
+        let hedge = tokio::time::sleep(HEDGE_AFTER);
+        tokio::select! {
+            done = pending.next() => {
+                let Some((i, result)) = done else { break };
+                waiting.retain(|&w| w != i);
+                let node = &nodes[i];
+                match result {
+                    Ok(Ok(r)) if !r.status().is_server_error() => {
+                        // Whoever is still waiting was slower than a whole answer.
+                        for &slow in &waiting {
+                            tracing::warn!(node = %nodes[slow].id, "beaten by a hedged read; ejecting");
+                            cluster.eject(&nodes[slow].id);
+                        }
+                        return Ok((downstream(r, body), i));
+                    }
+                    Ok(Ok(r)) => {
+                        tracing::warn!(node = %node.id, status = %r.status(), "read failed upstream; trying the partner");
+                        last = Some((downstream(r, body), i));
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(node = %node.id, error = %e, "read failed upstream; trying the partner");
+                        cluster.eject(&node.id);
+                    }
+                    Err(_) => {
+                        tracing::warn!(node = %node.id, "read timed out upstream; trying the partner");
+                        cluster.eject(&node.id);
+                    }
+                }
+                if next < nodes.len() {
+                    metrics::counter!("flotilla_router_failovers_total").increment(1);
+                    pending.push(attempt(next));
+                    waiting.push(next);
+                    next += 1;
+                }
+            }
+            _ = hedge, if next < nodes.len() => {
+                metrics::counter!("flotilla_router_hedged_reads_total").increment(1);
+                pending.push(attempt(next));
+                waiting.push(next);
+                next += 1;
+            }
+        }
+    }
+    last.ok_or_else(|| unavailable("no replica of this repository is reachable"))
+}
+
 /// What a read fetches, which decides how hard the router tries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReadKind {
@@ -503,6 +588,9 @@ async fn read_from(
     } else {
         UpstreamBody::Stream
     };
+    if kind == ReadKind::Metadata && nodes.len() > 1 {
+        return read_hedged(cluster, nodes, method, pq, headers, body).await;
+    }
     let mut last: Option<(Response, usize)> = None;
     for (i, node) in nodes.iter().enumerate() {
         let attempt = upstream(
@@ -835,9 +923,11 @@ async fn write_buffered(
                 .with_status(StatusCode::PAYLOAD_TOO_LARGE)
                 .message("manifest exceeds the 4 MiB limit")
         })?;
-    // The same buffered request, to any node.
+    // The same buffered request, to any node, each attempt within WRITE_ATTEMPT: a frozen
+    // replica must not hold the client's write (a PUT is idempotent, so a timed-out attempt
+    // that did apply is harmless when the next one applies it too).
     let send = |node: &NodeRecord| {
-        upstream(
+        let attempt = upstream(
             cluster,
             node,
             &parts.method,
@@ -845,7 +935,13 @@ async fn write_buffered(
             &parts.headers,
             reqwest::Body::from(bytes.clone()),
         )
-        .send()
+        .send();
+        async move {
+            match tokio::time::timeout(WRITE_ATTEMPT, attempt).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {WRITE_ATTEMPT:?}")),
+            }
+        }
     };
     let mut primary: Option<(usize, reqwest::Response)> = None;
     for (i, node) in nodes.iter().enumerate() {

@@ -717,3 +717,74 @@ async fn corrupt_large_blob_is_never_served_wrong_and_the_quarantine_is_bounded(
     })
     .await;
 }
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// One replica of a key frozen (SIGSTOP: connections accepted, nothing answered): a tag
+/// write through the router is answered within its per-attempt bound (the frozen replica is
+/// then ejected and later writes are fast), and every manifest read right after a write (a
+/// cache miss, since the write bumped the epoch) is answered in well under a second, hedged
+/// to the partner.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_replica_costs_reads_well_under_a_second_and_writes_a_bounded_time() {
+    let c = ClusterProc::start_with(1, ClusterOpts::default()).await;
+    let oci = c.router(0);
+    let layer = layer_for("frozen-replica", 4096);
+    let p = try_push_image(&oci, "stall/prod", "v1", &layer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let config_len = c.s3_get(&blob_key(&p.blobs[0])).await.len();
+    let manifest = image_manifest(&p.blobs[0], config_len, &p.blobs[1], layer.len());
+    let replicas = c.replicas(0, "stall/prod").await;
+    let frozen = c.node(&replicas[0]).pid();
+    signal(frozen, "-STOP");
+    // Reads the cache has never seen, one after the other: the router's rotation starts one
+    // of them at the frozen replica, and the hedge answers it from the partner.
+    for path in [
+        format!("/v2/stall/prod/manifests/{}", p.manifest),
+        "/v2/stall/prod/tags/list".to_owned(),
+    ] {
+        let t0 = Instant::now();
+        let r = oci
+            .http
+            .get(oci.url(&path))
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .await
+            .expect("GET");
+        let took = t0.elapsed();
+        eprintln!(
+            "GET {path} with a replica frozen: {} in {took:?}",
+            r.status()
+        );
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(took < Duration::from_secs(1), "{path} took {took:?}");
+    }
+    let hedged =
+        crate::support::metric_sum(&c.routers[0].url(), "flotilla_router_hedged_reads_total").await;
+    assert!(hedged >= 1.0, "no read was hedged: {hedged}");
+    let mut slowest_read = Duration::ZERO;
+    for i in 0..6 {
+        let tag = format!("t{i}");
+        let (s, took, body) = put_manifest_timed(&oci, "stall/prod", &tag, &manifest).await;
+        eprintln!("tag write {i} with a replica frozen: {s} in {took:?}");
+        assert_eq!(s, 201, "{body}");
+        let bound = if i == 0 { 6 } else { 1 };
+        assert!(took < Duration::from_secs(bound), "write {i} took {took:?}");
+        let t0 = Instant::now();
+        let mut q = p.clone();
+        q.tag = tag;
+        try_pull(&oci, &q).await.unwrap_or_else(|e| panic!("{e}"));
+        slowest_read = slowest_read.max(t0.elapsed());
+    }
+    eprintln!("slowest pull (manifest + 2 blobs) with a replica frozen: {slowest_read:?}");
+    assert!(slowest_read < Duration::from_secs(1), "{slowest_read:?}");
+    signal(frozen, "-CONT");
+}
