@@ -517,17 +517,10 @@ async fn read_hedged(
                         }
                         return Ok((downstream(r, body), i));
                     }
-                    Ok(Ok(r)) => {
-                        tracing::warn!(node = %node.id, status = %r.status(), "read failed upstream; trying the partner");
-                        last = Some((downstream(r, body), i));
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(node = %node.id, error = %e, "read failed upstream; trying the partner");
-                        cluster.eject(&node.id);
-                    }
-                    Err(_) => {
-                        tracing::warn!(node = %node.id, "read timed out upstream; trying the partner");
-                        cluster.eject(&node.id);
+                    failed => {
+                        if let Some(r) = failed_read(cluster, node, failed, body) {
+                            last = Some((r, i));
+                        }
                     }
                 }
                 if next < nodes.len() {
@@ -546,6 +539,32 @@ async fn read_hedged(
         }
     }
     last.ok_or_else(|| unavailable("no replica of this repository is reachable"))
+}
+
+/// One read attempt that did not give a usable answer: a 5xx is kept as the answer of last
+/// resort; a transport error or a timeout ejects the node. Either way the caller moves on.
+fn failed_read(
+    cluster: &Cluster,
+    node: &NodeRecord,
+    result: Result<reqwest::Result<reqwest::Response>, tokio::time::error::Elapsed>,
+    body: UpstreamBody,
+) -> Option<Response> {
+    match result {
+        Ok(Ok(r)) => {
+            tracing::warn!(node = %node.id, status = %r.status(), "read failed upstream; trying the partner");
+            Some(downstream(r, body))
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(node = %node.id, error = %e, "read failed upstream; trying the partner");
+            cluster.eject(&node.id);
+            None
+        }
+        Err(_) => {
+            tracing::warn!(node = %node.id, "read timed out upstream; trying the partner");
+            cluster.eject(&node.id);
+            None
+        }
+    }
 }
 
 /// What a read fetches, which decides how hard the router tries.
@@ -631,17 +650,10 @@ async fn read_from(
                 return Ok((resume.respond(r, i), i));
             }
             Ok(Ok(r)) if !r.status().is_server_error() => return Ok((downstream(r, body), i)),
-            Ok(Ok(r)) => {
-                tracing::warn!(node = %node.id, status = %r.status(), "read failed upstream; trying the partner");
-                last = Some((downstream(r, body), i));
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(node = %node.id, error = %e, "read failed upstream; trying the partner");
-                cluster.eject(&node.id);
-            }
-            Err(_) => {
-                tracing::warn!(node = %node.id, "read timed out upstream; trying the partner");
-                cluster.eject(&node.id);
+            failed => {
+                if let Some(r) = failed_read(cluster, node, failed, body) {
+                    last = Some((r, i));
+                }
             }
         }
         if i + 1 < nodes.len() {
