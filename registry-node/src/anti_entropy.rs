@@ -24,57 +24,9 @@ impl NodeService {
             return Ok(0);
         };
         self.backfill_catalog(r).await?;
-        let store = &self.inner.store;
         let mut changed = 0;
-        for repo in store.list_repos().await? {
-            let remote_tags: std::collections::HashSet<String> = r
-                .list_names(&layout::remote_tags_dir(&repo))
-                .await?
-                .into_iter()
-                .collect();
-            for tag in store.list_tags(&repo).await.unwrap_or_default() {
-                let local = store.get_tag(&repo, &tag).await?;
-                if !remote_tags.contains(tag.as_str()) {
-                    store.delete_tag(&repo, &tag).await?;
-                    changed += 1;
-                    continue;
-                }
-                let remote = r
-                    .get_bytes(&layout::remote_tag(&repo, &tag), 1024)
-                    .await?
-                    .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<Digest>().ok());
-                match remote {
-                    Some(d) if Some(&d) != local.as_ref() => {
-                        store.put_tag(&repo, &tag, &d).await?;
-                        changed += 1;
-                    }
-                    None => {
-                        store.delete_tag(&repo, &tag).await?;
-                        changed += 1;
-                    }
-                    _ => {}
-                }
-            }
-            for kind in [LinkKind::Manifest, LinkKind::Blob] {
-                let mut remote_links = std::collections::HashSet::new();
-                for alg in layout::ALGORITHMS {
-                    for n in r
-                        .list_names(&layout::remote_links_dir(&repo, kind, alg))
-                        .await?
-                    {
-                        remote_links.insert(format!("{alg}:{n}"));
-                    }
-                }
-                for d in store.list_links(&repo, kind).await? {
-                    if !remote_links.contains(&d.to_string()) {
-                        match kind {
-                            LinkKind::Manifest => store.unlink_manifest(&repo, &d).await?,
-                            LinkKind::Blob => store.unlink_layer(&repo, &d).await?,
-                        };
-                        changed += 1;
-                    }
-                }
-            }
+        for repo in self.inner.store.list_repos().await? {
+            changed += self.catch_up_repo(r, &repo).await?;
         }
         self.inner
             .ready
@@ -83,6 +35,85 @@ impl NodeService {
             tracing::info!(changed, "caught up with object storage");
         }
         metrics::counter!("flotilla_node_catch_up_changes_total").increment(changed as u64);
+        Ok(changed)
+    }
+
+    /// Catch up every local repository of shard key `key` (the repository is the key, or
+    /// lies under it): what a replica marked lagging for the key runs before it takes
+    /// itself off the lagging list. `None` without object storage, the only truth to catch
+    /// up from.
+    pub(crate) async fn catch_up_key(
+        &self,
+        key: &flotilla_core::ShardKey,
+    ) -> Result<Option<usize>> {
+        let Some(r) = &self.inner.remote else {
+            return Ok(None);
+        };
+        let prefix = format!("{key}/");
+        let mut changed = 0;
+        for repo in self.inner.store.list_repos().await? {
+            if repo.as_str() == key.as_str() || repo.as_str().starts_with(&prefix) {
+                changed += self.catch_up_repo(r, &repo).await?;
+            }
+        }
+        metrics::counter!("flotilla_node_catch_up_changes_total").increment(changed as u64);
+        Ok(Some(changed))
+    }
+
+    /// One repository's tags and links brought in line with object storage; returns how
+    /// many local entries changed.
+    async fn catch_up_repo(&self, r: &Remote, repo: &flotilla_core::RepoName) -> Result<usize> {
+        let store = &self.inner.store;
+        let repo = repo.clone();
+        let mut changed = 0;
+        let remote_tags: std::collections::HashSet<String> = r
+            .list_names(&layout::remote_tags_dir(&repo))
+            .await?
+            .into_iter()
+            .collect();
+        for tag in store.list_tags(&repo).await.unwrap_or_default() {
+            let local = store.get_tag(&repo, &tag).await?;
+            if !remote_tags.contains(tag.as_str()) {
+                store.delete_tag(&repo, &tag).await?;
+                changed += 1;
+                continue;
+            }
+            let remote = r
+                .get_bytes(&layout::remote_tag(&repo, &tag), 1024)
+                .await?
+                .and_then(|b| String::from_utf8_lossy(&b).trim().parse::<Digest>().ok());
+            match remote {
+                Some(d) if Some(&d) != local.as_ref() => {
+                    store.put_tag(&repo, &tag, &d).await?;
+                    changed += 1;
+                }
+                None => {
+                    store.delete_tag(&repo, &tag).await?;
+                    changed += 1;
+                }
+                _ => {}
+            }
+        }
+        for kind in [LinkKind::Manifest, LinkKind::Blob] {
+            let mut remote_links = std::collections::HashSet::new();
+            for alg in layout::ALGORITHMS {
+                for n in r
+                    .list_names(&layout::remote_links_dir(&repo, kind, alg))
+                    .await?
+                {
+                    remote_links.insert(format!("{alg}:{n}"));
+                }
+            }
+            for d in store.list_links(&repo, kind).await? {
+                if !remote_links.contains(&d.to_string()) {
+                    match kind {
+                        LinkKind::Manifest => store.unlink_manifest(&repo, &d).await?,
+                        LinkKind::Blob => store.unlink_layer(&repo, &d).await?,
+                    };
+                    changed += 1;
+                }
+            }
+        }
         Ok(changed)
     }
 

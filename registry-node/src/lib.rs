@@ -20,6 +20,7 @@ mod durable;
 mod gc;
 mod http;
 mod identity;
+mod in_sync;
 mod listing;
 pub mod manifest;
 mod membership;
@@ -84,6 +85,22 @@ pub async fn run(
         }
         _ => None,
     };
+    // Lagging keys rejoin the in-sync set by catching up from object storage (see
+    // `in_sync`); without a store there is nothing to catch up from.
+    let rejoin_task = match (&cfg.meta_url, &cfg.store_url) {
+        (Some(url), Some(_)) => {
+            let map = shardmap::ShardMap::new(
+                shardmap::open(url)?,
+                shardmap::Keyspace::new(shardmap::DEFAULT_PREFIX),
+            );
+            Some(tokio::spawn(in_sync::rejoin_loop(
+                node.clone(),
+                map,
+                gc_cancel.clone(),
+            )))
+        }
+        _ => None,
+    };
     let member_cancel = tokio_util::sync::CancellationToken::new();
     let member_task = match &cfg.meta_url {
         Some(url) => {
@@ -123,6 +140,9 @@ pub async fn run(
     };
     gc_cancel.cancel();
     if let Some(t) = gc_task {
+        let _ = t.await;
+    }
+    if let Some(t) = rejoin_task {
         let _ = t.await;
     }
     tasks.shutdown().await;

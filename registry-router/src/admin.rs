@@ -243,10 +243,16 @@ async fn pin_shard(
             Some((r, v)) => (r.epoch + 1, r.created_ms, Some(*v)),
             None => (1, 0, None),
         };
+        // A replica that stays keeps its lag: pinning does not make its copy current.
+        let lagging = current
+            .as_ref()
+            .map(|(r, _)| r.lagging.iter().filter(|l| ids.contains(l)).cloned().collect())
+            .unwrap_or_default();
         let rec = ShardRecord {
             key: key.clone(),
             replicas: ids.clone(),
             joining: Vec::new(),
+            lagging,
             epoch,
             pinned: true,
             rack_relaxed: racks.len() < ids.len(),
@@ -470,6 +476,7 @@ mod tests {
             key: "billing/prod".parse().unwrap(),
             replicas: vec!["n1".parse().unwrap()],
             joining: vec!["n2".parse().unwrap()],
+            lagging: Vec::new(),
             epoch: 1,
             pinned: true,
             rack_relaxed: false,

@@ -21,9 +21,11 @@ type Snapshot<K, V> = Arc<HashMap<K, V>>;
 
 /// Full refresh period while the watch is healthy: only a guard against a missed event.
 const WATCHED_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
-/// A manifest or tag write waits at most this long for its epoch bump: the write path must
-/// not hang on the metadata store (the write itself is already durable on the nodes).
-const BUMP_DEADLINE: std::time::Duration = std::time::Duration::from_millis(500);
+/// A manifest or tag write waits at most this long for its commit (store reads, CAS and any
+/// late replica writes); past it the client gets 503 and retries.
+const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+/// Lost compare-and-swap races a commit tolerates before it gives up (503).
+const COMMIT_ATTEMPTS: usize = 16;
 /// Reads of the metadata store on a request path (an unknown key's record, a placement)
 /// give up after this and answer 503.
 const LOOKUP_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -340,14 +342,14 @@ impl Cluster {
         n.state == NodeState::Ready && !self.is_ejected(&n.id)
     }
 
-    /// Nodes to try for `rec`, best first. Live replicas come first (rotated for reads so
-    /// both copies share the load), then the rest as a last resort: the record decides which
-    /// nodes may answer, liveness only the order.
+    /// Nodes to try for `rec`, best first. Live in-sync replicas come first (rotated for
+    /// reads so both copies share the load), then the other in-sync ones as a last resort:
+    /// the record decides which nodes may answer, liveness only the order. A lagging replica
+    /// is never a candidate: its copy may be older than an acknowledged write.
     pub fn candidates(&self, rec: &ShardRecord, order: ReplicaOrder) -> Vec<NodeRecord> {
         let nodes = self.nodes();
         let (mut live, rest): (Vec<NodeRecord>, Vec<NodeRecord>) = rec
-            .replicas
-            .iter()
+            .in_sync()
             .filter_map(|id| nodes.get(id).cloned())
             .partition(|n| self.is_live(n));
         if order == ReplicaOrder::Spread && live.len() > 1 {
@@ -458,6 +460,7 @@ impl Cluster {
             key: key.clone(),
             replicas: placement.replicas,
             joining: Vec::new(),
+            lagging: Vec::new(),
             epoch: 1,
             pinned: false,
             rack_relaxed: placement.rack_relaxed,
@@ -525,55 +528,102 @@ impl Cluster {
         *guard = Arc::new(next);
     }
 
-    /// After a manifest or tag write in `key`: bump the shard record's epoch (CAS), so every
-    /// router's manifest cache drops what it holds for the key. If the bump cannot be written,
-    /// this router's cache is cleared and other routers fall back on their TTL.
-    pub async fn manifests_changed(&self, key: &ShardKey) {
-        if !self.inner.manifests.enabled() {
-            return;
-        }
-        match tokio::time::timeout(BUMP_DEADLINE, self.bump_epoch(key)).await {
-            Ok(true) => {
-                self.heard_from_store();
-                return;
+    /// Commit a manifest or tag write that `acks` records: re-read the shard record (fresh,
+    /// from the store), send the write to any in-sync or joining node this router's view
+    /// missed (`send`), mark every in-sync replica that did not take it as lagging, and bump
+    /// the epoch, all in one compare-and-swap. Only then may the client hear 2xx: a router
+    /// reading the new record never reads a replica that lacks the write, and one reading an
+    /// older record sees its cached manifests for the key invalidated by the bump. A lost
+    /// race re-reads and repeats (another write, a move's swap or a replica's rejoin landed
+    /// in between). Returns the committed epoch.
+    pub async fn commit<F, Fut>(
+        &self,
+        key: &ShardKey,
+        acks: &mut crate::proxy::Acks,
+        send: F,
+    ) -> Result<u64, CommitError>
+    where
+        F: Fn(NodeRecord) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let work = async {
+            for _ in 0..COMMIT_ATTEMPTS {
+                let Some((cur, version)) = self.inner.map.get_shard(key).await? else {
+                    // The record is gone (an operator deleted it): nothing left to keep in
+                    // sync, and the write is durable in object storage.
+                    return Ok(0);
+                };
+                let nodes = self.nodes();
+                let pending: Vec<NodeId> = cur
+                    .in_sync()
+                    .chain(cur.joining.iter())
+                    .filter(|n| !acks.acked.contains(*n) && !acks.missed.contains(*n))
+                    .cloned()
+                    .collect();
+                for id in pending {
+                    let took = match nodes.get(&id) {
+                        Some(n) if self.is_live(n) => send(n.clone()).await,
+                        _ => false,
+                    };
+                    if took {
+                        acks.acked.insert(id);
+                    } else {
+                        acks.missed.insert(id);
+                    }
+                }
+                if cur.in_sync().all(|r| acks.missed.contains(r)) {
+                    return Err(CommitError::NoReplica);
+                }
+                let mut next = cur.clone();
+                let newly: Vec<NodeId> = cur
+                    .in_sync()
+                    .filter(|r| acks.missed.contains(*r))
+                    .cloned()
+                    .collect();
+                if !newly.is_empty() {
+                    tracing::warn!(%key, lagging = ?newly, "replicas missed a write; marked lagging until they catch up");
+                    metrics::counter!("flotilla_router_replicas_lagged_total")
+                        .increment(newly.len() as u64);
+                }
+                next.lagging.extend(newly);
+                next.epoch += 1;
+                match self.inner.map.cas_shard(&next, Some(version)).await? {
+                    Ok(_) => {
+                        self.heard_from_store();
+                        let epoch = next.epoch;
+                        self.cache_shard(next);
+                        return Ok(epoch);
+                    }
+                    Err(_) => continue,
+                }
             }
-            Ok(false) => {}
-            Err(_) => {
-                tracing::warn!(%key, "metadata store did not take the epoch bump within {BUMP_DEADLINE:?}")
-            }
+            Err(CommitError::Contended)
+        };
+        let result = match tokio::time::timeout(COMMIT_DEADLINE, work).await {
+            Ok(r) => r,
+            Err(_) => Err(CommitError::Timeout),
+        };
+        if result.is_err() {
+            // Other routers may not hear of this write: drop our own entries and stop
+            // trusting the cache until the store is heard from again.
+            self.inner.contact_ms.store(0, Ordering::Relaxed);
+            metrics::counter!("flotilla_router_manifest_cache_clears_total").increment(1);
+            self.inner.manifests.clear();
         }
-        // Nobody can be told: drop our own entries and stop trusting the cache until the
-        // store is heard from again.
-        self.inner.contact_ms.store(0, Ordering::Relaxed);
-        metrics::counter!("flotilla_router_manifest_cache_clears_total").increment(1);
-        self.inner.manifests.clear();
+        result
     }
+}
 
-    /// One epoch bump (CAS, re-read on a lost race); false when it could not be written.
-    async fn bump_epoch(&self, key: &ShardKey) -> bool {
-        for _ in 0..10 {
-            let got = match self.inner.map.get_shard(key).await {
-                Ok(Some(g)) => g,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "could not read the shard record to bump its epoch");
-                    break;
-                }
-            };
-            let (mut rec, v) = got;
-            rec.epoch += 1;
-            match self.inner.map.cas_shard(&rec, Some(v)).await {
-                Ok(Ok(_)) => {
-                    self.cache_shard(rec);
-                    return true;
-                }
-                Ok(Err(_)) => continue, // lost a race: re-read and bump again
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "could not bump the shard epoch");
-                    break;
-                }
-            }
-        }
-        false
-    }
+/// Why a write could not be committed; the client gets 503 and retries (the write is
+/// durable in object storage and on the replicas that took it, so a retry is cheap).
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("metadata store: {0}")]
+    Store(#[from] shardmap::StoreError),
+    #[error("the metadata store did not answer within {COMMIT_DEADLINE:?}")]
+    Timeout,
+    #[error("no in-sync replica took the write")]
+    NoReplica,
+    #[error("the shard record kept changing ({COMMIT_ATTEMPTS} attempts)")]
+    Contended,
 }

@@ -21,9 +21,11 @@ use crate::manifest_cache::Cacheable;
 use crate::Cluster;
 
 const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
-/// One attempt of a manifest or tag write (or delete) on one replica: the node writes a few
-/// small objects to object storage, each within its own 3 s deadline.
-const WRITE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
+/// One attempt of a manifest or tag write (or delete) on one replica: a few small objects
+/// written through to object storage. A replica slower than this is failed over (primary)
+/// or marked lagging (the others) and catches up by itself: a slow copy costs its own
+/// freshness, not the client's write.
+const WRITE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(2);
 /// A metadata read (manifest, tags, referrers) not answered by the first replica within
 /// this is also sent to the next one, and the first answer wins: a frozen replica costs a
 /// client this much, not the upstream timeout.
@@ -115,12 +117,7 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             } else {
                 Unplaced::Absent
             };
-            let resp = replicated_write(cluster, &repo, unplaced, req).await;
-            // A refused request changed nothing; anything else may have.
-            if resp.as_ref().is_ok_and(|r| !r.status().is_client_error()) {
-                cluster.manifests_changed(&repo.shard_key(depth)).await;
-            }
-            resp
+            replicated_write(cluster, &repo, unplaced, req).await
         }
         OciRoute::Manifest { repo, reference } if cluster.manifests().enabled() => {
             read_cached(cluster, &repo, Cacheable::Manifest(&repo, &reference), req).await
@@ -138,19 +135,23 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
         | OciRoute::Manifest { repo, .. }
         | OciRoute::Blob { repo, .. }
         | OciRoute::Referrers { repo, .. } => {
-            let nodes = match cluster
+            let (nodes, epoch) = match cluster
                 .shard(&repo.shard_key(depth), Unplaced::Absent)
                 .await
             {
-                Ok(Some(rec)) => cluster.candidates(&rec, ReplicaOrder::Spread),
+                Ok(Some(rec)) => (cluster.candidates(&rec, ReplicaOrder::Spread), Some(rec.epoch)),
                 // Unknown key: any node answers correctly (from object storage, or 404).
-                Ok(None) => cluster.any_live(),
+                Ok(None) => (cluster.any_live(), None),
                 Err(e) => return Err(shard_error(e)),
             };
             if redirect {
                 return redirect_blob(cluster, nodes, req).await;
             }
-            read(cluster, nodes, kind, req).await
+            let resp = read(cluster, nodes, kind, req).await?;
+            Ok(match epoch {
+                Some(e) if kind == ReadKind::Metadata => with_epoch(resp, e),
+                _ => resp,
+            })
         }
     }
 }
@@ -231,7 +232,7 @@ async fn read_cached(
         };
         let mut out = Response::new(body);
         *out.headers_mut() = hit.headers.clone();
-        return Ok(out);
+        return Ok(with_epoch(out, rec.epoch));
     }
     metrics::counter!("flotilla_router_manifest_cache_misses_total").increment(1);
     // A HEAD miss asks the node for the whole answer (small, bounded), so the cache fills on
@@ -255,7 +256,7 @@ async fn read_cached(
     let (parts, body) = resp.into_parts();
     if parts.status != StatusCode::OK || !bounded {
         let body = if head { Body::empty() } else { body };
-        return Ok(Response::from_parts(parts, body));
+        return Ok(with_epoch(Response::from_parts(parts, body), rec.epoch));
     }
     let bytes = axum::body::to_bytes(body, MANIFEST_LIMIT)
         .await
@@ -266,7 +267,15 @@ async fn read_cached(
     } else {
         Body::from(bytes)
     };
-    Ok(Response::from_parts(parts, body))
+    Ok(with_epoch(Response::from_parts(parts, body), rec.epoch))
+}
+
+/// Label a response with the shard epoch it is consistent with ([`EPOCH_HEADER`]).
+fn with_epoch(mut resp: Response, epoch: u64) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&epoch.to_string()) {
+        resp.headers_mut().insert(EPOCH_HEADER, v);
+    }
+    resp
 }
 
 /// Build the upstream request: same method, path and query, end-to-end headers.
@@ -885,8 +894,10 @@ fn after_blob_write(
     resp
 }
 
-/// Manifest/tag writes and deletes: primary first (failing over if it is unreachable), then
-/// every other live replica, synchronously, so a read on either copy sees the write at once.
+/// Manifest/tag writes and deletes: to every in-sync replica (primary first, failing over
+/// past unreachable ones), then committed in the shard record ([`Cluster::commit`]): a
+/// replica that missed the write is marked lagging there before the client hears 2xx, so no
+/// replica any router reads from can contradict an acknowledged write.
 async fn replicated_write(
     cluster: &Cluster,
     repo: &RepoName,
@@ -894,109 +905,167 @@ async fn replicated_write(
     req: Request,
 ) -> Result<Response, ApiError> {
     let depth = cluster.config().shard_key_depth;
-    let rec = match cluster
-        .shard(&repo.shard_key(depth), unplaced)
-        .await
-        .map_err(shard_error)?
-    {
-        Some(r) => r,
-        None => {
-            // Nothing was ever placed here: let any node give the authoritative 404.
-            return write_buffered(cluster, cluster.any_live(), &[], req).await;
-        }
-    };
-    let extra = cluster.sync_only(&rec);
-    write_buffered(
-        cluster,
-        cluster.candidates(&rec, ReplicaOrder::PrimaryFirst),
-        &extra,
-        req,
-    )
-    .await
-}
-
-/// The buffered write (a manifest PUT or DELETE, a blob DELETE) to the first node of `nodes`
-/// that answers (failing over past unreachable ones), then, when it succeeded, synchronously
-/// to every other live node of `nodes` and to `extra`: nodes
-/// being seeded for this shard (joining, or a replica rebuilding its disk), so no write lands
-/// between the seeder's last pass and the node taking traffic.
-async fn write_buffered(
-    cluster: &Cluster,
-    nodes: Vec<NodeRecord>,
-    extra: &[NodeRecord],
-    req: Request,
-) -> Result<Response, ApiError> {
-    let pq = path_and_query(&req);
-    let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, MANIFEST_LIMIT + 1)
-        .await
-        .map_err(|_| {
-            ApiError::new(ErrorCode::SizeInvalid)
-                .with_status(StatusCode::PAYLOAD_TOO_LARGE)
-                .message("manifest exceeds the 4 MiB limit")
-        })?;
-    // The same buffered request, to any node, each attempt within WRITE_ATTEMPT: a frozen
-    // replica must not hold the client's write (a PUT is idempotent, so a timed-out attempt
-    // that did apply is harmless when the next one applies it too).
-    let send = |node: &NodeRecord| {
-        let attempt = upstream(
-            cluster,
-            node,
-            &parts.method,
-            &pq,
-            &parts.headers,
-            reqwest::Body::from(bytes.clone()),
-        )
-        .send();
-        async move {
-            match tokio::time::timeout(WRITE_ATTEMPT, attempt).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {WRITE_ATTEMPT:?}")),
+    let key = repo.shard_key(depth);
+    let write = BufferedWrite::collect(req).await?;
+    let Some(rec) = cluster.shard(&key, unplaced).await.map_err(shard_error)? else {
+        // Nothing was ever placed here: let any node give the authoritative 404.
+        let mut last = None;
+        for node in cluster.any_live() {
+            match write.send(cluster, &node).await {
+                Ok(r) => return Ok(downstream(r, UpstreamBody::Stream)),
+                Err(e) => last = Some(e),
             }
         }
+        tracing::warn!(error = ?last, "no node answered a write to an unplaced key");
+        return Err(unavailable("no node is reachable"));
     };
-    let mut primary: Option<(usize, reqwest::Response)> = None;
+    let nodes = cluster.candidates(&rec, ReplicaOrder::PrimaryFirst);
+    let mut acks = Acks::default();
+    // Every in-sync replica the snapshot does not consider live missed the write already.
+    for n in rec.in_sync() {
+        if !nodes.iter().any(|c| c.id == *n && cluster.is_live(c)) {
+            acks.missed.insert(n.clone());
+        }
+    }
+    let mut primary: Option<(NodeRecord, reqwest::Response)> = None;
     for (i, node) in nodes.iter().enumerate() {
         if !cluster.is_live(node) && i + 1 < nodes.len() {
             continue;
         }
-        match send(node).await {
+        match write.send(cluster, node).await {
             Ok(r) => {
-                primary = Some((i, r));
+                primary = Some((node.clone(), r));
                 break;
             }
             Err(e) => {
                 tracing::warn!(node = %node.id, error = %e, "write failed on primary; failing over");
                 cluster.eject(&node.id);
+                acks.missed.insert(node.id.clone());
                 metrics::counter!("flotilla_router_failovers_total").increment(1);
             }
         }
     }
-    let (pi, resp) =
+    let (pnode, resp) =
         primary.ok_or_else(|| unavailable("no replica of this repository is reachable"))?;
-    if resp.status().is_success() {
-        let targets = nodes
-            .iter()
-            .enumerate()
-            .filter(|(i, n)| *i != pi && cluster.is_live(n))
-            .map(|(_, n)| n)
-            .chain(extra.iter().filter(|n| n.id != nodes[pi].id));
-        for node in targets {
-            let started = Instant::now();
-            match send(node).await {
-                Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
-                    metrics::histogram!("flotilla_router_sync_replication_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                }
-                Ok(r) => {
-                    tracing::warn!(node = %node.id, status = %r.status(), "partner refused a replicated write; it will catch up from object storage")
-                }
-                Err(e) => {
-                    tracing::warn!(node = %node.id, error = %e, "partner unreachable for a replicated write");
-                    cluster.eject(&node.id);
-                }
+    if !resp.status().is_success() {
+        // Refused (or failed) on the primary: nothing was acknowledged, nothing to commit.
+        return Ok(downstream(resp, UpstreamBody::Stream));
+    }
+    acks.missed.remove(&pnode.id);
+    acks.acked.insert(pnode.id.clone());
+    // The rest in parallel: every other live in-sync replica, and the nodes being seeded for
+    // this key (joining, or a replica rebuilding its disk), so no write lands between the
+    // seeder's last pass and the node taking traffic.
+    let others: Vec<NodeRecord> = nodes
+        .iter()
+        .filter(|n| n.id != pnode.id && cluster.is_live(n))
+        .chain(cluster.sync_only(&rec).iter().filter(|n| n.id != pnode.id))
+        .cloned()
+        .collect();
+    let results = futures::future::join_all(others.iter().map(|n| write.replicate(cluster, n))).await;
+    for (n, ok) in others.iter().zip(results) {
+        if ok {
+            acks.missed.remove(&n.id);
+            acks.acked.insert(n.id.clone());
+        } else {
+            acks.missed.insert(n.id.clone());
+        }
+    }
+    let epoch = cluster
+        .commit(&key, &mut acks, |n| {
+            let write = &write;
+            async move { write.replicate(cluster, &n).await }
+        })
+        .await
+        .map_err(|e| {
+            tracing::warn!(%key, error = %e, "write applied but not committed; answering 503");
+            metrics::counter!("flotilla_router_uncommitted_writes_total").increment(1);
+            unavailable(&format!(
+                "the write could not be committed to every in-sync replica ({e}); retry"
+            ))
+        })?;
+    Ok(with_epoch(downstream(resp, UpstreamBody::Stream), epoch))
+}
+
+/// The shard record epoch a response is consistent with: a write's commit epoch, or the
+/// epoch of the record a read was routed by. A read labelled with an epoch at least a
+/// write's commit epoch reflects that write (what the history checker verifies).
+pub const EPOCH_HEADER: &str = "x-flotilla-epoch";
+
+/// Which replicas took a write and which missed it (failed, refused, timed out, or were
+/// not live), by node id.
+#[derive(Debug, Default)]
+pub struct Acks {
+    pub acked: std::collections::HashSet<flotilla_core::NodeId>,
+    pub missed: std::collections::HashSet<flotilla_core::NodeId>,
+}
+
+/// A manifest PUT or DELETE (or blob DELETE) collected once (capped at the manifest
+/// limit), so the same request can go to every replica.
+struct BufferedWrite {
+    method: Method,
+    pq: String,
+    headers: HeaderMap,
+    bytes: Bytes,
+}
+
+impl BufferedWrite {
+    async fn collect(req: Request) -> Result<Self, ApiError> {
+        let pq = path_and_query(&req);
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, MANIFEST_LIMIT + 1)
+            .await
+            .map_err(|_| {
+                ApiError::new(ErrorCode::SizeInvalid)
+                    .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+                    .message("manifest exceeds the 4 MiB limit")
+            })?;
+        Ok(BufferedWrite {
+            method: parts.method,
+            pq,
+            headers: parts.headers,
+            bytes,
+        })
+    }
+
+    /// One attempt on `node` within [`WRITE_ATTEMPT`]: a frozen replica must not hold the
+    /// client's write (a PUT is idempotent, so a timed-out attempt that did apply is
+    /// harmless when the next one applies it too).
+    async fn send(&self, cluster: &Cluster, node: &NodeRecord) -> Result<reqwest::Response, String> {
+        let attempt = upstream(
+            cluster,
+            node,
+            &self.method,
+            &self.pq,
+            &self.headers,
+            reqwest::Body::from(self.bytes.clone()),
+        )
+        .send();
+        match tokio::time::timeout(WRITE_ATTEMPT, attempt).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {WRITE_ATTEMPT:?}")),
+        }
+    }
+
+    /// The write on a replica after the primary took it: true when the replica has it
+    /// (2xx, or 404 for a delete of what it never had).
+    async fn replicate(&self, cluster: &Cluster, node: &NodeRecord) -> bool {
+        let started = Instant::now();
+        match self.send(cluster, node).await {
+            Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
+                metrics::histogram!("flotilla_router_sync_replication_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                true
+            }
+            Ok(r) => {
+                tracing::warn!(node = %node.id, status = %r.status(), "replica refused a replicated write; marking it lagging");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(node = %node.id, error = %e, "replica unreachable for a replicated write; marking it lagging");
+                cluster.eject(&node.id);
+                false
             }
         }
     }
-    Ok(downstream(resp, UpstreamBody::Stream))
 }

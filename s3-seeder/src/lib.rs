@@ -53,9 +53,6 @@ pub struct SeederConfig {
     pub rebalance_interval: Duration,
     /// Pace of seeding per job in fetched bytes per second (0 = as fast as nodes go).
     pub seed_bytes_per_sec: u64,
-    /// Wait after adding a joining node before its final seeding pass: routers must have
-    /// seen the joining node (their refresh interval) so they send it every later write.
-    pub join_settle: Duration,
 }
 
 impl SeederConfig {
@@ -73,7 +70,6 @@ impl SeederConfig {
             max_moves: 2,
             rebalance_interval: Duration::from_secs(2),
             seed_bytes_per_sec: 0,
-            join_settle: Duration::from_secs(2),
         }
     }
 }

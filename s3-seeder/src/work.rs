@@ -21,6 +21,10 @@ use tokio_util::task::TaskTracker;
 use crate::nodes::{shard_repos, NodeClient};
 use crate::{now_ms, sleep_or, SeederConfig, SeederError};
 
+/// Final passes a move makes before it gives up for this round (writes kept landing in the
+/// key during each pass); the move stays recorded and is driven again.
+const SWAP_ATTEMPTS: usize = 8;
+
 /// Progress records are rewritten at most this often (plus at every shard boundary).
 const SAVE_EVERY: Duration = Duration::from_millis(500);
 
@@ -646,34 +650,40 @@ impl Ctx {
         rec.bytes_done = acc.2;
         rec.updated_ms = now_ms();
         self.put_record(&rkey, rec).await?;
-        // Routers must have seen the joining node before the final pass, so every write
-        // after that pass reaches it synchronously.
-        let settle_until =
-            rec.joined_ms.unwrap_or(0) + self.inner.cfg.join_settle.as_millis() as u64;
-        let wait = settle_until.saturating_sub(now_ms());
-        if wait > 0 && !sleep_or(&self.inner.term, Duration::from_millis(wait)).await {
-            return Err(SeederError::LostLeadership);
-        }
-        let repos: Vec<RepoName> = shard_repos(&self.inner.remote, &rec.key, depth)
-            .await?
-            .into_keys()
-            .collect();
-        self.seed_repos(&target, repos, false, |_, _| None).await?;
-        // Swap: `to` replaces `from` in place (keeping its preference order), leaves joining.
+        // The final pass and the swap, against one version of the shard record: every write
+        // committed before that version is in object storage (the pass copies it), and every
+        // write committing after it reaches `to` (routers' commits re-read the record and
+        // write to joining nodes they missed) or changes the version, so the swap's CAS
+        // fails and the pass repeats. No wait for routers to have seen `to` is needed.
         let (from, to) = (rec.from.clone(), rec.to.clone());
-        let swapped = self
-            .update_shard(&rec.key, |s| {
-                let Some(pos) = s.replicas.iter().position(|r| *r == from) else {
-                    return false;
-                };
-                if s.replicas.contains(&to) {
-                    return false;
-                }
-                s.replicas[pos] = to.clone();
-                s.joining.retain(|j| *j != to);
-                true
-            })
-            .await?;
+        let mut swapped = None;
+        for _ in 0..SWAP_ATTEMPTS {
+            let Some((mut s, version)) = map.get_shard(&rec.key).await? else {
+                break;
+            };
+            let repos: Vec<RepoName> = shard_repos(&self.inner.remote, &rec.key, depth)
+                .await?
+                .into_keys()
+                .collect();
+            self.seed_repos(&target, repos, false, |_, _| None).await?;
+            // Swap: `to` replaces `from` in place (keeping its preference order), leaves
+            // joining; `from`'s lag (if any) leaves with it.
+            let Some(pos) = s.replicas.iter().position(|r| *r == from) else {
+                break;
+            };
+            if s.replicas.contains(&to) || !s.joining.contains(&to) {
+                break;
+            }
+            s.replicas[pos] = to.clone();
+            s.joining.retain(|j| *j != to);
+            s.lagging.retain(|l| *l != from && *l != to);
+            s.epoch += 1;
+            if map.cas_shard(&s, Some(version)).await?.is_ok() {
+                swapped = Some(s);
+                break;
+            }
+            tracing::debug!(key = %rec.key, "a write landed during the final pass; passing again");
+        }
         match swapped {
             Some(s) if s.replicas.contains(&rec.to) && !s.replicas.contains(&rec.from) => {
                 tracing::info!(key = %rec.key, from = %rec.from, to = %rec.to, replicas = ?s.replicas, epoch = s.epoch, "replica move complete");

@@ -32,6 +32,7 @@ fn place_all(nodes: &[NodeInfo]) -> Vec<ShardRecord> {
                 key,
                 replicas: p.replicas,
                 joining: vec![],
+                lagging: Vec::new(),
                 epoch: 1,
                 pinned: false,
                 rack_relaxed: p.rack_relaxed,

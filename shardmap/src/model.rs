@@ -78,6 +78,14 @@ pub struct ShardRecord {
     /// Nodes being seeded to become replicas (the first half of a move).
     #[serde(default)]
     pub joining: Vec<NodeId>,
+    /// Replicas that missed an acknowledged manifest or tag write (they failed, refused or
+    /// did not answer it in time). No router reads from them for this key until they have
+    /// caught up from object storage and removed themselves (compare-and-swap against the
+    /// version they caught up from). Every other replica is in sync: it took every write
+    /// acknowledged since it was last listed here. Absent from the stored JSON when empty,
+    /// so records written before in-sync tracking read back unchanged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lagging: Vec<NodeId>,
     /// Bumped on every change so caches can tell which of two records is newer, and by
     /// routers after every manifest or tag write in the shard (it invalidates their
     /// manifest caches).
@@ -146,6 +154,17 @@ impl<T> Versioned<T> {
 
 impl Record for NodeRecord {}
 impl Record for ShardRecord {}
+
+impl ShardRecord {
+    /// The replicas that took every acknowledged write: the only ones that may answer reads.
+    pub fn in_sync(&self) -> impl Iterator<Item = &NodeId> {
+        self.replicas.iter().filter(|r| !self.lagging.contains(r))
+    }
+
+    pub fn is_in_sync(&self, id: &NodeId) -> bool {
+        self.replicas.contains(id) && !self.lagging.contains(id)
+    }
+}
 
 /// The key layout under a prefix (default `flotilla/`):
 ///
@@ -279,6 +298,7 @@ mod tests {
             key: "billing/api".parse().unwrap(),
             replicas: vec!["n1".parse().unwrap(), "n2".parse().unwrap()],
             joining: vec![],
+            lagging: Vec::new(),
             epoch: 3,
             pinned: false,
             rack_relaxed: false,

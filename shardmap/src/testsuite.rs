@@ -182,6 +182,7 @@ fn shard(key: &str, replicas: &[&str]) -> ShardRecord {
         key: key.parse().unwrap(),
         replicas: replicas.iter().map(|r| r.parse().unwrap()).collect(),
         joining: vec![],
+        lagging: Vec::new(),
         epoch: 1,
         pinned: false,
         rack_relaxed: false,

@@ -31,6 +31,7 @@ fn place_all(nodes: &[NodeInfo], rf: usize, n: usize) -> (Vec<ShardRecord>, Load
             key: key(i),
             replicas: p.replicas,
             joining: vec![],
+            lagging: Vec::new(),
             epoch: 1,
             pinned: false,
             rack_relaxed: p.rack_relaxed,
