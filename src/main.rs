@@ -13,7 +13,9 @@ use clap::Parser;
 use config::{DevConfig, Run};
 
 fn main() -> anyhow::Result<()> {
+    // Logs on stderr: stdout is for what a command prints (a digest, a table).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -41,6 +41,13 @@ pub fn method_label(m: &http::Method) -> &'static str {
 /// the corrupt ones, and a resumed tail would make a complete-looking wrong blob.
 pub const VERIFIED_HEADER: &str = "x-flotilla-verified";
 
+/// Sent by routers with every manifest or tag write: the time (ms since the Unix epoch)
+/// after which the node must not make the write visible, a little before the router stops
+/// waiting for it. A write that reaches a node late (the node was frozen, the request sat in
+/// a queue) is refused instead of landing after newer writes the router committed without
+/// it: a timed-out attempt must never apply later and overwrite them.
+pub const WRITE_DEADLINE_HEADER: &str = "x-flotilla-write-deadline";
+
 #[cfg(test)]
 mod tests {
     #[test]

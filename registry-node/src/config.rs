@@ -73,7 +73,7 @@ impl NodeConfig {
             upload_max_age: Duration::from_secs(3600),
             upload_purge_interval: Duration::from_secs(60),
             manifest_max_bytes: 4 * 1024 * 1024,
-            catch_up_interval: Duration::from_secs(30),
+            catch_up_interval: Duration::from_secs(6 * 3600),
             drain_timeout: Duration::from_secs(30),
             scrub_bytes_per_sec: 8 * 1024 * 1024,
             scrub_interval: Duration::from_secs(60),

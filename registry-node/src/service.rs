@@ -42,6 +42,8 @@ pub enum ServiceError {
     Remote(#[from] RemoteError),
     #[error("object storage holds corrupt content for {0}")]
     CorruptRemote(Digest),
+    #[error("the router's deadline for this write passed before it was applied")]
+    DeadlinePassed,
     #[error(
         "the node's disk is nearly full ({free} bytes free, floor {floor}); it takes no new data"
     )]

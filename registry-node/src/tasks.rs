@@ -14,6 +14,9 @@ pub(crate) struct BackgroundTasks {
     tasks: TaskTracker,
 }
 
+/// How soon a failed full catch-up (object storage unreachable) is tried again.
+const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl BackgroundTasks {
     pub(crate) async fn shutdown(self) {
         self.cancel.cancel();
@@ -88,16 +91,20 @@ impl NodeService {
         let c = cancel.clone();
         self.inner.tasks.spawn(async move {
             // First pass until it succeeds (the node reports ready only after it), then a
-            // periodic pass that closes the window of writes missed while unreachable.
-            let mut tick = tokio::time::interval(me.inner.cfg.catch_up_interval);
+            // rare guard: in-sync replicas get every write from the routers and lagging
+            // ones catch up exactly the keys they missed (`in_sync`), so a full scan of
+            // object storage is no longer how a node learns what it missed.
             loop {
+                let wait = match me.catch_up().await {
+                    Ok(_) => me.inner.cfg.catch_up_interval,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "catch-up with object storage failed; will retry");
+                        me.inner.cfg.catch_up_interval.min(CATCH_UP_RETRY)
+                    }
+                };
                 tokio::select! {
                     _ = c.cancelled() => break,
-                    _ = tick.tick() => {
-                        if let Err(e) = me.catch_up().await {
-                            tracing::warn!(error = %e, "catch-up with object storage failed; will retry");
-                        }
-                    }
+                    _ = tokio::time::sleep(wait) => {}
                 }
             }
         });

@@ -246,7 +246,13 @@ async fn pin_shard(
         // A replica that stays keeps its lag: pinning does not make its copy current.
         let lagging = current
             .as_ref()
-            .map(|(r, _)| r.lagging.iter().filter(|l| ids.contains(l)).cloned().collect())
+            .map(|(r, _)| {
+                r.lagging
+                    .iter()
+                    .filter(|l| ids.contains(l))
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         let rec = ShardRecord {
             key: key.clone(),

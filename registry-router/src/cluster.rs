@@ -166,18 +166,21 @@ impl Cluster {
                 // Never step a record back to an older epoch: a slow refresh can land after a
                 // newer record was cached, and the manifest cache relies on epochs only
                 // moving forward.
-                let current = self.shards();
+                // The merge happens under the write lock, so a record cached concurrently (a
+                // commit's) is never replaced by this listing's older copy.
+                let mut guard = self.inner.shards.write().unwrap_or_else(|p| p.into_inner());
                 let shards: HashMap<_, _> = shards
                     .into_iter()
-                    .map(|(s, _)| match current.get(&s.key) {
+                    .map(|(s, _)| match guard.get(&s.key) {
                         Some(c) if c.epoch > s.epoch => (s.key.clone(), c.clone()),
                         _ => (s.key.clone(), s),
                     })
                     .collect();
                 metrics::gauge!("flotilla_router_nodes").set(nodes.len() as f64);
                 metrics::gauge!("flotilla_router_shards").set(shards.len() as f64);
+                *guard = Arc::new(shards);
+                drop(guard);
                 *self.inner.nodes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(nodes);
-                *self.inner.shards.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(shards);
                 self.inner.store_ok.store(true, Ordering::Relaxed);
                 self.heard_from_store();
                 Ok(())

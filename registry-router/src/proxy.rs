@@ -26,6 +26,9 @@ const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
 /// or marked lagging (the others) and catches up by itself: a slow copy costs its own
 /// freshness, not the client's write.
 const WRITE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long before an attempt's timeout the node must have stopped trying to apply it: the
+/// time its last visible step (one small object-storage PUT, then a local rename) may take.
+const FENCE_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
 /// A metadata read (manifest, tags, referrers) not answered by the first replica within
 /// this is also sent to the next one, and the first answer wins: a frozen replica costs a
 /// client this much, not the upstream timeout.
@@ -139,7 +142,10 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
                 .shard(&repo.shard_key(depth), Unplaced::Absent)
                 .await
             {
-                Ok(Some(rec)) => (cluster.candidates(&rec, ReplicaOrder::Spread), Some(rec.epoch)),
+                Ok(Some(rec)) => (
+                    cluster.candidates(&rec, ReplicaOrder::Spread),
+                    Some(rec.epoch),
+                ),
                 // Unknown key: any node answers correctly (from object storage, or 404).
                 Ok(None) => (cluster.any_live(), None),
                 Err(e) => return Err(shard_error(e)),
@@ -292,7 +298,9 @@ fn upstream(
         format!("{}{}", node.url.trim_end_matches('/'), path_and_query),
     );
     for (k, v) in headers {
-        if !hop_by_hop(k) {
+        // `x-flotilla-*` headers are the router's to set (write deadlines, the internal
+        // secret): a client's are dropped, never passed on to a node.
+        if !hop_by_hop(k) && !k.as_str().starts_with("x-flotilla-") {
             b = b.header(k, v);
         }
     }
@@ -595,10 +603,19 @@ async fn read(
     req: Request,
 ) -> Result<Response, ApiError> {
     let pq = path_and_query(&req);
-    read_from(cluster, &nodes, kind, req.method(), &pq, req.headers())
-        .await
-        .map(|(resp, _)| resp)
+    let (mut resp, i) = read_from(cluster, &nodes, kind, req.method(), &pq, req.headers()).await?;
+    // Which replica answered: for operators and the history checker, when a copy is wrong.
+    if let Some(v) = nodes
+        .get(i)
+        .and_then(|n| HeaderValue::from_str(n.id.as_str()).ok())
+    {
+        resp.headers_mut().insert(SERVED_BY_HEADER, v);
+    }
+    Ok(resp)
 }
+
+/// The node that answered a proxied read.
+pub const SERVED_BY_HEADER: &str = "x-flotilla-node";
 
 /// [`read`] as `method` on `pq`, also saying which of `nodes` gave the answer. Each attempt
 /// must produce its response head within the upstream timeout; the body is then held to
@@ -962,7 +979,8 @@ async fn replicated_write(
         .chain(cluster.sync_only(&rec).iter().filter(|n| n.id != pnode.id))
         .cloned()
         .collect();
-    let results = futures::future::join_all(others.iter().map(|n| write.replicate(cluster, n))).await;
+    let results =
+        futures::future::join_all(others.iter().map(|n| write.replicate(cluster, n))).await;
     for (n, ok) in others.iter().zip(results) {
         if ok {
             acks.missed.remove(&n.id);
@@ -1031,7 +1049,17 @@ impl BufferedWrite {
     /// One attempt on `node` within [`WRITE_ATTEMPT`]: a frozen replica must not hold the
     /// client's write (a PUT is idempotent, so a timed-out attempt that did apply is
     /// harmless when the next one applies it too).
-    async fn send(&self, cluster: &Cluster, node: &NodeRecord) -> Result<reqwest::Response, String> {
+    async fn send(
+        &self,
+        cluster: &Cluster,
+        node: &NodeRecord,
+    ) -> Result<reqwest::Response, String> {
+        // The node refuses to apply the write past this (see `WRITE_DEADLINE_HEADER`): a
+        // little before this attempt's timeout, so a late apply cannot follow our giving up.
+        let deadline = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| (d + WRITE_ATTEMPT - FENCE_MARGIN).as_millis() as u64)
+            .unwrap_or(0);
         let attempt = upstream(
             cluster,
             node,
@@ -1040,6 +1068,7 @@ impl BufferedWrite {
             &self.headers,
             reqwest::Body::from(self.bytes.clone()),
         )
+        .header(registry_client::WRITE_DEADLINE_HEADER, deadline)
         .send();
         match tokio::time::timeout(WRITE_ATTEMPT, attempt).await {
             Ok(r) => r.map_err(|e| e.to_string()),

@@ -369,6 +369,10 @@ impl ClusterProc {
     }
 
     fn spawn_node(&self, n: &ClusterNode) -> Child {
+        self.spawn_node_with(n, &[])
+    }
+
+    fn spawn_node_with(&self, n: &ClusterNode, extra: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_flotilla"))
             .args(["node", "--id", &n.id, "--rack", &n.rack])
             .arg("--listen")
@@ -390,6 +394,7 @@ impl ClusterProc {
             .arg("--remote-confirm-secs")
             .arg(self.opts.remote_confirm_secs.to_string())
             .args(&self.opts.node_args)
+            .args(extra)
             .env("FLOTILLA_SECRET", CLUSTER_SECRET)
             .env("RUST_LOG", "info")
             .env("AWS_ACCESS_KEY_ID", "flotilla-test")
@@ -453,6 +458,33 @@ impl ClusterProc {
         for r in 0..self.routers.len() {
             self.wait_node_live(r, id).await;
         }
+    }
+
+    /// Start a (killed) node again with further flags, without waiting for it: a node that
+    /// refuses writes (say) may never look healthy to the tests' readiness checks.
+    pub(crate) fn respawn_with(&mut self, id: &str, extra: &[&str]) {
+        self.kill9(id);
+        let child = self.spawn_node_with(self.node(id), extra);
+        self.node_mut(id).child = Some(child);
+    }
+
+    /// SIGKILL router `i` and start it again on the same port; waits until it is ready.
+    pub(crate) async fn restart_router(&mut self, i: usize) {
+        let _ = self.routers[i].child.kill();
+        let _ = self.routers[i].child.wait();
+        let port = self.routers[i].port;
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["router", "--meta", &self.meta_url])
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file(&self.tmp.path().join(format!("router{i}.log"))))
+            .env("FLOTILLA_SECRET", CLUSTER_SECRET)
+            .spawn()
+            .expect("spawn flotilla router");
+        self.routers[i].child = child;
+        self.wait_router_ready(i).await;
     }
 
     pub(crate) async fn admin_get(&self, router: usize, path: &str) -> (u16, Value) {

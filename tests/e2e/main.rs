@@ -13,6 +13,7 @@ mod config;
 mod crash;
 mod dev;
 mod faults;
+mod history;
 mod hostile;
 mod recovery;
 mod s3;

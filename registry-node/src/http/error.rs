@@ -64,6 +64,8 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotWritable { free, floor } => {
                 disk_full(serde_json::json!({"free_bytes": free, "min_free_bytes": floor}))
             }
+            ServiceError::DeadlinePassed => ApiError::new(ErrorCode::Unavailable)
+                .message("the router's deadline for this write passed before it was applied; the tag was not changed"),
             ServiceError::Store(e) => e.into(),
             ServiceError::Upload(e) => e.into(),
             ServiceError::DigestMismatch { expected, actual } => {

@@ -54,7 +54,13 @@ pub(crate) async fn put(
         .await
         .map_err(|_| too_large(format!("more than {limit}")))?;
     let put = node
-        .put_manifest(repo, reference, content_type.as_deref(), bytes)
+        .put_manifest(
+            repo,
+            reference,
+            content_type.as_deref(),
+            bytes,
+            crate::write::Deadline::from_headers(&req.headers),
+        )
         .await?;
     let mut resp = (
         StatusCode::CREATED,
@@ -83,7 +89,13 @@ pub(crate) async fn delete(
     node: &NodeService,
     repo: &RepoName,
     reference: &Reference,
+    headers: &http::HeaderMap,
 ) -> Result<Response, ApiError> {
-    node.delete_manifest(repo, reference).await?;
+    node.delete_manifest(
+        repo,
+        reference,
+        crate::write::Deadline::from_headers(headers),
+    )
+    .await?;
     Ok(StatusCode::ACCEPTED.into_response())
 }

@@ -123,7 +123,7 @@ async fn handle(node: NodeService, route: OciRoute, req: Req) -> Result<Response
             manifests::put(&node, &repo, &reference, req).await
         }
         (Manifest { repo, reference }, Method::DELETE) => {
-            manifests::delete(&node, &repo, &reference).await
+            manifests::delete(&node, &repo, &reference, &req.headers).await
         }
         (Blob { repo, digest }, Method::GET | Method::HEAD) => {
             blobs::get(

@@ -274,10 +274,12 @@ impl NodeService {
         reference: &flotilla_core::Reference,
         content_type: Option<&str>,
         bytes: Bytes,
+        deadline: Deadline,
     ) -> Result<PutManifest> {
         self.ensure_writable()?;
+        deadline.check()?;
         let put = self
-            .put_manifest_inner(repo, reference, content_type, bytes)
+            .put_manifest_inner(repo, reference, content_type, bytes, deadline)
             .await;
         self.note_disk(put)
     }
@@ -288,6 +290,7 @@ impl NodeService {
         reference: &flotilla_core::Reference,
         content_type: Option<&str>,
         bytes: Bytes,
+        deadline: Deadline,
     ) -> Result<PutManifest> {
         let limit = self.inner.cfg.manifest_max_bytes;
         if bytes.len() > limit {
@@ -348,6 +351,7 @@ impl NodeService {
             )
             .await?;
             if let flotilla_core::Reference::Tag(tag) = reference {
+                deadline.check()?;
                 r.put_bytes(
                     &layout::remote_tag(repo, tag),
                     Bytes::from(digest.to_string()),
@@ -369,6 +373,7 @@ impl NodeService {
             store.put_referrer(repo, subject, &desc).await?;
         }
         if let flotilla_core::Reference::Tag(tag) = reference {
+            deadline.check()?;
             store.put_tag(repo, tag, &digest).await?;
         }
         metrics::counter!("flotilla_node_manifests_put_total").increment(1);
@@ -383,7 +388,9 @@ impl NodeService {
         &self,
         repo: &RepoName,
         reference: &flotilla_core::Reference,
+        deadline: Deadline,
     ) -> Result<()> {
+        deadline.check()?;
         let store = &self.inner.store;
         match reference {
             flotilla_core::Reference::Tag(t) => {
@@ -391,6 +398,7 @@ impl NodeService {
                 if let Some(r) = &self.inner.remote {
                     let key = layout::remote_tag(repo, t);
                     existed = r.head(&key).await?.is_some();
+                    deadline.check()?;
                     r.delete(&key).await?;
                 }
                 existed |= store.delete_tag(repo, t).await?;
@@ -457,4 +465,34 @@ async fn rehash(path: PathBuf, algorithm: Algorithm) -> Result<Digest> {
     .await
     .map_err(|e| UploadError::Io(io::Error::other(e)))?
     .map_err(|e| UploadError::Io(e).into())
+}
+
+/// The router's deadline for a manifest or tag write
+/// ([`registry_client::WRITE_DEADLINE_HEADER`]), checked right before each step that makes
+/// the write visible (the tag in object storage, then on disk). A write without one (a
+/// client talking to a standalone node) has no deadline.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Deadline(pub(crate) Option<u64>);
+
+impl Deadline {
+    pub(crate) fn from_headers(h: &http::HeaderMap) -> Self {
+        Deadline(
+            h.get(registry_client::WRITE_DEADLINE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+        )
+    }
+
+    fn check(&self) -> Result<()> {
+        let Some(at) = self.0 else { return Ok(()) };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if now >= at {
+            metrics::counter!("flotilla_node_late_writes_refused_total").increment(1);
+            return Err(ServiceError::DeadlinePassed);
+        }
+        Ok(())
+    }
 }
