@@ -66,18 +66,11 @@ impl NodeService {
         let store = &self.inner.store;
         let repo = repo.clone();
         let mut changed = 0;
-        let remote_tags: std::collections::HashSet<String> = r
-            .list_names(&layout::remote_tags_dir(&repo))
-            .await?
-            .into_iter()
-            .collect();
+        // Per tag, under its lock, against what object storage holds now: a write on this
+        // node cannot slip between the look and the change (see `TagLocks`).
         for tag in store.list_tags(&repo).await.unwrap_or_default() {
+            let _guard = self.inner.tag_locks.lock(&repo, &tag).await;
             let local = store.get_tag(&repo, &tag).await?;
-            if !remote_tags.contains(tag.as_str()) {
-                store.delete_tag(&repo, &tag).await?;
-                changed += 1;
-                continue;
-            }
             let remote = r
                 .get_bytes(&layout::remote_tag(&repo, &tag), 1024)
                 .await?

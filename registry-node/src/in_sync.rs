@@ -1,12 +1,15 @@
 //! In-sync replicas, the node's half. A router that could not get a manifest or tag write
 //! onto this node marks it lagging in the key's shard record before acknowledging the write,
 //! and no router reads the key here after that. This loop notices (a watch on the shard
-//! records: one listing when the watch starts, then one decode per change), catches the
-//! key's repositories up from object storage, and takes the node off the lagging list with
-//! a compare-and-swap against the record version it started from: a write committed in
-//! between changes that version, so the node catches up again instead of rejoining with a
-//! hole. This is also why a periodic full anti-entropy scan is no longer the normal path: a
-//! node in sync received every write, a lagging one catches up exactly the keys it missed.
+//! records: one listing when the watch starts, then one decode per change) and rejoins in
+//! two compare-and-swaps: `lagging` → `syncing` (from then on every commit sends this node
+//! the write, or demotes it back to `lagging`), then a catch-up of the key's repositories
+//! from object storage (which holds every write committed before the first swap), then out
+//! of `syncing`, valid only while the node is still listed there. No write can fall between
+//! the two, and no write load can starve the rejoin (the second swap does not depend on the
+//! epoch the catch-up started from). This is also why a periodic full anti-entropy scan is
+//! no longer the normal path: a node in sync received every write, a lagging one catches up
+//! exactly the keys it missed.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -40,7 +43,7 @@ pub(crate) async fn rejoin_loop(node: NodeService, map: ShardMap, cancel: Cancel
         let mut pending: HashSet<ShardKey> = match map.list_shards().await {
             Ok(all) => all
                 .into_iter()
-                .filter(|(s, _)| s.lagging.contains(&me))
+                .filter(|(s, _)| s.lagging.contains(&me) || s.syncing.contains(&me))
                 .map(|(s, _)| s.key)
                 .collect(),
             Err(e) => {
@@ -72,7 +75,7 @@ pub(crate) async fn rejoin_loop(node: NodeService, map: ShardMap, cancel: Cancel
                 ev = events.next() => match ev {
                     Some(Ok(WatchEvent::Put { key, value, .. })) => {
                         match ShardRecord::decode(&key, &value) {
-                            Ok(rec) if rec.lagging.contains(&me) => {
+                            Ok(rec) if rec.lagging.contains(&me) || rec.syncing.contains(&me) => {
                                 pending.insert(rec.key);
                             }
                             Ok(_) => {}
@@ -93,17 +96,28 @@ pub(crate) async fn rejoin_loop(node: NodeService, map: ShardMap, cancel: Cancel
 
 /// One attempt to rejoin `key`'s in-sync set; true when there is nothing left to do.
 async fn rejoin(node: &NodeService, map: &ShardMap, me: &NodeId, key: &ShardKey) -> bool {
-    let (rec, version) = match map.get_shard(key).await {
-        Ok(Some(got)) => got,
+    // Step 1: lagging → syncing (already syncing: a rejoin interrupted by a restart).
+    let entered = update(map, key, |r| {
+        if r.syncing.contains(me) {
+            return Some(false);
+        }
+        if !r.lagging.contains(me) {
+            return None;
+        }
+        r.lagging.retain(|l| l != me);
+        r.syncing.push(me.clone());
+        Some(true)
+    })
+    .await;
+    match entered {
+        Ok(Some(_)) => {}
         Ok(None) => return true,
         Err(e) => {
-            tracing::debug!(%key, error = %e, "could not read the shard record to rejoin");
+            tracing::debug!(%key, error = %e, "could not start a rejoin; will retry");
             return false;
         }
-    };
-    if !rec.lagging.contains(me) {
-        return true;
     }
+    // Step 2: everything committed before step 1 is in object storage.
     let changed = match node.catch_up_key(key).await {
         Ok(Some(n)) => n,
         Ok(None) => {
@@ -115,23 +129,82 @@ async fn rejoin(node: &NodeService, map: &ShardMap, me: &NodeId, key: &ShardKey)
             return false;
         }
     };
-    let mut next = rec.clone();
-    next.lagging.retain(|l| l != me);
-    next.epoch += 1;
-    match map.cas_shard(&next, Some(version)).await {
-        Ok(Ok(_)) => {
-            tracing::info!(%key, changed, epoch = next.epoch, "caught up a lagging key; back in sync");
+    // Step 3: out of syncing, unless a write missed us meanwhile (back in lagging).
+    let left = update(map, key, |r| {
+        if !r.syncing.contains(me) {
+            return None;
+        }
+        r.syncing.retain(|l| l != me);
+        Some(())
+    })
+    .await;
+    match left {
+        Ok(Some(epoch)) => {
+            tracing::info!(%key, changed, epoch, "caught up a lagging key; back in sync");
             metrics::counter!("flotilla_node_rejoins_total").increment(1);
             true
         }
-        Ok(Err(_)) => {
-            tracing::debug!(%key, "the shard record changed during the catch-up; catching up again");
+        Ok(None) => {
+            tracing::debug!(%key, "missed a write during the catch-up; catching up again");
             false
         }
         Err(e) => {
-            tracing::debug!(%key, error = %e, "could not rejoin; will retry");
+            tracing::debug!(%key, error = %e, "could not finish a rejoin; will retry");
             false
         }
+    }
+}
+
+/// Apply `f` to `key`'s record under compare-and-swap (epoch bumped), retrying lost races.
+/// `f` returns `None` to leave the record alone (the result is then `None`); otherwise the
+/// result carries the new epoch. `Some(false)` from step 1's closure means "nothing to
+/// write, go on" and is reported as the current epoch.
+async fn update<T>(
+    map: &ShardMap,
+    key: &ShardKey,
+    mut f: impl FnMut(&mut ShardRecord) -> Option<T>,
+) -> Result<Option<u64>, shardmap::StoreError>
+where
+    T: Into<Change>,
+{
+    for _ in 0..32 {
+        let Some((mut rec, version)) = map.get_shard(key).await? else {
+            return Ok(None);
+        };
+        match f(&mut rec).map(Into::into) {
+            None => return Ok(None),
+            Some(Change::Unchanged) => return Ok(Some(rec.epoch)),
+            Some(Change::Changed) => {}
+        }
+        rec.epoch += 1;
+        if map.cas_shard(&rec, Some(version)).await?.is_ok() {
+            return Ok(Some(rec.epoch));
+        }
+    }
+    Err(shardmap::StoreError::Protocol(format!(
+        "shard {key} kept changing during a rejoin"
+    )))
+}
+
+/// What an [`update`] closure did to the record.
+enum Change {
+    Unchanged,
+    Changed,
+}
+
+impl From<bool> for Change {
+    fn from(changed: bool) -> Self {
+        if changed {
+            Change::Changed
+        } else {
+            Change::Unchanged
+        }
+    }
+}
+
+impl From<()> for Change {
+    fn from(_: ()) -> Self {
+        Change::Changed
     }
 }
 

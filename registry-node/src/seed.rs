@@ -108,6 +108,9 @@ pub(crate) async fn seed_repo(
     drop(results);
 
     for tag in &tags {
+        // Under the tag's lock, read now: a write arriving while the seed runs (a joining
+        // node takes them) is never replaced by the value object storage held before it.
+        let _guard = node.inner.tag_locks.lock(repo, tag).await;
         let Some(bytes) = remote
             .get_bytes(&layout::remote_tag(repo, tag), 1024)
             .await?

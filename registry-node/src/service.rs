@@ -75,6 +75,8 @@ pub(crate) struct Inner {
     pub(crate) seed_id: String,
     /// Wakes the membership loop for an immediate heartbeat (after a state change).
     pub(crate) beat: tokio::sync::Notify,
+    /// Serialises every change of one tag on this node (see [`TagLocks`]).
+    pub(crate) tag_locks: TagLocks,
     pub(crate) cancel: CancellationToken,
     pub(crate) tasks: TaskTracker,
 }
@@ -123,6 +125,7 @@ impl NodeService {
                 catalog_complete: std::sync::atomic::AtomicBool::new(false),
                 seed_id,
                 beat: tokio::sync::Notify::new(),
+                tag_locks: TagLocks::default(),
                 cancel: CancellationToken::new(),
                 tasks,
             }),
@@ -193,5 +196,36 @@ impl NodeService {
     /// Whether the node finished catching up with object storage and may take traffic.
     pub(crate) fn is_ready(&self) -> bool {
         self.inner.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Striped locks over `(repository, tag)`. Every step that changes a tag on this node holds
+/// its stripe: a write (object storage, then disk), a delete, the catch-up's compare-and-set
+/// against object storage, a seed, and a read caching a tag it found only in object
+/// storage. Without them a read or a catch-up that looked at the tag before a write could
+/// put the older value back after it: a replica that acknowledged a write would then serve
+/// what the write replaced.
+#[derive(Debug)]
+pub(crate) struct TagLocks(Vec<tokio::sync::Mutex<()>>);
+
+impl Default for TagLocks {
+    fn default() -> Self {
+        TagLocks((0..64).map(|_| tokio::sync::Mutex::new(())).collect())
+    }
+}
+
+impl TagLocks {
+    pub(crate) async fn lock(
+        &self,
+        repo: &RepoName,
+        tag: &flotilla_core::Tag,
+    ) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        repo.as_str().hash(&mut h);
+        tag.as_str().hash(&mut h);
+        self.0[(h.finish() % self.0.len() as u64) as usize]
+            .lock()
+            .await
     }
 }

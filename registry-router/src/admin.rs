@@ -243,12 +243,14 @@ async fn pin_shard(
             Some((r, v)) => (r.epoch + 1, r.created_ms, Some(*v)),
             None => (1, 0, None),
         };
-        // A replica that stays keeps its lag: pinning does not make its copy current.
+        // A replica that stays keeps its lag (one catching up starts over): pinning does
+        // not make its copy current.
         let lagging = current
             .as_ref()
             .map(|(r, _)| {
                 r.lagging
                     .iter()
+                    .chain(r.syncing.iter())
                     .filter(|l| ids.contains(l))
                     .cloned()
                     .collect()
@@ -259,6 +261,7 @@ async fn pin_shard(
             replicas: ids.clone(),
             joining: Vec::new(),
             lagging,
+            syncing: Vec::new(),
             epoch,
             pinned: true,
             rack_relaxed: racks.len() < ids.len(),
@@ -483,6 +486,7 @@ mod tests {
             replicas: vec!["n1".parse().unwrap()],
             joining: vec!["n2".parse().unwrap()],
             lagging: Vec::new(),
+            syncing: Vec::new(),
             epoch: 1,
             pinned: true,
             rack_relaxed: false,

@@ -371,12 +371,14 @@ impl Cluster {
     }
 
     /// Nodes that take a shard's synchronous writes without serving its reads: joining
-    /// nodes and replicas still being seeded (registered and not ejected).
+    /// nodes, replicas catching up after a missed write, and replicas still being seeded
+    /// (registered and not ejected).
     pub fn sync_only(&self, rec: &ShardRecord) -> Vec<NodeRecord> {
         let nodes = self.nodes();
         let joining = rec
             .joining
             .iter()
+            .chain(rec.syncing.iter())
             .filter_map(|id| nodes.get(id))
             .filter(|n| {
                 matches!(n.state, NodeState::Ready | NodeState::Seeding) && !self.is_ejected(&n.id)
@@ -386,7 +388,13 @@ impl Cluster {
             .iter()
             .filter_map(|id| nodes.get(id))
             .filter(|n| n.state == NodeState::Seeding && !self.is_ejected(&n.id));
-        joining.chain(seeding).cloned().collect()
+        let mut out: Vec<NodeRecord> = Vec::new();
+        for n in joining.chain(seeding) {
+            if !out.iter().any(|o| o.id == n.id) {
+                out.push(n.clone());
+            }
+        }
+        out
     }
 
     /// Any live node (for requests not tied to a shard, such as the catalog).
@@ -464,6 +472,7 @@ impl Cluster {
             replicas: placement.replicas,
             joining: Vec::new(),
             lagging: Vec::new(),
+            syncing: Vec::new(),
             epoch: 1,
             pinned: false,
             rack_relaxed: placement.rack_relaxed,
@@ -560,6 +569,7 @@ impl Cluster {
                 let pending: Vec<NodeId> = cur
                     .in_sync()
                     .chain(cur.joining.iter())
+                    .chain(cur.syncing.iter())
                     .filter(|n| !acks.acked.contains(*n) && !acks.missed.contains(*n))
                     .cloned()
                     .collect();
@@ -589,6 +599,15 @@ impl Cluster {
                         .increment(newly.len() as u64);
                 }
                 next.lagging.extend(newly);
+                // A replica catching up that missed this write starts its catch-up over.
+                let demoted: Vec<NodeId> = cur
+                    .syncing
+                    .iter()
+                    .filter(|r| acks.missed.contains(*r))
+                    .cloned()
+                    .collect();
+                next.syncing.retain(|r| !demoted.contains(r));
+                next.lagging.extend(demoted);
                 next.epoch += 1;
                 match self.inner.map.cas_shard(&next, Some(version)).await? {
                     Ok(_) => {

@@ -973,12 +973,16 @@ async fn replicated_write(
     // The rest in parallel: every other live in-sync replica, and the nodes being seeded for
     // this key (joining, or a replica rebuilding its disk), so no write lands between the
     // seeder's last pass and the node taking traffic.
-    let others: Vec<NodeRecord> = nodes
+    let mut others: Vec<NodeRecord> = nodes
         .iter()
         .filter(|n| n.id != pnode.id && cluster.is_live(n))
-        .chain(cluster.sync_only(&rec).iter().filter(|n| n.id != pnode.id))
         .cloned()
         .collect();
+    for n in cluster.sync_only(&rec) {
+        if n.id != pnode.id && !others.iter().any(|o| o.id == n.id) {
+            others.push(n);
+        }
+    }
     let results =
         futures::future::join_all(others.iter().map(|n| write.replicate(cluster, n))).await;
     for (n, ok) in others.iter().zip(results) {

@@ -677,6 +677,7 @@ impl Ctx {
             s.replicas[pos] = to.clone();
             s.joining.retain(|j| *j != to);
             s.lagging.retain(|l| *l != from && *l != to);
+            s.syncing.retain(|l| *l != from && *l != to);
             s.epoch += 1;
             if map.cas_shard(&s, Some(version)).await?.is_ok() {
                 swapped = Some(s);

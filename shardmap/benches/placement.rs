@@ -33,6 +33,7 @@ fn place_all(nodes: &[NodeInfo]) -> Vec<ShardRecord> {
                 replicas: p.replicas,
                 joining: vec![],
                 lagging: Vec::new(),
+                syncing: Vec::new(),
                 epoch: 1,
                 pinned: false,
                 rack_relaxed: p.rack_relaxed,

@@ -80,12 +80,19 @@ pub struct ShardRecord {
     pub joining: Vec<NodeId>,
     /// Replicas that missed an acknowledged manifest or tag write (they failed, refused or
     /// did not answer it in time). No router reads from them for this key until they have
-    /// caught up from object storage and removed themselves (compare-and-swap against the
-    /// version they caught up from). Every other replica is in sync: it took every write
-    /// acknowledged since it was last listed here. Absent from the stored JSON when empty,
+    /// caught up from object storage (through `syncing`). Every other replica is in sync: it
+    /// took every write acknowledged since it was last listed here. Absent from the stored
+    /// JSON when empty,
     /// so records written before in-sync tracking read back unchanged.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lagging: Vec<NodeId>,
+    /// Lagging replicas catching up: routers send them every write (as to joining nodes) but
+    /// read from them only once they have left this list. A write one of them misses puts it
+    /// back in `lagging`. The two steps make a rejoin finish under any write load: writes
+    /// committed before a replica entered `syncing` are in object storage for its catch-up,
+    /// later ones reach it directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub syncing: Vec<NodeId>,
     /// Bumped on every change so caches can tell which of two records is newer, and by
     /// routers after every manifest or tag write in the shard (it invalidates their
     /// manifest caches).
@@ -158,11 +165,13 @@ impl Record for ShardRecord {}
 impl ShardRecord {
     /// The replicas that took every acknowledged write: the only ones that may answer reads.
     pub fn in_sync(&self) -> impl Iterator<Item = &NodeId> {
-        self.replicas.iter().filter(|r| !self.lagging.contains(r))
+        self.replicas
+            .iter()
+            .filter(|r| !self.lagging.contains(r) && !self.syncing.contains(r))
     }
 
     pub fn is_in_sync(&self, id: &NodeId) -> bool {
-        self.replicas.contains(id) && !self.lagging.contains(id)
+        self.replicas.contains(id) && !self.lagging.contains(id) && !self.syncing.contains(id)
     }
 }
 
@@ -299,6 +308,7 @@ mod tests {
             replicas: vec!["n1".parse().unwrap(), "n2".parse().unwrap()],
             joining: vec![],
             lagging: Vec::new(),
+            syncing: Vec::new(),
             epoch: 3,
             pinned: false,
             rack_relaxed: false,

@@ -183,6 +183,7 @@ fn shard(key: &str, replicas: &[&str]) -> ShardRecord {
         replicas: replicas.iter().map(|r| r.parse().unwrap()).collect(),
         joining: vec![],
         lagging: Vec::new(),
+        syncing: Vec::new(),
         epoch: 1,
         pinned: false,
         rack_relaxed: false,

@@ -299,9 +299,11 @@ fn env_or(name: &str, default: u64) -> u64 {
 async fn in_sync(c: &ClusterProc) -> bool {
     let (_, shards) = c.admin_get(0, "/shards").await;
     shards.as_array().is_some_and(|all| {
-        all.iter()
-            .filter(|s| s["key"] == REPO)
-            .all(|s| s["lagging"].as_array().is_none_or(|l| l.is_empty()))
+        all.iter().filter(|s| s["key"] == REPO).all(|s| {
+            ["lagging", "syncing"]
+                .iter()
+                .all(|f| s[*f].as_array().is_none_or(|l| l.is_empty()))
+        })
     })
 }
 

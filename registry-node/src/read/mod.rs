@@ -172,18 +172,18 @@ impl NodeService {
         &self,
         repo: &RepoName,
         reference: &flotilla_core::Reference,
-    ) -> Result<Digest> {
+    ) -> Result<(Digest, bool)> {
         let tag = match reference {
-            flotilla_core::Reference::Digest(d) => return Ok(d.clone()),
+            flotilla_core::Reference::Digest(d) => return Ok((d.clone(), false)),
             flotilla_core::Reference::Tag(t) => t,
         };
         if let Some(d) = self.inner.store.get_tag(repo, tag).await? {
-            return Ok(d);
+            return Ok((d, false));
         }
         if let Some(r) = &self.inner.remote {
             if let Some(bytes) = r.get_bytes(&layout::remote_tag(repo, tag), 1024).await? {
                 if let Ok(d) = String::from_utf8_lossy(&bytes).trim().parse() {
-                    return Ok(d);
+                    return Ok((d, true));
                 }
                 tracing::error!(%repo, %tag, "tag object in object storage does not hold a digest");
             }
@@ -196,7 +196,7 @@ impl NodeService {
         repo: &RepoName,
         reference: &flotilla_core::Reference,
     ) -> Result<StoredManifest> {
-        let digest = self.resolve(repo, reference).await?;
+        let (digest, from_remote) = self.resolve(repo, reference).await?;
         let store = &self.inner.store;
         let limit = self.inner.cfg.manifest_max_bytes as u64;
         let local_link = store.manifest_media_type(repo, &digest).await?;
@@ -241,9 +241,14 @@ impl NodeService {
         if local_link.is_none() {
             store.link_manifest(repo, &digest, &media_type).await?;
         }
+        // A tag found only in object storage is kept, and only if no write put one here
+        // meanwhile: a tag this node already holds is never replaced by what a read saw.
         if let flotilla_core::Reference::Tag(t) = reference {
-            if store.get_tag(repo, t).await?.as_ref() != Some(&digest) {
-                store.put_tag(repo, t, &digest).await?;
+            if from_remote {
+                let _guard = self.inner.tag_locks.lock(repo, t).await;
+                if store.get_tag(repo, t).await?.is_none() {
+                    store.put_tag(repo, t, &digest).await?;
+                }
             }
         }
         Ok(StoredManifest {

@@ -337,6 +337,12 @@ impl NodeService {
             self.ensure_manifest_durable(repo, child, &media_type)
                 .await?;
         }
+        // The tag's lock from its object-storage write to its local one: nothing on this
+        // node can interleave an older value between the two.
+        let _tag_guard = match reference {
+            flotilla_core::Reference::Tag(tag) => Some(self.inner.tag_locks.lock(repo, tag).await),
+            flotilla_core::Reference::Digest(_) => None,
+        };
         // Object storage first: a manifest or tag is acknowledged only once it is durable
         // there, and a failure leaves no local trace of an unacknowledged tag.
         if let Some(r) = &self.inner.remote {
@@ -394,6 +400,7 @@ impl NodeService {
         let store = &self.inner.store;
         match reference {
             flotilla_core::Reference::Tag(t) => {
+                let _guard = self.inner.tag_locks.lock(repo, t).await;
                 let mut existed = false;
                 if let Some(r) = &self.inner.remote {
                     let key = layout::remote_tag(repo, t);

@@ -32,6 +32,7 @@ fn place_all(nodes: &[NodeInfo], rf: usize, n: usize) -> (Vec<ShardRecord>, Load
             replicas: p.replicas,
             joining: vec![],
             lagging: Vec::new(),
+            syncing: Vec::new(),
             epoch: 1,
             pinned: false,
             rack_relaxed: p.rack_relaxed,
