@@ -152,8 +152,17 @@ pub(crate) struct NodeArgs {
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub scrub_bytes_per_sec: u64,
     /// Seconds between two scrub passes.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 3600)]
     pub scrub_interval_secs: u64,
+    /// The scrubber checks each blob's object-storage copy once every this many passes (1 =
+    /// every pass; the default, with hourly passes, is daily: one HEAD per blob per day).
+    #[arg(long, default_value_t = 24)]
+    pub scrub_remote_check_every: u64,
+    /// Seconds between two full catch-ups with object storage (a guard: replicas that miss
+    /// a write are marked lagging and catch up that key alone; a full pass also runs at
+    /// start). Default: weekly.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    pub catch_up_secs: u64,
     /// Seconds between two sweeps for data of shards moved away (0 disables; needs --meta
     /// and --store).
     #[arg(long, default_value_t = 60)]

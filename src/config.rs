@@ -137,6 +137,8 @@ fn node(a: &NodeArgs, metrics: &PrometheusHandle) -> anyhow::Result<NodeConfig> 
         drain_timeout: secs("--drain-secs", a.drain_secs, 0)?,
         scrub_bytes_per_sec: a.scrub_bytes_per_sec,
         scrub_interval: secs("--scrub-interval-secs", a.scrub_interval_secs, 0)?,
+        scrub_remote_every: a.scrub_remote_check_every.max(1),
+        catch_up_interval: secs("--catch-up-secs", a.catch_up_secs, 1)?,
         gc_interval: secs("--gc-interval-secs", a.gc_interval_secs, 0)?,
         gc_grace: secs("--gc-grace-secs", a.gc_grace_secs, 0)?,
         quarantine_retention: secs(

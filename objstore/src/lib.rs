@@ -154,6 +154,9 @@ impl Remote {
         after: Duration,
         fut: impl std::future::Future<Output = Result<T, RemoteError>>,
     ) -> Result<T, RemoteError> {
+        // Every call is a request to the store (billed on S3): what an idle node must keep
+        // near zero.
+        metrics::counter!("flotilla_node_object_store_requests_total", "op" => op).increment(1);
         let result = match tokio::time::timeout(after, fut).await {
             Ok(r) => r,
             Err(_) => Err(RemoteError::Timeout { op, after }),

@@ -38,6 +38,8 @@ pub struct NodeConfig {
     pub scrub_bytes_per_sec: u64,
     /// Pause between two scrub passes.
     pub scrub_interval: Duration,
+    /// Passes over which the scrubber checks every blob's object-storage copy once.
+    pub scrub_remote_every: u64,
     /// How often the node drops data of shards it no longer holds (zero disables it; it
     /// also needs a metadata and an object store).
     pub gc_interval: Duration,
@@ -73,10 +75,11 @@ impl NodeConfig {
             upload_max_age: Duration::from_secs(3600),
             upload_purge_interval: Duration::from_secs(60),
             manifest_max_bytes: 4 * 1024 * 1024,
-            catch_up_interval: Duration::from_secs(6 * 3600),
+            catch_up_interval: Duration::from_secs(7 * 24 * 3600),
             drain_timeout: Duration::from_secs(30),
             scrub_bytes_per_sec: 8 * 1024 * 1024,
-            scrub_interval: Duration::from_secs(60),
+            scrub_interval: Duration::from_secs(3600),
+            scrub_remote_every: 24,
             gc_interval: Duration::from_secs(60),
             gc_grace: Duration::from_secs(600),
             quarantine_retention: Duration::from_secs(7 * 24 * 3600),

@@ -191,7 +191,7 @@ pub(crate) async fn gc_loop(node: NodeService, map: ShardMap, cancel: Cancellati
         if !node.is_ready() {
             continue;
         }
-        let shards = match map.list_shards().await {
+        let (shards, unreadable) = match map.list_shards_checked().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "shard map unavailable; sweep skipped");
@@ -199,11 +199,19 @@ pub(crate) async fn gc_loop(node: NodeService, map: ShardMap, cancel: Cancellati
             }
         };
         let known: HashSet<String> = shards.iter().map(|(s, _)| s.key.to_string()).collect();
-        let held: HashSet<String> = shards
+        let mut known = known;
+        let mut held: HashSet<String> = shards
             .iter()
             .filter(|(s, _)| s.replicas.contains(&id) || s.joining.contains(&id))
             .map(|(s, _)| s.key.to_string())
             .collect();
+        // A key whose record this build cannot read may well be ours: never swept.
+        for u in &unreadable {
+            if let Some(k) = map.keys().shard_key_of(&u.key) {
+                known.insert(k.to_string());
+                held.insert(k.to_string());
+            }
+        }
         let root = node.store().root().to_owned();
         let mut moved = std::mem::take(&mut sweeper);
         let result = tokio::task::spawn_blocking(move || {

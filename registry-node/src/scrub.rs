@@ -40,13 +40,27 @@ pub(crate) fn list_blob_files(root: &Path) -> io::Result<Vec<(PathBuf, Digest)>>
     Ok(out)
 }
 
+/// Whether pass `pass` checks `d`'s object-storage copy: a fixed slice of the digest space
+/// per pass, so every blob is checked once in `every` passes (`--scrub-remote-check-every`).
+fn remote_check_due(d: &Digest, pass: u64, every: u64) -> bool {
+    let h = d
+        .hex()
+        .bytes()
+        .take(8)
+        .fold(0u64, |acc, b| acc.wrapping_mul(31).wrapping_add(b as u64));
+    let every = every.max(1);
+    h % every == pass % every
+}
+
 /// The scrubber: re-hash every stored blob at `scrub_bytes_per_sec`, one pass after another
 /// (pausing `scrub_interval` between passes); a mismatch is quarantined and fetched again
 /// from object storage (verified), so the node heals without a client ever seeing it.
 pub(crate) async fn scrub_loop(node: NodeService, cancel: CancellationToken) {
     let rate = node.config().scrub_bytes_per_sec;
     let pause = node.config().scrub_interval;
+    let mut pass = 0u64;
     loop {
+        pass += 1;
         let root = node.store().root().to_owned();
         let files = tokio::task::spawn_blocking(move || list_blob_files(&root)).await;
         let files = match files {
@@ -67,9 +81,14 @@ pub(crate) async fn scrub_loop(node: NodeService, cancel: CancellationToken) {
             }
             match file_matches(&node, &path, &d, rate, Some(&cancel)).await {
                 Ok(Some(true)) => {
-                    // The local copy is good; object storage must hold it too.
-                    if let Err(e) = node.check_remote_blob(&d, true).await {
-                        tracing::warn!(digest = %d, error = %e, "scrubber could not check object storage");
+                    // The local copy is good; object storage must hold it too. Checked for
+                    // a slice of the blobs per pass (which ones rotates with the pass), so
+                    // an idle node's requests to the store stay a small constant per blob
+                    // per day instead of one per blob per pass.
+                    if remote_check_due(&d, pass, node.config().scrub_remote_every) {
+                        if let Err(e) = node.check_remote_blob(&d, true).await {
+                            tracing::warn!(digest = %d, error = %e, "scrubber could not check object storage");
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -102,5 +121,30 @@ pub(crate) async fn scrub_loop(node: NodeService, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remote_check_due;
+    use flotilla_core::Digest;
+
+    /// Every blob is checked exactly once in `every` consecutive passes, and about
+    /// 1/`every` of the blobs in each pass.
+    #[test]
+    fn each_blob_is_checked_once_per_cycle_of_passes() {
+        let digests: Vec<Digest> = (0..480)
+            .map(|i| Digest::of(flotilla_core::Algorithm::Sha256, format!("b{i}").as_bytes()))
+            .collect();
+        for d in &digests {
+            let hits = (1..=24).filter(|p| remote_check_due(d, *p, 24)).count();
+            assert_eq!(hits, 1, "{d}");
+            assert!((1..=5).all(|p| remote_check_due(d, p, 1)));
+        }
+        let first = digests
+            .iter()
+            .filter(|d| remote_check_due(d, 1, 24))
+            .count();
+        assert!((5..=45).contains(&first), "pass 1 checked {first} of 480");
     }
 }

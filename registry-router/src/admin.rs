@@ -27,10 +27,11 @@ const CAS_ATTEMPTS: usize = 5;
 
 /// Every admin route (paths relative to `/admin/v1`) with its handlers. One table, so the
 /// OpenAPI test checks the document against exactly what [`routes`] registers.
-fn table() -> [(&'static str, MethodRouter<Cluster>); 6] {
+fn table() -> [(&'static str, MethodRouter<Cluster>); 7] {
     [
         ("/nodes", get(nodes)),
         ("/shards", get(shards)),
+        ("/unreadable", get(unreadable)),
         ("/shards/{*key}", get(shard).put(pin_shard)),
         ("/nodes/{id}/drain", post(drain)),
         ("/nodes/{id}/undrain", post(undrain)),
@@ -189,6 +190,12 @@ async fn shards(State(c): State<Cluster>) -> Json<Vec<ShardRecord>> {
     let mut out: Vec<ShardRecord> = c.shards().values().cloned().collect();
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Json(out)
+}
+
+/// Records the router skipped because this build cannot read them (corrupt, or written by a
+/// newer version): everything else keeps working, and these wait for an operator.
+async fn unreadable(State(c): State<Cluster>) -> Json<Vec<shardmap::Unreadable>> {
+    Json(c.unreadable())
 }
 
 async fn shard(
@@ -485,8 +492,8 @@ mod tests {
             key: "billing/prod".parse().unwrap(),
             replicas: vec!["n1".parse().unwrap()],
             joining: vec!["n2".parse().unwrap()],
-            lagging: Vec::new(),
-            syncing: Vec::new(),
+            lagging: vec!["n3".parse().unwrap()],
+            syncing: vec!["n4".parse().unwrap()],
             epoch: 1,
             pinned: true,
             rack_relaxed: false,
@@ -558,6 +565,10 @@ mod tests {
                 serde_json::to_value(node_record())
             }
             ("get", "/admin/v1/reseed") => serde_json::to_value(reseed_report()),
+            ("get", "/admin/v1/unreadable") => serde_json::to_value(vec![shardmap::Unreadable {
+                key: "flotilla/shards/billing~prod".into(),
+                error: "record has format version 9".into(),
+            }]),
             other => panic!("no sample for {other:?}: add one with the new endpoint"),
         };
         v.unwrap()

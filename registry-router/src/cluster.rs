@@ -24,6 +24,12 @@ const WATCHED_REFRESH: std::time::Duration = std::time::Duration::from_secs(30);
 /// A manifest or tag write waits at most this long for its commit (store reads, CAS and any
 /// late replica writes); past it the client gets 503 and retries.
 const COMMIT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a key found unplaced is answered as such without asking the store again, while
+/// the watch is down (a wrong answer only sends a read to any node, which is still right).
+const ABSENT_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Entries the negative cache holds at most (then it is emptied: bounded memory under a
+/// scan of random names).
+const ABSENT_MAX: usize = 100_000;
 /// Lost compare-and-swap races a commit tolerates before it gives up (503).
 const COMMIT_ATTEMPTS: usize = 16;
 /// Reads of the metadata store on a request path (an unknown key's record, a placement)
@@ -52,6 +58,11 @@ struct Inner {
     /// event, a refresh or an epoch bump. Zero after a failed bump.
     contact_ms: std::sync::atomic::AtomicU64,
     manifests: ManifestCache,
+    /// Records the last refresh could not read (corrupt or from a newer version): skipped,
+    /// never rewritten, shown by the admin API.
+    unreadable: Mutex<Vec<shardmap::Unreadable>>,
+    /// Keys recently looked up and found unplaced (used only while the watch is down).
+    absent: Mutex<HashMap<ShardKey, Instant>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -63,6 +74,9 @@ pub enum Unplaced {
     Place,
     /// Answer `None`: a read of an unknown key must not create it.
     Absent,
+    /// As `Absent`, but asking the store even when the snapshot is trusted: a delete must
+    /// not act on a key placed elsewhere a moment ago as if it were unplaced.
+    Check,
 }
 
 /// How [`Cluster::candidates`] orders the live replicas.
@@ -116,6 +130,8 @@ impl Cluster {
                 watch_ok: AtomicBool::new(false),
                 contact_ms: std::sync::atomic::AtomicU64::new(0),
                 manifests,
+                unreadable: Mutex::default(),
+                absent: Mutex::default(),
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -154,13 +170,19 @@ impl Cluster {
     /// Reload nodes and shards. On failure the old snapshot stays in use.
     pub async fn refresh(&self) -> Result<(), RouterError> {
         let result = async {
-            let nodes = self.inner.map.list_nodes().await?;
-            let shards = self.inner.map.list_shards().await?;
-            Ok::<_, RouterError>((nodes, shards))
+            let (nodes, bad_nodes) = self.inner.map.list_nodes_checked().await?;
+            let (shards, bad_shards) = self.inner.map.list_shards_checked().await?;
+            Ok::<_, RouterError>((nodes, shards, bad_nodes, bad_shards))
         }
         .await;
         match result {
-            Ok((nodes, shards)) => {
+            Ok((nodes, shards, mut bad, bad_shards)) => {
+                bad.extend(bad_shards);
+                *self
+                    .inner
+                    .unreadable
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = bad;
                 let nodes: HashMap<_, _> =
                     nodes.into_iter().map(|(n, _)| (n.id.clone(), n)).collect();
                 // Never step a record back to an older epoch: a slow refresh can land after a
@@ -267,6 +289,15 @@ impl Cluster {
             }
         });
         cancel
+    }
+
+    /// Records skipped by the last refresh because this build cannot read them.
+    pub fn unreadable(&self) -> Vec<shardmap::Unreadable> {
+        self.inner
+            .unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn nodes(&self) -> Snapshot<NodeId, NodeRecord> {
@@ -437,6 +468,24 @@ impl Cluster {
         if let Some(r) = self.shards().get(key) {
             return Ok(Some(r.clone()));
         }
+        // A read of a key the snapshot lacks: while the watch is live the snapshot is the
+        // store (a key placed elsewhere arrives within the watch's delay, and until then any
+        // node answers such a read correctly from object storage), so a scan of random names
+        // costs the store nothing; without the watch, a short negative cache bounds it.
+        if unplaced == Unplaced::Absent {
+            if self.cache_trusted() {
+                metrics::counter!("flotilla_router_unknown_key_lookups_total", "from" => "snapshot")
+                    .increment(1);
+                return Ok(None);
+            }
+            if self.recently_absent(key) {
+                metrics::counter!("flotilla_router_unknown_key_lookups_total", "from" => "negative_cache")
+                    .increment(1);
+                return Ok(None);
+            }
+            metrics::counter!("flotilla_router_unknown_key_lookups_total", "from" => "store")
+                .increment(1);
+        }
         match tokio::time::timeout(LOOKUP_DEADLINE, self.lookup_or_place(key, unplaced)).await {
             Ok(r) => r,
             Err(_) => Err(RouterError::Meta(shardmap::StoreError::Protocol(format!(
@@ -454,7 +503,8 @@ impl Cluster {
             self.cache_shard(r.clone());
             return Ok(Some(r));
         }
-        if unplaced == Unplaced::Absent {
+        if unplaced != Unplaced::Place {
+            self.note_absent(key);
             return Ok(None);
         }
         let nodes: Vec<NodeInfo> = self
@@ -483,6 +533,22 @@ impl Cluster {
         metrics::counter!("flotilla_router_placements_total").increment(1);
         self.cache_shard(won.clone());
         Ok(Some(won))
+    }
+
+    fn recently_absent(&self, key: &ShardKey) -> bool {
+        let absent = self.inner.absent.lock().unwrap_or_else(|p| p.into_inner());
+        absent.get(key).is_some_and(|at| at.elapsed() < ABSENT_TTL)
+    }
+
+    fn note_absent(&self, key: &ShardKey) {
+        let mut absent = self.inner.absent.lock().unwrap_or_else(|p| p.into_inner());
+        if absent.len() >= ABSENT_MAX {
+            absent.retain(|_, at| at.elapsed() < ABSENT_TTL);
+            if absent.len() >= ABSENT_MAX {
+                absent.clear();
+            }
+        }
+        absent.insert(key.clone(), Instant::now());
     }
 
     /// Apply one watch event to the snapshots. False when it cannot be (a record that does

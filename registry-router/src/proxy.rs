@@ -118,7 +118,7 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             let unplaced = if method == Method::PUT {
                 Unplaced::Place
             } else {
-                Unplaced::Absent
+                Unplaced::Check
             };
             replicated_write(cluster, &repo, unplaced, req).await
         }
@@ -132,7 +132,7 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             read_cached(cluster, &repo, Cacheable::Listing(&pq), req).await
         }
         OciRoute::Blob { repo, .. } if method == Method::DELETE => {
-            replicated_write(cluster, &repo, Unplaced::Absent, req).await
+            replicated_write(cluster, &repo, Unplaced::Check, req).await
         }
         OciRoute::Tags { repo }
         | OciRoute::Manifest { repo, .. }

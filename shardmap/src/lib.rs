@@ -32,6 +32,6 @@ pub use placement::{
 };
 pub use seeder::{MoveReason, MoveRecord, ReseedRecord, ReseedStatus, SeederLeader};
 pub use store::{
-    open, Conflict, Entry, Lease, MetaStore, MetaUrl, MetaUrlError, ShardMap, StoreError, Version,
-    WatchEvent,
+    open, Conflict, Entry, Lease, MetaStore, MetaUrl, MetaUrlError, ShardMap, StoreError,
+    Unreadable, Version, WatchEvent,
 };

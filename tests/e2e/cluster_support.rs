@@ -387,6 +387,8 @@ impl ClusterProc {
             .arg(self.opts.scrub_bytes_per_sec.to_string())
             .arg("--scrub-interval-secs")
             .arg(self.opts.scrub_interval_secs.to_string())
+            // Every pass checks object storage here: the tests are about what a check finds.
+            .args(["--scrub-remote-check-every", "1"])
             .arg("--gc-interval-secs")
             .arg(self.opts.gc_interval_secs.to_string())
             .arg("--gc-grace-secs")

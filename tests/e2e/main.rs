@@ -10,6 +10,7 @@ mod bench_smoke;
 mod clients;
 mod cluster;
 mod config;
+mod control;
 mod crash;
 mod dev;
 mod faults;

@@ -253,13 +253,19 @@ impl ShardMap {
         }
     }
 
-    /// Every shard record. Fails on the first corrupt or future record.
+    /// Every shard record this build can read. A corrupt or future-version record is left
+    /// out (and reported by [`ShardMap::list_shards_checked`]): one bad record must not stop
+    /// routing, seeding, membership or GC for every other key. Nothing here rewrites it.
     pub async fn list_shards(&self) -> Result<Vec<(ShardRecord, Version)>, StoreError> {
+        Ok(self.list_shards_checked().await?.0)
+    }
+
+    /// Every readable shard record, and the keys of those that are not, with why.
+    pub async fn list_shards_checked(
+        &self,
+    ) -> Result<(Vec<(ShardRecord, Version)>, Vec<Unreadable>), StoreError> {
         let entries = self.store.list(&self.keys.shards()).await?;
-        entries
-            .into_iter()
-            .map(|e| Ok((ShardRecord::decode(&e.key, &e.value)?, e.version)))
-            .collect()
+        Ok(split(entries, "shard"))
     }
 
     pub async fn get_node(&self, id: &NodeId) -> Result<Option<(NodeRecord, Version)>, StoreError> {
@@ -279,18 +285,54 @@ impl ShardMap {
             .await
     }
 
+    /// Every node record this build can read (see [`ShardMap::list_shards`]).
     pub async fn list_nodes(&self) -> Result<Vec<(NodeRecord, Version)>, StoreError> {
+        Ok(self.list_nodes_checked().await?.0)
+    }
+
+    pub async fn list_nodes_checked(
+        &self,
+    ) -> Result<(Vec<(NodeRecord, Version)>, Vec<Unreadable>), StoreError> {
         let entries = self.store.list(&self.keys.nodes()).await?;
-        entries
-            .into_iter()
-            .map(|e| Ok((NodeRecord::decode(&e.key, &e.value)?, e.version)))
-            .collect()
+        Ok(split(entries, "node"))
     }
 
     /// Try to become the seeder leader.
     pub async fn try_lock_seeder(&self, lease: &Lease) -> Result<bool, StoreError> {
         self.store.try_lock(&self.keys.seeder_lock(), lease).await
     }
+}
+
+/// A stored record this build cannot read: corrupt, or written by a newer version.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Unreadable {
+    /// The store key, as stored.
+    pub key: String,
+    pub error: String,
+}
+
+/// Decode a listing, setting aside what does not decode (logged, and counted in the
+/// `flotilla_shardmap_unreadable_records` gauge by record kind).
+fn split<T: Record>(
+    entries: Vec<Entry>,
+    kind: &'static str,
+) -> (Vec<(T, Version)>, Vec<Unreadable>) {
+    let mut ok = Vec::with_capacity(entries.len());
+    let mut bad = Vec::new();
+    for e in entries {
+        match T::decode(&e.key, &e.value) {
+            Ok(r) => ok.push((r, e.version)),
+            Err(err) => {
+                tracing::warn!(key = %e.key, error = %err, "skipping a record this build cannot read; it is left as stored");
+                bad.push(Unreadable {
+                    key: e.key,
+                    error: err.to_string(),
+                });
+            }
+        }
+    }
+    metrics::gauge!("flotilla_shardmap_unreadable_records", "kind" => kind).set(bad.len() as f64);
+    (ok, bad)
 }
 
 fn decode_opt<T: Record>(
