@@ -174,7 +174,7 @@ async fn nodes(State(c): State<Cluster>) -> Json<Vec<NodeView>> {
             state: n.state,
             live: c.is_live(n),
             shards: shards
-                .values()
+                .iter()
                 .filter(|s| s.replicas.contains(&n.id))
                 .count(),
             heartbeat_ms: n.heartbeat_ms,
@@ -187,7 +187,7 @@ async fn nodes(State(c): State<Cluster>) -> Json<Vec<NodeView>> {
 }
 
 async fn shards(State(c): State<Cluster>) -> Json<Vec<ShardRecord>> {
-    let mut out: Vec<ShardRecord> = c.shards().values().cloned().collect();
+    let mut out: Vec<ShardRecord> = c.shards();
     out.sort_by(|a, b| a.key.cmp(&b.key));
     Json(out)
 }

@@ -48,7 +48,9 @@ struct Inner {
     /// The node-internal API over the same pool (liveness probes).
     internal: registry_client::internal::NodeClient,
     nodes: RwLock<Snapshot<NodeId, NodeRecord>>,
-    shards: RwLock<Snapshot<ShardKey, ShardRecord>>,
+    /// Updated in place, one entry per watch event (O(change), not a copy of every key);
+    /// readers take the lock only to clone the one record they need.
+    shards: RwLock<HashMap<ShardKey, ShardRecord>>,
     ejected: Mutex<HashMap<NodeId, Instant>>,
     rr: AtomicUsize,
     store_ok: AtomicBool,
@@ -200,7 +202,7 @@ impl Cluster {
                     .collect();
                 metrics::gauge!("flotilla_router_nodes").set(nodes.len() as f64);
                 metrics::gauge!("flotilla_router_shards").set(shards.len() as f64);
-                *guard = Arc::new(shards);
+                *guard = shards;
                 drop(guard);
                 *self.inner.nodes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(nodes);
                 self.inner.store_ok.store(true, Ordering::Relaxed);
@@ -304,8 +306,19 @@ impl Cluster {
         read(&self.inner.nodes)
     }
 
-    pub fn shards(&self) -> Snapshot<ShardKey, ShardRecord> {
-        read(&self.inner.shards)
+    /// Every cached shard record (a copy: for listings, not for the request path).
+    pub fn shards(&self) -> Vec<ShardRecord> {
+        self.with_shards(|m| m.values().cloned().collect())
+    }
+
+    /// The cached record of `key`.
+    pub fn cached_shard(&self, key: &ShardKey) -> Option<ShardRecord> {
+        self.with_shards(|m| m.get(key).cloned())
+    }
+
+    /// Run `f` over the cached records under the read lock (no await inside).
+    pub fn with_shards<T>(&self, f: impl FnOnce(&HashMap<ShardKey, ShardRecord>) -> T) -> T {
+        f(&self.inner.shards.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn node(&self, id: &NodeId) -> Option<NodeRecord> {
@@ -465,8 +478,8 @@ impl Cluster {
         key: &ShardKey,
         unplaced: Unplaced,
     ) -> Result<Option<ShardRecord>, RouterError> {
-        if let Some(r) = self.shards().get(key) {
-            return Ok(Some(r.clone()));
+        if let Some(r) = self.cached_shard(key) {
+            return Ok(Some(r));
         }
         // A read of a key the snapshot lacks: while the watch is live the snapshot is the
         // store (a key placed elsewhere arrives within the watch's delay, and until then any
@@ -513,8 +526,7 @@ impl Cluster {
             .filter(|n| !self.is_ejected(&n.id))
             .map(NodeInfo::from)
             .collect();
-        let shards = self.shards();
-        let loads = Loads::from_shards(shards.values());
+        let loads = self.with_shards(|m| Loads::from_shards(m.values()));
         let placement = shardmap::place(key, self.inner.cfg.replication_factor, &nodes, &loads)
             .map_err(|e| RouterError::Meta(shardmap::StoreError::Protocol(e.to_string())))?;
         let rec = ShardRecord {
@@ -564,10 +576,11 @@ impl Cluster {
                     Err(_) => return false,
                 },
                 WatchEvent::Delete { .. } => {
-                    let mut guard = self.inner.shards.write().unwrap_or_else(|p| p.into_inner());
-                    let mut next = (**guard).clone();
-                    next.remove(&shard);
-                    *guard = Arc::new(next);
+                    self.inner
+                        .shards
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&shard);
                 }
             }
             return true;
@@ -601,9 +614,7 @@ impl Cluster {
         if guard.get(&rec.key).is_some_and(|c| c.epoch > rec.epoch) {
             return;
         }
-        let mut next = (**guard).clone();
-        next.insert(rec.key.clone(), rec);
-        *guard = Arc::new(next);
+        guard.insert(rec.key.clone(), rec);
     }
 
     /// Commit a manifest or tag write that `acks` records: re-read the shard record (fresh,
