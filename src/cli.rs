@@ -84,6 +84,9 @@ pub(crate) struct RouterArgs {
     /// the bytes: the router leaves the data path, clients must reach the nodes' URLs.
     #[arg(long)]
     pub blob_redirect: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM before the router exits.
+    #[arg(long, default_value_t = 30)]
+    pub drain_secs: u64,
 }
 
 #[derive(clap::Args, Debug)]

@@ -166,6 +166,7 @@ fn router(a: &RouterArgs, metrics: &PrometheusHandle) -> anyhow::Result<RouterCo
         manifest_cache_bytes,
         manifest_cache_ttl: secs("--manifest-cache-ttl-secs", a.manifest_cache_ttl_secs, 0)?,
         blob_redirect: a.blob_redirect,
+        drain_timeout: secs("--drain-secs", a.drain_secs, 0)?,
         metrics: Some(metrics.clone()),
         ..RouterConfig::new(meta)
     })

@@ -41,8 +41,11 @@ fn bench(c: &mut Criterion) {
         })
     });
     // The previous design: a copy-on-write snapshot, cloned whole for every event.
-    let mut old: std::sync::Arc<HashMap<ShardKey, ShardRecord>> =
-        std::sync::Arc::new((0..KEYS).map(|i| (record(i, 1).key, record(i, 1))).collect());
+    let mut old: std::sync::Arc<HashMap<ShardKey, ShardRecord>> = std::sync::Arc::new(
+        (0..KEYS)
+            .map(|i| (record(i, 1).key, record(i, 1)))
+            .collect(),
+    );
     c.bench_function("copy-on-write snapshot, 100k keys (before)", |b| {
         b.iter(|| {
             epoch += 1;

@@ -173,10 +173,7 @@ async fn nodes(State(c): State<Cluster>) -> Json<Vec<NodeView>> {
             rack: n.rack.clone(),
             state: n.state,
             live: c.is_live(n),
-            shards: shards
-                .iter()
-                .filter(|s| s.replicas.contains(&n.id))
-                .count(),
+            shards: shards.iter().filter(|s| s.replicas.contains(&n.id)).count(),
             heartbeat_ms: n.heartbeat_ms,
             store_ok: n.store_ok,
             writable: n.writable,

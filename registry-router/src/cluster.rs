@@ -108,8 +108,25 @@ fn now_ms() -> u64 {
 }
 
 impl Cluster {
-    pub async fn open(cfg: RouterConfig) -> Result<Cluster, RouterError> {
+    pub async fn open(mut cfg: RouterConfig) -> Result<Cluster, RouterError> {
         let store = shardmap::open(&cfg.meta_url)?;
+        // The key depth is the shard map's: a router that guessed would route a repository
+        // to another key than the seeder and the other routers. Waited for (bounded per
+        // attempt) rather than assumed.
+        let probe = ShardMap::new(store.clone(), Keyspace::new(shardmap::DEFAULT_PREFIX));
+        cfg.shard_key_depth = loop {
+            match tokio::time::timeout(LOOKUP_DEADLINE, probe.key_depth(cfg.shard_key_depth)).await
+            {
+                Ok(Ok(d)) => break d,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot read the shard key depth yet; retrying")
+                }
+                Err(_) => tracing::warn!(
+                    "metadata store did not answer for the shard key depth; retrying"
+                ),
+            }
+            tokio::time::sleep(cfg.refresh_interval).await;
+        };
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .connect_timeout(std::time::Duration::from_secs(2))

@@ -49,6 +49,8 @@ pub struct RouterConfig {
     pub manifest_cache_ttl: Duration,
     /// Answer blob GETs with a 307 to a live replica instead of proxying the bytes.
     pub blob_redirect: bool,
+    /// How long in-flight requests may take to finish once shutdown began.
+    pub drain_timeout: Duration,
 }
 
 impl RouterConfig {
@@ -56,7 +58,7 @@ impl RouterConfig {
         RouterConfig {
             meta_url,
             replication_factor: 2,
-            shard_key_depth: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+            shard_key_depth: shardmap::DEFAULT_KEY_DEPTH,
             refresh_interval: Duration::from_millis(500),
             eject_for: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(10),
@@ -66,6 +68,7 @@ impl RouterConfig {
             manifest_cache_bytes: 64 * 1024 * 1024,
             manifest_cache_ttl: Duration::from_secs(10),
             blob_redirect: false,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -102,10 +105,24 @@ pub async fn run(
     let cluster = Cluster::open(cfg).await?;
     let bg = cluster.start_background();
     tracing::info!(addr = ?listener.local_addr().ok(), "router serving");
-    let result = axum::serve(listener, app(cluster.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(RouterError::Serve);
+    // Graceful, but bounded: a client that never finishes (a stalled pull) must not keep
+    // the router from exiting past the drain timeout.
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app(cluster.clone())).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = drain_tx.send(());
+    });
+    let drain_timeout = cluster.config().drain_timeout;
+    let result = tokio::select! {
+        r = server => r.map_err(RouterError::Serve),
+        _ = async {
+            let _ = drain_rx.await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!(?drain_timeout, "drain timeout elapsed with requests still in flight");
+            Ok(())
+        }
+    };
     bg.cancel();
     cluster.tasks().close();
     cluster.tasks().wait().await;

@@ -25,7 +25,7 @@ const MANIFEST_LIMIT: usize = 4 * 1024 * 1024;
 /// written through to object storage. A replica slower than this is failed over (primary)
 /// or marked lagging (the others) and catches up by itself: a slow copy costs its own
 /// freshness, not the client's write.
-const WRITE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(2);
+const WRITE_ATTEMPT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long before an attempt's timeout the node must have stopped trying to apply it: the
 /// time its last visible step (one small object-storage PUT, then a local rename) may take.
 const FENCE_MARGIN: std::time::Duration = std::time::Duration::from_millis(500);

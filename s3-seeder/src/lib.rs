@@ -63,7 +63,7 @@ impl SeederConfig {
             store_url,
             secret: None,
             replace_after: Duration::from_secs(600),
-            shard_key_depth: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+            shard_key_depth: shardmap::DEFAULT_KEY_DEPTH,
             lease_ttl: Duration::from_secs(3),
             tick: Duration::from_secs(1),
             seed_concurrency: 4,
@@ -136,8 +136,20 @@ pub async fn run(
     cfg: SeederConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), SeederError> {
+    let mut cfg = cfg;
     let store: Arc<dyn MetaStore> = shardmap::open(&cfg.meta_url)?;
     let map = ShardMap::new(store, Keyspace::new(shardmap::DEFAULT_PREFIX));
+    // The cluster's key depth is the shard map's, never this process's own idea of it; the
+    // seeder waits for the store rather than guess.
+    cfg.shard_key_depth = loop {
+        match map.key_depth(cfg.shard_key_depth).await {
+            Ok(d) => break d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the shard key depth yet; retrying");
+                tokio::time::sleep(cfg.tick).await;
+            }
+        }
+    };
     let remote = flotilla_objstore::Remote::open(&cfg.store_url)?;
     let client = nodes::NodeClient::new(cfg.secret.clone())?;
     let cancel = CancellationToken::new();

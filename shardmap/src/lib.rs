@@ -25,6 +25,13 @@ pub mod testsuite;
 /// The key prefix every Flotilla component uses unless configured otherwise.
 pub const DEFAULT_PREFIX: &str = "flotilla/";
 
+/// The shard key depth a new cluster gets (service/mode); the stored value
+/// ([`ShardMap::key_depth`]) wins from then on.
+pub const DEFAULT_KEY_DEPTH: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(2) {
+    Some(d) => d,
+    None => std::num::NonZeroUsize::MIN,
+};
+
 pub use model::{Keyspace, NodeRecord, NodeState, Record, RecordError, ShardRecord, Versioned};
 pub use placement::{
     place, plan_add_node, plan_remove_node, rendezvous, Loads, Move, NodeInfo, Placement,

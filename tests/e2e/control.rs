@@ -58,7 +58,18 @@ async fn unreadable_records_are_skipped_reported_and_never_overwritten() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     c.restart("n1").await;
-    let third = push_image(&oci2, "third/prod", "v1").await;
+    // (A push right after a node restart may meet a pooled connection to the old process
+    // and get a 503 "retry the upload", as a client would: retried.)
+    let third = poll(
+        "a push after the restart",
+        Duration::from_secs(30),
+        || async {
+            try_push_image(&oci2, "third/prod", "v1", b"third-layer")
+                .await
+                .ok()
+        },
+    )
+    .await;
     try_pull(&oci, &third)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -72,4 +83,61 @@ async fn unreadable_records_are_skipped_reported_and_never_overwritten() {
         let (got, _) = store.get(k).await.expect("get").expect("still there");
         assert_eq!(&got, v, "{k} was rewritten");
     }
+}
+
+/// `flotilla router --drain-secs`: a client stalled in the middle of an upload body cannot
+/// hold a router that was told to stop; it exits once the drain time is over.
+#[tokio::test(flavor = "multi_thread")]
+async fn router_shutdown_is_bounded_by_its_drain_time() {
+    use tokio::io::AsyncWriteExt;
+    let mut c = ClusterProc::start(0).await;
+    let r = c.add_router(&["--drain-secs", "1"]).await;
+    let oci = c.router(r);
+    let start = oci
+        .http
+        .post(oci.url("/v2/drain/prod/blobs/uploads/"))
+        .send()
+        .await
+        .expect("start upload");
+    assert_eq!(start.status(), 202);
+    let loc = start.headers()["location"].to_str().unwrap().to_owned();
+    let path = loc
+        .split_once("127.0.0.1")
+        .map_or(loc.clone(), |(_, rest)| {
+            rest.split_once('/')
+                .map(|(_, p)| format!("/{p}"))
+                .unwrap_or_default()
+        });
+    let mut s = tokio::net::TcpStream::connect(c.routers[r].host())
+        .await
+        .expect("connect");
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: 1048576\r\n\r\n",
+        c.routers[r].host()
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(&[7u8; 4096]).await.expect("part of the body");
+    // The upload is in flight on the node behind the router (its first bytes arrived).
+    tokio::time::sleep(Duration::from_millis(300)).await; // pacing: let the bytes cross
+    let pid = c.routers[r].child.id();
+    crate::support::run(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]));
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = c.routers[r].child.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "router still running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = t0.elapsed();
+    eprintln!("router exited {took:?} after SIGTERM with a stalled upload: {status}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "exited before draining: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    drop(s);
 }

@@ -798,7 +798,9 @@ async fn a_frozen_replica_costs_reads_well_under_a_second_and_writes_a_bounded_t
         let (s, took, body) = put_manifest_timed(&oci, "stall/prod", &tag, &manifest).await;
         eprintln!("tag write {i} with a replica frozen: {s} in {took:?}");
         assert_eq!(s, 201, "{body}");
-        let bound = if i == 0 { 6 } else { 1 };
+        // The first write waits out its attempt on the frozen replica (5 s), which is then
+        // lagging: later writes go to the partner alone.
+        let bound = if i == 0 { 6 } else { 2 };
         assert!(took < Duration::from_secs(bound), "write {i} took {took:?}");
         let t0 = Instant::now();
         let mut q = p.clone();

@@ -335,7 +335,9 @@ async fn inject(
         let frozen = c.node(&replicas[0]).pid();
         signal(frozen, "-STOP");
         log.push(format!("+{:?} SIGSTOP {}", t0.elapsed(), replicas[0]));
-        tokio::time::sleep(pause).await;
+        // Longer than a router's write attempt (5 s): writes in flight to it time out, it is
+        // marked lagging, and the late requests it finds when it wakes must not apply.
+        tokio::time::sleep(Duration::from_secs(6)).await;
         signal(frozen, "-CONT");
         poll("the frozen replica back in sync", heal, || async {
             in_sync(c).await.then_some(())

@@ -297,6 +297,41 @@ impl ShardMap {
         Ok(split(entries, "node"))
     }
 
+    /// The cluster's shard key depth (how many leading components of a repository name
+    /// form its shard key), stored once in `config/shard_key_depth`: the first component to
+    /// start writes `default` there (create-only, so concurrent starters agree), and every
+    /// component uses what is stored, so routers and seeders can never disagree on it.
+    pub async fn key_depth(
+        &self,
+        default: std::num::NonZeroUsize,
+    ) -> Result<std::num::NonZeroUsize, StoreError> {
+        let k = self.keys.config("shard_key_depth");
+        let parse = |b: &[u8]| {
+            std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.trim().parse::<std::num::NonZeroUsize>().ok())
+                .ok_or_else(|| {
+                    StoreError::Protocol(format!("{k} does not hold a positive integer"))
+                })
+        };
+        if let Some((b, _)) = self.store.get(&k).await? {
+            return parse(&b);
+        }
+        match self
+            .store
+            .cas(&k, None, Bytes::from(default.to_string()))
+            .await?
+        {
+            Ok(_) => Ok(default),
+            Err(_) => match self.store.get(&k).await? {
+                Some((b, _)) => parse(&b),
+                None => Err(StoreError::Protocol(format!(
+                    "{k} vanished after a create race"
+                ))),
+            },
+        }
+    }
+
     /// Try to become the seeder leader.
     pub async fn try_lock_seeder(&self, lease: &Lease) -> Result<bool, StoreError> {
         self.store.try_lock(&self.keys.seeder_lock(), lease).await
