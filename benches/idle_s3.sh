@@ -13,6 +13,9 @@ BIN=${FLOTILLA_BIN:-target/release/flotilla}
 REPOS=${REPOS:-1000}
 IDLE_SECS=${IDLE_SECS:-600}
 SETTLE_SECS=${SETTLE_SECS:-30}
+# Extra node flags, e.g. the previous defaults for a before/after comparison:
+# NODE_ARGS="--catch-up-secs 30 --scrub-interval-secs 60 --scrub-remote-check-every 1"
+NODE_ARGS=${NODE_ARGS:-}
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
@@ -31,7 +34,7 @@ nports=()
 for n in n1:r1 n2:r1 n3:r2; do
   id=${n%%:*}; rack=${n##*:}; p=$(port); nports+=("$p")
   "$BIN" node --id "$id" --rack "$rack" --listen "127.0.0.1:$p" --advertise "http://127.0.0.1:$p" \
-    --data "$work/$id" --meta "$meta" --store "$store" >"$work/$id.log" 2>&1 & pids+=($!)
+    --data "$work/$id" --meta "$meta" --store "$store" $NODE_ARGS >"$work/$id.log" 2>&1 & pids+=($!)
 done
 rp=$(port)
 "$BIN" router --meta "$meta" --listen "127.0.0.1:$rp" >"$work/router.log" 2>&1 & pids+=($!)
