@@ -52,7 +52,7 @@ pub enum NodeError {
     #[error("metadata store: {0}")]
     Meta(#[from] shardmap::StoreError),
     #[error("serving HTTP: {0}")]
-    Serve(#[source] std::io::Error),
+    Serve(#[from] flotilla_serve::ServeError),
 }
 
 /// Serve the OCI API on `listener` until `shutdown` resolves; in-flight requests are allowed
@@ -90,7 +90,14 @@ pub async fn run(
             let advertise = cfg
                 .advertise
                 .clone()
-                .or_else(|| addr.map(|a| format!("http://{a}")))
+                .or_else(|| {
+                    let scheme = if cfg.serve.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    addr.map(|a| format!("{scheme}://{a}"))
+                })
                 .unwrap_or_default();
             let m = membership::Membership::open(&cfg, url, advertise)?;
             Some(tokio::spawn(m.run(node.clone(), member_cancel.clone())))
@@ -99,7 +106,7 @@ pub async fn run(
     };
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = flotilla_serve::serve(listener, app, cfg.serve.clone(), async move {
         shutdown.await;
         // Leave the shard map first (draining, then deregistered) so routers stop sending
         // new requests here before we stop accepting them.

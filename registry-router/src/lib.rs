@@ -49,6 +49,12 @@ pub struct RouterConfig {
     pub manifest_cache_ttl: Duration,
     /// Answer blob GETs with a 307 to a live replica instead of proxying the bytes.
     pub blob_redirect: bool,
+    /// The listener: TLS, connection cap, timeouts.
+    pub serve: flotilla_serve::ServeConfig,
+    /// Upload requests in flight per client (user, or peer address without auth).
+    pub max_uploads_per_client: usize,
+    /// Extra root certificates (PEM) trusted when calling nodes over `https://`.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl RouterConfig {
@@ -66,6 +72,9 @@ impl RouterConfig {
             manifest_cache_bytes: 64 * 1024 * 1024,
             manifest_cache_ttl: Duration::from_secs(10),
             blob_redirect: false,
+            serve: flotilla_serve::ServeConfig::new("router"),
+            max_uploads_per_client: 16,
+            tls_ca: None,
         }
     }
 }
@@ -77,11 +86,17 @@ pub enum RouterError {
     #[error("http client: {0}")]
     Client(#[from] reqwest::Error),
     #[error("serving HTTP: {0}")]
-    Serve(#[source] std::io::Error),
+    Serve(#[from] flotilla_serve::ServeError),
+    #[error("{0}")]
+    Ca(#[from] registry_client::tls::CaError),
 }
 
 /// The router's HTTP app, built apart from `run` so tests can drive it.
 pub fn app(cluster: Cluster) -> Router {
+    let uploads = flotilla_serve::limits::UploadLimiter::new(
+        cluster.config().max_uploads_per_client,
+        "router",
+    );
     Router::new()
         .route("/v2", any(proxy::handle))
         .route("/v2/", any(proxy::handle))
@@ -91,6 +106,12 @@ pub fn app(cluster: Cluster) -> Router {
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics_text))
         .with_state(cluster)
+        // Outermost, so the limit holds whatever the route; authentication, when it comes,
+        // goes outside it and inserts `flotilla_serve::limits::AuthenticatedUser`.
+        .layer(axum::middleware::from_fn_with_state(
+            uploads,
+            flotilla_serve::limits::UploadLimiter::middleware,
+        ))
 }
 
 /// Serve until `shutdown` resolves; in-flight requests finish first.
@@ -102,8 +123,8 @@ pub async fn run(
     let cluster = Cluster::open(cfg).await?;
     let bg = cluster.start_background();
     tracing::info!(addr = ?listener.local_addr().ok(), "router serving");
-    let result = axum::serve(listener, app(cluster.clone()))
-        .with_graceful_shutdown(shutdown)
+    let serve = cluster.config().serve.clone();
+    let result = flotilla_serve::serve(listener, app(cluster.clone()), serve, shutdown)
         .await
         .map_err(RouterError::Serve);
     bg.cancel();

@@ -56,6 +56,8 @@ pub struct SeederConfig {
     /// Wait after adding a joining node before its final seeding pass: routers must have
     /// seen the joining node (their refresh interval) so they send it every later write.
     pub join_settle: Duration,
+    /// Extra root certificates (PEM) trusted when calling nodes over `https://`.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl SeederConfig {
@@ -65,6 +67,7 @@ impl SeederConfig {
             meta_url,
             store_url,
             secret: None,
+            tls_ca: None,
             replace_after: Duration::from_secs(600),
             shard_key_depth: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
             lease_ttl: Duration::from_secs(3),
@@ -143,7 +146,7 @@ pub async fn run(
     let store: Arc<dyn MetaStore> = shardmap::open(&cfg.meta_url)?;
     let map = ShardMap::new(store, Keyspace::new(shardmap::DEFAULT_PREFIX));
     let remote = flotilla_objstore::Remote::open(&cfg.store_url)?;
-    let client = nodes::NodeClient::new(cfg.secret.clone())?;
+    let client = nodes::NodeClient::new(cfg.secret.clone(), cfg.tls_ca.as_deref())?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     {
