@@ -50,13 +50,10 @@ pub(crate) struct DevArgs {
     /// can then reach the nodes (which listen on loopback too).
     #[arg(long, value_enum, default_value_t = Redirect::Auto)]
     pub blob_redirect: Redirect,
-    /// Serve HTTPS on the router and every node with this certificate chain (PEM; it must
-    /// also be valid for 127.0.0.1, where the nodes listen). Reloaded on SIGHUP or change.
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// The private key of --tls-cert (PEM).
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    /// The router's listener; --tls-cert/--tls-key also make every node serve HTTPS with the
+    /// same certificate (which must then be valid for 127.0.0.1, where the nodes listen).
+    #[command(flatten)]
+    pub listen_opts: ListenArgs,
     /// Root certificate(s) the router and seeder trust when calling the nodes (default with
     /// --tls-cert: the certificate file itself).
     #[arg(long)]
@@ -64,6 +61,9 @@ pub(crate) struct DevArgs {
     /// Largest blob a push may upload, in bytes (default: no limit).
     #[arg(long)]
     pub max_blob_bytes: Option<u64>,
+    /// Upload requests in flight per client at the router (as `router`).
+    #[arg(long, default_value_t = 16)]
+    pub max_uploads_per_client: usize,
 }
 
 /// How a server listens: TLS and the limits every connection meets (router and node).

@@ -150,6 +150,11 @@ fn serve(role: &'static str, a: &ListenArgs) -> anyhow::Result<ServeConfig> {
     })
 }
 
+fn uploads_per_client(n: usize) -> anyhow::Result<usize> {
+    anyhow::ensure!(n >= 1, "--max-uploads-per-client: must be at least 1");
+    Ok(n)
+}
+
 fn max_blob_bytes(v: Option<u64>) -> anyhow::Result<Option<u64>> {
     if let Some(n) = v {
         anyhow::ensure!(n >= 1, "--max-blob-bytes: must be at least 1");
@@ -209,13 +214,7 @@ fn router(a: &RouterArgs, metrics: &PrometheusHandle) -> anyhow::Result<RouterCo
         metrics: Some(metrics.clone()),
         serve: serve("router", &a.listen_opts)?,
         tls_ca: a.tls_ca.clone(),
-        max_uploads_per_client: {
-            anyhow::ensure!(
-                a.max_uploads_per_client >= 1,
-                "--max-uploads-per-client: must be at least 1"
-            );
-            a.max_uploads_per_client
-        },
+        max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
         ..RouterConfig::new(meta)
     })
 }
@@ -249,7 +248,8 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
     let secret = std::env::var("FLOTILLA_SECRET")
         .unwrap_or_else(|_| uuid::Uuid::new_v4().simple().to_string());
     let default_rack: RackId = "r1".parse().expect("valid rack");
-    let tls = tls_files(&a.tls_cert, &a.tls_key)?;
+    let router_serve = serve("router", &a.listen_opts)?;
+    let tls = router_serve.tls.clone();
     // The internal clients trust --tls-ca, or else the serving certificate itself.
     let tls_ca = a
         .tls_ca
@@ -295,11 +295,9 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
             Redirect::Always => true,
             Redirect::Never => false,
         },
-        serve: ServeConfig {
-            tls,
-            ..ServeConfig::new("router")
-        },
+        serve: router_serve,
         tls_ca,
+        max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
         ..RouterConfig::new(meta.clone())
     };
     Ok(DevConfig {

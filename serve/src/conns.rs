@@ -1,8 +1,9 @@
 //! The open connections, so that a full server makes room instead of hanging: at the cap a
-//! new connection evicts the oldest one with no request in flight (an idle keep-alive, or a
-//! slow client still dribbling its headers, which costs nothing to drop), and only when every
-//! connection is busy is the newcomer refused with a 429. Each connection's activity is kept
-//! here too, for the idle timeout.
+//! new connection evicts the one that has had no request in flight the longest (an idle
+//! keep-alive, or a slow client still dribbling its headers, which costs nothing to drop),
+//! and only when every connection is busy (or idle for less than [`EVICT_MIN_IDLE`], i.e.
+//! probably just sending its request) is the newcomer refused with a 429. Each connection's
+//! activity is kept here too, for the idle timeout.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -10,6 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
+
+/// A connection idle for less than this is not evicted: it has most likely just connected
+/// and its request head is on the way.
+pub(crate) const EVICT_MIN_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One connection's state, shared by its task, its in-flight requests and the registry.
 #[derive(Debug)]
@@ -109,8 +114,13 @@ impl Registry {
         };
         let mut evicted = false;
         if slots.len() >= self.cap {
-            // Oldest idle first: the connection least likely to be about to send a request.
-            let victim = slots.iter().find(|(_, s)| s.is_idle()).map(|(id, _)| *id);
+            // Idle longest first: the connection least likely to be about to send a request.
+            let victim = slots
+                .iter()
+                .map(|(id, s)| (s.idle_for(), *id))
+                .filter(|(idle, _)| *idle >= EVICT_MIN_IDLE)
+                .max()
+                .map(|(_, id)| id);
             match victim.and_then(|id| slots.remove(&id)) {
                 Some(v) => {
                     v.evicted.cancel();
@@ -154,10 +164,14 @@ mod tests {
     }
 
     #[test]
-    fn full_registry_evicts_the_oldest_idle_then_refuses_when_all_busy() {
+    fn full_registry_evicts_the_longest_idle_then_refuses_when_all_busy() {
         let r = Registry::new(2);
         let a = slot(r.admit());
         let b = slot(r.admit());
+        // Both just connected: nobody is evicted yet.
+        std::thread::sleep(EVICT_MIN_IDLE / 10);
+        assert!(matches!(r.admit(), Admit::Full));
+        std::thread::sleep(EVICT_MIN_IDLE);
         let _busy_a = a.begin();
         // b is idle, a is busy: b goes.
         let c = match r.admit() {

@@ -14,6 +14,7 @@ mod crash;
 mod dev;
 mod faults;
 mod hostile;
+mod limits;
 mod recovery;
 mod s3;
 mod spec;
