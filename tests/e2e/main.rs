@@ -18,3 +18,4 @@ mod limits;
 mod recovery;
 mod s3;
 mod spec;
+mod tls;
