@@ -34,6 +34,13 @@ mod write;
 use std::future::Future;
 
 pub use config::NodeConfig;
+
+/// The request-header grammars the node parses, public for the fuzz targets (`fuzz/`) and
+/// the corpus replay that runs them in CI.
+pub mod headers {
+    pub use crate::http::blobs::{parse_range, Unsatisfiable};
+    pub use crate::http::uploads::parse_content_range;
+}
 use service::NodeService;
 
 /// Errors that stop a node from starting or serving.
