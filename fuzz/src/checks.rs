@@ -11,8 +11,11 @@ use std::str::FromStr;
 use flotilla_core::{Digest, Reference, RepoName, Tag, UploadId};
 use registry_client::OciRoute;
 
+/// One target's check.
+pub type Check = fn(&[u8]);
+
 /// Every target, by name, for the corpus replay.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("route", route),
     ("reference", reference),
     ("digest", digest),
