@@ -156,7 +156,11 @@ impl NodeClient {
         secret: Option<String>,
         ca: Option<&std::path::Path>,
     ) -> Result<Self, ClientError> {
-        let b = reqwest::Client::builder().connect_timeout(Duration::from_secs(2));
+        // Pooled connections are dropped before a node's idle timeout (60 s by default)
+        // would close them under a request.
+        let b = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30));
         let http = crate::tls::trust(b, ca)?
             .build()
             .map_err(ClientError::Build)?;

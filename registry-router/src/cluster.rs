@@ -94,6 +94,10 @@ impl Cluster {
         let store = shardmap::open(&cfg.meta_url)?;
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
+            // Below the nodes' idle timeout (60 s by default): the router, not the node,
+            // should be the one to drop a quiet pooled connection, so no request is sent on
+            // a connection the node is closing.
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
             .connect_timeout(std::time::Duration::from_secs(2))
             .redirect(reqwest::redirect::Policy::none());
         let http = registry_client::tls::trust(http, cfg.tls_ca.as_deref())?.build()?;

@@ -12,6 +12,8 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
+const NO_HEAD: u64 = u64::MAX;
+
 /// A connection idle for less than this is not evicted: it has most likely just connected
 /// and its request head is on the way.
 pub(crate) const EVICT_MIN_IDLE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -24,6 +26,10 @@ pub(crate) struct Slot {
     busy: AtomicUsize,
     /// Milliseconds since `epoch` at the last start or end of a request.
     last_active_ms: AtomicU64,
+    /// Milliseconds since `epoch` when the request head now awaited began: the connection's
+    /// start for its first request, else the first byte read while idle; `NO_HEAD` when none
+    /// is pending (a kept-alive connection waiting quietly, or a request in flight).
+    head_since_ms: AtomicU64,
     epoch: Instant,
     /// Cancelled when the registry evicts this connection.
     pub(crate) evicted: CancellationToken,
@@ -37,8 +43,29 @@ impl Slot {
     /// Marks a request in flight until the returned guard is dropped.
     pub(crate) fn begin(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::AcqRel);
+        self.head_since_ms.store(NO_HEAD, Ordering::Release);
         self.last_active_ms.store(self.now_ms(), Ordering::Release);
         Busy(self.clone())
+    }
+
+    /// Bytes arrived: if no request is in flight they start a request head, whose deadline
+    /// is the header read timeout.
+    pub(crate) fn bytes_read(&self) {
+        if self.is_idle() {
+            let _ = self.head_since_ms.compare_exchange(
+                NO_HEAD,
+                self.now_ms(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// How long the request head now awaited has been coming, if one is.
+    pub(crate) fn head_pending_for(&self) -> Option<std::time::Duration> {
+        let since = self.head_since_ms.load(Ordering::Acquire);
+        (since != NO_HEAD && self.is_idle())
+            .then(|| std::time::Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
 
     fn is_idle(&self) -> bool {
@@ -130,10 +157,13 @@ impl Registry {
             }
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_millis() as u64;
         let slot = Arc::new(Slot {
             id,
             busy: AtomicUsize::new(0),
-            last_active_ms: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            last_active_ms: AtomicU64::new(now),
+            // A new connection owes its first request head from the start.
+            head_since_ms: AtomicU64::new(now),
             epoch: self.epoch,
             evicted: CancellationToken::new(),
         });
@@ -195,5 +225,22 @@ mod tests {
         assert_eq!(a.idle_for(), std::time::Duration::ZERO);
         drop(g);
         assert!(a.is_idle());
+    }
+
+    #[test]
+    fn a_head_is_pending_from_connect_and_from_the_first_idle_byte_only() {
+        let r = Registry::new(1);
+        let a = slot(r.admit());
+        assert!(
+            a.head_pending_for().is_some(),
+            "the first head is owed at once"
+        );
+        let g = a.begin();
+        assert_eq!(a.head_pending_for(), None);
+        a.bytes_read(); // body bytes of the request in flight
+        drop(g);
+        assert_eq!(a.head_pending_for(), None, "kept alive, waiting quietly");
+        a.bytes_read();
+        assert!(a.head_pending_for().is_some(), "the next head has begun");
     }
 }

@@ -193,7 +193,7 @@ pub async fn serve(
             conns::Admit::Open(s) => s,
             conns::Admit::Evicted(s) => {
                 metrics::counter!("flotilla_connections_rejected_total", "role" => role, "reason" => "evicted_idle").increment(1);
-                shared.log_at_cap("evicting the oldest idle connection");
+                shared.log_at_cap("closing the longest-idle connection");
                 s
             }
             conns::Admit::Full => {
@@ -239,8 +239,10 @@ async fn accept_error(role: &'static str, e: std::io::Error) {
 
 fn http1(cfg: &ServeConfig) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
+    // hyper's own header timer would start whenever a kept-alive connection waits for its
+    // next request, making the idle timeout moot; `drive` times heads from their first byte.
     b.timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(HYPER_MAX_HEAD.max(cfg.max_header_bytes + 8192))
         // Our own check (in `guarded`) answers heads with too many headers with the JSON
         // body; hyper's bound is only the backstop.
@@ -322,11 +324,17 @@ async fn drive<IO>(
         }
     });
     let builder = http1(&shared.cfg);
+    let io = Watched {
+        io,
+        slot: slot.clone(),
+    };
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle_timeout = shared.cfg.idle_timeout;
+    let header_timeout = shared.cfg.header_read_timeout;
     let mut tick = tokio::time::interval(
-        (idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        (idle_timeout.min(header_timeout) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1)),
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Set once the connection was asked to close: shutdown waits for in-flight requests
@@ -344,12 +352,7 @@ async fn drive<IO>(
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
-                    if e.is_timeout() {
-                        metrics::counter!("flotilla_connection_timeouts_total", "role" => role, "kind" => "header_read").increment(1);
-                        tracing::debug!(role, %peer, "request head not received within the header read timeout; closed");
-                    } else {
-                        tracing::debug!(role, %peer, error = %e, "connection ended with an error");
-                    }
+                    tracing::debug!(role, %peer, error = %e, "connection ended with an error");
                 }
                 return;
             }
@@ -363,7 +366,13 @@ async fn drive<IO>(
                 hard_deadline = Some(tokio::time::Instant::now() + CLOSE_GRACE);
             }
             _ = tick.tick(), if hard_deadline.is_none() => {
-                if slot.idle_for() >= idle_timeout {
+                if slot.head_pending_for().is_some_and(|d| d >= header_timeout) {
+                    // Mid-head: no response can be in progress, so nothing is cut.
+                    metrics::counter!("flotilla_connection_timeouts_total", "role" => role, "kind" => "header_read").increment(1);
+                    tracing::debug!(role, %peer, "request head not received within the header read timeout; closed");
+                    return;
+                }
+                if slot.head_pending_for().is_none() && slot.idle_for() >= idle_timeout {
                     metrics::counter!("flotilla_connection_timeouts_total", "role" => role, "kind" => "idle").increment(1);
                     closing = true;
                     conn.as_mut().graceful_shutdown();
@@ -454,6 +463,64 @@ pub fn too_many(message: &str) -> Response {
         .message(message)
         .header(http::header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())
         .into_response()
+}
+
+/// The connection's transport, telling its slot when bytes arrive (the start of a request
+/// head when no request is in flight).
+struct Watched<IO> {
+    io: IO,
+    slot: Arc<conns::Slot>,
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.slot.bytes_read();
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
 }
 
 /// A response body that holds its connection's busy mark until it ends or is dropped, so

@@ -60,7 +60,14 @@ pub struct UploadLimiter {
 #[derive(Debug)]
 pub struct UploadPermit {
     id: ClientId,
+    role: &'static str,
     inflight: Arc<Mutex<HashMap<ClientId, usize>>>,
+}
+
+/// `flotilla_uploads_in_flight{role}`: every client's uploads together.
+fn publish(role: &'static str, m: &HashMap<ClientId, usize>) {
+    metrics::gauge!("flotilla_uploads_in_flight", "role" => role)
+        .set(m.values().sum::<usize>() as f64);
 }
 
 impl Drop for UploadPermit {
@@ -72,6 +79,7 @@ impl Drop for UploadPermit {
                     m.remove(&self.id);
                 }
             }
+            publish(self.role, &m);
         }
     }
 }
@@ -94,8 +102,10 @@ impl UploadLimiter {
             return None;
         }
         *n += 1;
+        publish(self.role, &m);
         Some(UploadPermit {
             id,
+            role: self.role,
             inflight: self.inflight.clone(),
         })
     }

@@ -135,6 +135,25 @@ async fn node_closes_slowloris_and_idle_floods_and_still_answers_within_a_second
     }
     assert!(metric_sum(&base, "flotilla_connection_timeouts_total").await >= 1.0);
     assert!(metric_sum(&base, "flotilla_connections_rejected_total").await >= 1.0);
+
+    // A kept-alive connection waiting quietly for its next request is under the idle
+    // timeout (2 s), not the header read timeout (1 s), which counts from a head's first byte.
+    let mut s = TcpStream::connect(&host).await.expect("connect");
+    s.write_all(format!("GET /v2/ HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.expect("response");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let closed = closed_within(s, Duration::from_secs(6)).await;
+    assert!(
+        closed.is_some_and(|d| d >= Duration::from_millis(1500) && d < Duration::from_secs(4)),
+        "kept-alive connection closed after {closed:?}, want the 2 s idle timeout"
+    );
 }
 
 /// A `PATCH` whose chunked body has started and stays open: a busy connection.
@@ -361,6 +380,11 @@ async fn router_caps_concurrent_uploads_per_client_with_429() {
     for l in &locs {
         held.push(hold_patch(&host, l).await);
     }
+    // Both held PATCHes are inside the limiter before the third is sent.
+    poll("two uploads in flight", Duration::from_secs(5), || async {
+        (metric_sum(&base, "flotilla_uploads_in_flight").await == 2.0).then_some(())
+    })
+    .await;
     let r = poll(
         "a 429 for the third upload",
         Duration::from_secs(5),
@@ -383,7 +407,16 @@ async fn router_caps_concurrent_uploads_per_client_with_429() {
     let (s, took) = timed_get(&base).await;
     assert_eq!(s, 200);
     assert!(took < Duration::from_secs(1));
+    // The held clients hang up mid-body: the router must not blame (eject) the nodes, so a
+    // new repository can still be placed on a pair.
     drop(held);
+    poll(
+        "the aborted uploads released",
+        Duration::from_secs(5),
+        || async { (metric_sum(&base, "flotilla_uploads_in_flight").await == 0.0).then_some(()) },
+    )
+    .await;
+    oci.push_blob("team/after-abort", b"still placeable").await;
     poll("uploads accepted again", Duration::from_secs(5), || async {
         let r = raw_request(
             &host,
