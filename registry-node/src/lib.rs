@@ -69,6 +69,7 @@ pub async fn run(
     cfg: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    flotilla_serve::preflight(&cfg.serve)?;
     let node = NodeService::open(cfg.clone()).await?;
     node.check_disk().await;
     let app = http::app(node.clone());

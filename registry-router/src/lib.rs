@@ -120,6 +120,7 @@ pub async fn run(
     cfg: RouterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
+    flotilla_serve::preflight(&cfg.serve)?;
     let cluster = Cluster::open(cfg).await?;
     let bg = cluster.start_background();
     tracing::info!(addr = ?listener.local_addr().ok(), "router serving");

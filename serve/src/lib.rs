@@ -141,6 +141,15 @@ impl Shared {
     }
 }
 
+/// Load the TLS files once, so a server fails on a bad certificate before it opens its
+/// data or its stores (`serve` loads them again, as they may change in between).
+pub fn preflight(cfg: &ServeConfig) -> Result<(), ServeError> {
+    if let Some(files) = &cfg.tls {
+        tls::load(files)?;
+    }
+    Ok(())
+}
+
 /// Serve `app` on `listener` until `shutdown` resolves, then stop accepting and wait for
 /// every open connection to finish its in-flight requests.
 pub async fn serve(
