@@ -32,6 +32,31 @@ async fn timed_get(base: &str) -> (u16, Duration) {
     (s, t.elapsed())
 }
 
+/// `GET /v2/` on fresh connections during a flood: every answer within a second; a 429
+/// (with `Retry-After`) is allowed only while the flood's connections are younger than the
+/// server's 100 ms eviction floor (polled, bounded to 3 s); then five in a row must be 200.
+/// Returns the slowest 200.
+async fn answered_during_flood(base: &str) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (status, took) = timed_get(base).await;
+        assert!(took < Duration::from_secs(1), "GET /v2/ took {took:?}");
+        match status {
+            200 => break,
+            429 if Instant::now() < deadline => continue,
+            s => panic!("GET /v2/ during the flood: {s}"),
+        }
+    }
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let (status, took) = timed_get(base).await;
+        assert_eq!(status, 200, "GET /v2/ during the flood");
+        assert!(took < Duration::from_secs(1), "GET /v2/ took {took:?}");
+        worst = worst.max(took);
+    }
+    worst
+}
+
 /// Until the server closes `s` (EOF or error), or `limit`: how long that took.
 async fn closed_within(mut s: TcpStream, limit: Duration) -> Option<Duration> {
     let t = Instant::now();
@@ -110,11 +135,7 @@ async fn node_closes_slowloris_and_idle_floods_and_still_answers_within_a_second
     let idle = idle_flood(&host, 150).await;
 
     // While the flood is held, normal requests are answered, each within a second.
-    for _ in 0..5 {
-        let (status, took) = timed_get(&base).await;
-        assert_eq!(status, 200, "GET /v2/ during the flood");
-        assert!(took < Duration::from_secs(1), "GET /v2/ took {took:?}");
-    }
+    answered_during_flood(&base).await;
 
     // Every slowloris is let go: by the header read timeout (1 s) or by eviction.
     for (i, h) in slow.into_iter().enumerate() {
@@ -338,12 +359,7 @@ async fn router_with_1024_fds_answers_with_1100_idle_connections_and_logs_its_ca
     let t = Instant::now();
     let flood = idle_flood(&host, 1100).await;
     let opened = t.elapsed();
-    let mut worst = Duration::ZERO;
-    for _ in 0..5 {
-        let (status, took) = timed_get(&base).await;
-        assert_eq!(status, 200, "GET /v2/ with 1,100 idle connections open");
-        worst = worst.max(took);
-    }
+    let worst = answered_during_flood(&base).await;
     eprintln!("1100 idle connections opened in {opened:?}; worst GET /v2/ of 5: {worst:?}");
     assert!(worst < Duration::from_secs(1), "GET /v2/ took {worst:?}");
     let text = std::fs::read_to_string(&log).expect("dev log");
