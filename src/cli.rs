@@ -50,6 +50,44 @@ pub(crate) struct DevArgs {
     /// can then reach the nodes (which listen on loopback too).
     #[arg(long, value_enum, default_value_t = Redirect::Auto)]
     pub blob_redirect: Redirect,
+    /// The router's listener; --tls-cert/--tls-key also make every node serve HTTPS with the
+    /// same certificate (which must then be valid for 127.0.0.1, where the nodes listen).
+    #[command(flatten)]
+    pub listen_opts: ListenArgs,
+    /// Root certificate(s) the router and seeder trust when calling the nodes (default with
+    /// --tls-cert: the certificate file itself).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Largest blob a push may upload, in bytes (default: no limit).
+    #[arg(long)]
+    pub max_blob_bytes: Option<u64>,
+    /// Upload requests in flight per client at the router (as `router`).
+    #[arg(long, default_value_t = 16)]
+    pub max_uploads_per_client: usize,
+}
+
+/// How a server listens: TLS and the limits every connection meets (router and node).
+#[derive(clap::Args, Debug)]
+pub(crate) struct ListenArgs {
+    /// Serve HTTPS with this certificate chain (PEM); reloaded on SIGHUP or when it changes.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Open connections at most (default: half the open-file limit). At the cap the oldest
+    /// idle connection is closed for a new one; with every connection busy, 429.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a client has for the TLS handshake and for each request head.
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may sit with no request in flight before it is closed.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout_secs: u64,
+    /// Largest request head (request line and headers) in bytes; larger ones get 431.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
 }
 
 /// `flotilla dev --blob-redirect`.
@@ -87,6 +125,15 @@ pub(crate) struct RouterArgs {
     /// Seconds in-flight requests get to finish after SIGTERM before the router exits.
     #[arg(long, default_value_t = 30)]
     pub drain_secs: u64,
+    #[command(flatten)]
+    pub listen_opts: ListenArgs,
+    /// Root certificate(s) (PEM) trusted when calling nodes over https://.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Upload requests in flight per client (per user once authenticated, else per IP
+    /// address); more get 429 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub max_uploads_per_client: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -121,6 +168,9 @@ pub(crate) struct SeederArgs {
     /// Serve `/metrics` (Prometheus) and `/healthz` on this address.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Root certificate(s) (PEM) trusted when calling nodes over https://.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -187,4 +237,10 @@ pub(crate) struct NodeArgs {
     /// (default: the smaller of 2 GiB and 5% of the data directory's filesystem).
     #[arg(long)]
     pub min_free_bytes: Option<u64>,
+    #[command(flatten)]
+    pub listen_opts: ListenArgs,
+    /// Largest blob an upload may grow to, in bytes (default: no limit); a chunk past it
+    /// gets 413 SIZE_INVALID and the session is dropped.
+    #[arg(long)]
+    pub max_blob_bytes: Option<u64>,
 }

@@ -17,7 +17,8 @@ use registry_router::RouterConfig;
 use s3_seeder::SeederConfig;
 use shardmap::MetaUrl;
 
-use crate::cli::{Cli, Cmd, DevArgs, NodeArgs, Redirect, RouterArgs, SeederArgs};
+use crate::cli::{Cli, Cmd, DevArgs, ListenArgs, NodeArgs, Redirect, RouterArgs, SeederArgs};
+use flotilla_serve::{ServeConfig, TlsFiles};
 
 /// A subcommand with everything it needs, ready to run.
 #[derive(Debug)]
@@ -117,6 +118,50 @@ fn cluster_secret(secret: &Option<String>, role: &str) -> anyhow::Result<String>
     }
 }
 
+/// The TLS files, both or neither (clap enforces the pair; this keeps the type honest).
+fn tls_files(cert: &Option<PathBuf>, key: &Option<PathBuf>) -> anyhow::Result<Option<TlsFiles>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })),
+        (None, None) => Ok(None),
+        _ => anyhow::bail!("--tls-cert and --tls-key: give both or neither"),
+    }
+}
+
+fn serve(role: &'static str, a: &ListenArgs) -> anyhow::Result<ServeConfig> {
+    if let Some(n) = a.max_connections {
+        anyhow::ensure!(n >= 1, "--max-connections: must be at least 1");
+    }
+    // Below 1 KiB no real client's head fits; above 192 KiB hyper's own bound (256 KiB)
+    // would answer first, without the JSON body.
+    anyhow::ensure!(
+        (1024..=192 * 1024).contains(&a.max_header_bytes),
+        "--max-header-bytes: must be between 1024 and 196608"
+    );
+    Ok(ServeConfig {
+        tls: tls_files(&a.tls_cert, &a.tls_key)?,
+        max_connections: a.max_connections,
+        header_read_timeout: secs("--header-read-timeout-secs", a.header_read_timeout_secs, 1)?,
+        idle_timeout: secs("--idle-timeout-secs", a.idle_timeout_secs, 1)?,
+        max_header_bytes: a.max_header_bytes,
+        ..ServeConfig::new(role)
+    })
+}
+
+fn uploads_per_client(n: usize) -> anyhow::Result<usize> {
+    anyhow::ensure!(n >= 1, "--max-uploads-per-client: must be at least 1");
+    Ok(n)
+}
+
+fn max_blob_bytes(v: Option<u64>) -> anyhow::Result<Option<u64>> {
+    if let Some(n) = v {
+        anyhow::ensure!(n >= 1, "--max-blob-bytes: must be at least 1");
+    }
+    Ok(v)
+}
+
 fn node(a: &NodeArgs, metrics: &PrometheusHandle) -> anyhow::Result<NodeConfig> {
     // Zero would make the purge interval zero, which the purge timer cannot run at.
     let upload_max_age = secs("--upload-max-age-secs", a.upload_max_age_secs, 1)?;
@@ -149,6 +194,8 @@ fn node(a: &NodeArgs, metrics: &PrometheusHandle) -> anyhow::Result<NodeConfig> 
         quarantine_max_bytes: a.quarantine_max_bytes,
         min_free_bytes: a.min_free_bytes,
         remote_confirm_ttl: secs("--remote-confirm-secs", a.remote_confirm_secs, 0)?,
+        serve: serve("node", &a.listen_opts)?,
+        max_blob_bytes: max_blob_bytes(a.max_blob_bytes)?,
         ..NodeConfig::new(a.id.clone(), a.rack.clone(), a.data.clone())
     })
 }
@@ -168,6 +215,9 @@ fn router(a: &RouterArgs, metrics: &PrometheusHandle) -> anyhow::Result<RouterCo
         blob_redirect: a.blob_redirect,
         drain_timeout: secs("--drain-secs", a.drain_secs, 0)?,
         metrics: Some(metrics.clone()),
+        serve: serve("router", &a.listen_opts)?,
+        tls_ca: a.tls_ca.clone(),
+        max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
         ..RouterConfig::new(meta)
     })
 }
@@ -187,6 +237,7 @@ fn seeder(a: &SeederArgs) -> anyhow::Result<SeederConfig> {
         seed_bytes_per_sec: a.seed_bytes_per_sec,
         max_moves: a.max_moves,
         rebalance_interval: secs("--rebalance-interval-secs", a.rebalance_interval_secs, 0)?,
+        tls_ca: a.tls_ca.clone(),
         ..defaults
     })
 }
@@ -200,6 +251,14 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
     let secret = std::env::var("FLOTILLA_SECRET")
         .unwrap_or_else(|_| uuid::Uuid::new_v4().simple().to_string());
     let default_rack: RackId = "r1".parse().expect("valid rack");
+    let router_serve = serve("router", &a.listen_opts)?;
+    let tls = router_serve.tls.clone();
+    // The internal clients trust --tls-ca, or else the serving certificate itself.
+    let tls_ca = a
+        .tls_ca
+        .clone()
+        .or_else(|| tls.as_ref().map(|t| t.cert.clone()));
+    let max_blob = max_blob_bytes(a.max_blob_bytes)?;
     let nodes = (0..a.nodes)
         .map(|i| {
             let id: NodeId = format!("n{}", i + 1).parse()?;
@@ -216,6 +275,11 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
                 meta_url: Some(meta.clone()),
                 metrics: Some(metrics.clone()),
                 secret: Some(secret.clone()),
+                serve: ServeConfig {
+                    tls: tls.clone(),
+                    ..ServeConfig::new("node")
+                },
+                max_blob_bytes: max_blob,
                 ..NodeConfig::new(id, rack, dir)
             })
         })
@@ -223,6 +287,7 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
     let seeder = SeederConfig {
         id: "dev-seeder".to_owned(),
         secret: Some(secret.clone()),
+        tls_ca: tls_ca.clone(),
         ..SeederConfig::new(meta.clone(), store)
     };
     let router = RouterConfig {
@@ -233,6 +298,9 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
             Redirect::Always => true,
             Redirect::Never => false,
         },
+        serve: router_serve,
+        tls_ca,
+        max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
         ..RouterConfig::new(meta.clone())
     };
     Ok(DevConfig {

@@ -97,6 +97,8 @@ pub struct Seeded {
 pub enum ClientError {
     #[error("building the HTTP client: {0}")]
     Build(#[source] reqwest::Error),
+    #[error("{0}")]
+    Ca(#[from] crate::tls::CaError),
     #[error("{url}: {source}")]
     Transport {
         url: String,
@@ -145,8 +147,21 @@ impl NodeClient {
     /// A client with its own connection pool (short connect timeout: a dead node must cost
     /// well under a second to notice).
     pub fn new(secret: Option<String>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
+        Self::with_ca(secret, None)
+    }
+
+    /// As [`NodeClient::new`], also trusting the roots in the PEM file `ca` (nodes serving
+    /// TLS with a private CA).
+    pub fn with_ca(
+        secret: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        // Pooled connections are dropped before a node's idle timeout (60 s by default)
+        // would close them under a request.
+        let b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            .pool_idle_timeout(Duration::from_secs(30));
+        let http = crate::tls::trust(b, ca)?
             .build()
             .map_err(ClientError::Build)?;
         Ok(NodeClient { http, secret })

@@ -9,10 +9,12 @@
 //!   request fails on every component.
 //! - [`internal`]: the node-internal API (`/internal/v1`): paths, the secret header, request
 //!   and response types, and [`internal::NodeClient`], the only code that formats its URLs.
+//! - [`tls`]: the extra root certificates (`--tls-ca`) clients of TLS nodes trust.
 
 mod error;
 pub mod internal;
 mod route;
+pub mod tls;
 
 pub use error::ApiError;
 pub use route::OciRoute;

@@ -60,6 +60,10 @@ pub struct NodeConfig {
     pub seed_concurrency: usize,
     /// Renders `/metrics`; the process installs one recorder and hands every node its handle.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The listener: TLS, connection cap, timeouts.
+    pub serve: flotilla_serve::ServeConfig,
+    /// Largest blob an upload session may grow to (`None`: no limit beyond the disk).
+    pub max_blob_bytes: Option<u64>,
 }
 
 impl NodeConfig {
@@ -88,6 +92,8 @@ impl NodeConfig {
             min_free_bytes: None,
             seed_concurrency: 8,
             metrics: None,
+            serve: flotilla_serve::ServeConfig::new("node"),
+            max_blob_bytes: None,
         }
     }
 }

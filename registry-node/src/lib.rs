@@ -35,6 +35,13 @@ mod write;
 use std::future::Future;
 
 pub use config::NodeConfig;
+
+/// The request-header grammars the node parses, public for the fuzz targets (`fuzz/`) and
+/// the corpus replay that runs them in CI.
+pub mod headers {
+    pub use crate::http::blobs::{parse_range, Unsatisfiable};
+    pub use crate::http::uploads::parse_content_range;
+}
 use service::NodeService;
 
 /// Errors that stop a node from starting or serving.
@@ -53,7 +60,7 @@ pub enum NodeError {
     #[error("metadata store: {0}")]
     Meta(#[from] shardmap::StoreError),
     #[error("serving HTTP: {0}")]
-    Serve(#[source] std::io::Error),
+    Serve(#[from] flotilla_serve::ServeError),
 }
 
 /// Serve the OCI API on `listener` until `shutdown` resolves; in-flight requests are allowed
@@ -63,6 +70,7 @@ pub async fn run(
     cfg: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
+    flotilla_serve::preflight(&cfg.serve)?;
     let node = NodeService::open(cfg.clone()).await?;
     node.check_disk().await;
     let app = http::app(node.clone());
@@ -107,7 +115,14 @@ pub async fn run(
             let advertise = cfg
                 .advertise
                 .clone()
-                .or_else(|| addr.map(|a| format!("http://{a}")))
+                .or_else(|| {
+                    let scheme = if cfg.serve.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    };
+                    addr.map(|a| format!("{scheme}://{a}"))
+                })
                 .unwrap_or_default();
             let m = membership::Membership::open(&cfg, url, advertise)?;
             Some(tokio::spawn(m.run(node.clone(), member_cancel.clone())))
@@ -116,7 +131,7 @@ pub async fn run(
     };
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = flotilla_serve::serve(listener, app, cfg.serve.clone(), async move {
         shutdown.await;
         // Leave the shard map first (draining, then deregistered) so routers stop sending
         // new requests here before we stop accepting them.

@@ -129,9 +129,13 @@ impl Cluster {
         };
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
+            // Below the nodes' idle timeout (60 s by default): the router, not the node,
+            // should be the one to drop a quiet pooled connection, so no request is sent on
+            // a connection the node is closing.
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
             .connect_timeout(std::time::Duration::from_secs(2))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .redirect(reqwest::redirect::Policy::none());
+        let http = registry_client::tls::trust(http, cfg.tls_ca.as_deref())?.build()?;
         let manifests = ManifestCache::new(cfg.manifest_cache_bytes, cfg.manifest_cache_ttl);
         let internal =
             registry_client::internal::NodeClient::with_http(http.clone(), cfg.secret.clone());

@@ -51,6 +51,12 @@ pub struct RouterConfig {
     pub blob_redirect: bool,
     /// How long in-flight requests may take to finish once shutdown began.
     pub drain_timeout: Duration,
+    /// The listener: TLS, connection cap, timeouts.
+    pub serve: flotilla_serve::ServeConfig,
+    /// Upload requests in flight per client (user, or peer address without auth).
+    pub max_uploads_per_client: usize,
+    /// Extra root certificates (PEM) trusted when calling nodes over `https://`.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl RouterConfig {
@@ -69,6 +75,9 @@ impl RouterConfig {
             manifest_cache_ttl: Duration::from_secs(10),
             blob_redirect: false,
             drain_timeout: Duration::from_secs(30),
+            serve: flotilla_serve::ServeConfig::new("router"),
+            max_uploads_per_client: 16,
+            tls_ca: None,
         }
     }
 }
@@ -80,11 +89,17 @@ pub enum RouterError {
     #[error("http client: {0}")]
     Client(#[from] reqwest::Error),
     #[error("serving HTTP: {0}")]
-    Serve(#[source] std::io::Error),
+    Serve(#[from] flotilla_serve::ServeError),
+    #[error("{0}")]
+    Ca(#[from] registry_client::tls::CaError),
 }
 
 /// The router's HTTP app, built apart from `run` so tests can drive it.
 pub fn app(cluster: Cluster) -> Router {
+    let uploads = flotilla_serve::limits::UploadLimiter::new(
+        cluster.config().max_uploads_per_client,
+        "router",
+    );
     Router::new()
         .route("/v2", any(proxy::handle))
         .route("/v2/", any(proxy::handle))
@@ -94,6 +109,12 @@ pub fn app(cluster: Cluster) -> Router {
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics_text))
         .with_state(cluster)
+        // Outermost, so the limit holds whatever the route; authentication, when it comes,
+        // goes outside it and inserts `flotilla_serve::limits::AuthenticatedUser`.
+        .layer(axum::middleware::from_fn_with_state(
+            uploads,
+            flotilla_serve::limits::UploadLimiter::middleware,
+        ))
 }
 
 /// Serve until `shutdown` resolves; in-flight requests finish first.
@@ -102,13 +123,15 @@ pub async fn run(
     cfg: RouterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
+    flotilla_serve::preflight(&cfg.serve)?;
     let cluster = Cluster::open(cfg).await?;
     let bg = cluster.start_background();
     tracing::info!(addr = ?listener.local_addr().ok(), "router serving");
     // Graceful, but bounded: a client that never finishes (a stalled pull) must not keep
     // the router from exiting past the drain timeout.
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app(cluster.clone())).with_graceful_shutdown(async move {
+    let serve = cluster.config().serve.clone();
+    let server = flotilla_serve::serve(listener, app(cluster.clone()), serve, async move {
         shutdown.await;
         let _ = drain_tx.send(());
     });
@@ -116,7 +139,10 @@ pub async fn run(
     let result = tokio::select! {
         r = server => r.map_err(RouterError::Serve),
         _ = async {
-            let _ = drain_rx.await;
+            if drain_rx.await.is_err() {
+                // The server ended on its own; its branch answers.
+                std::future::pending::<()>().await;
+            }
             tokio::time::sleep(drain_timeout).await;
         } => {
             tracing::warn!(?drain_timeout, "drain timeout elapsed with requests still in flight");

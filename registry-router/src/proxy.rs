@@ -699,10 +699,12 @@ async fn forward_streaming(
     let (parts, body) = req.into_parts();
     let progress = Arc::new(Progress::default());
     let seen = progress.clone();
+    let failed = progress.clone();
     let stream = body
         .into_data_stream()
         .map_err(std::io::Error::other)
-        .inspect_ok(move |b| seen.moved(b.len()));
+        .inspect_ok(move |b| seen.moved(b.len()))
+        .inspect_err(move |_| failed.client_failed());
     let tracked = progress.clone();
     let stream = stream.chain(futures::stream::once(async move {
         tracked.finished();
@@ -719,6 +721,14 @@ async fn forward_streaming(
     .send();
     let r = match watch_progress(send, &progress).await {
         Ok(r) => r,
+        // The client's body broke off (it hung up mid-upload): the node is not at fault,
+        // and ejecting it would let any client take replicas out of service.
+        Err(why) if progress.client_gone() => {
+            tracing::info!(node = %node.id, error = %why, "client body ended early; upload forwarding abandoned");
+            return Err(
+                ApiError::new(ErrorCode::BlobUploadInvalid).message("request body ended early")
+            );
+        }
         Err(why) => {
             cluster.eject(&node.id);
             tracing::warn!(node = %node.id, error = %why, "upload forwarding failed");
@@ -740,6 +750,8 @@ struct Progress {
     last_ms: std::sync::atomic::AtomicU64,
     bytes: std::sync::atomic::AtomicU64,
     done: std::sync::atomic::AtomicBool,
+    /// The client's body failed (it hung up or sent a malformed chunk).
+    client_failed: std::sync::atomic::AtomicBool,
 }
 
 static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -753,6 +765,16 @@ impl Progress {
         use std::sync::atomic::Ordering::Relaxed;
         self.bytes.fetch_add(n as u64, Relaxed);
         self.last_ms.store(mono_ms(), Relaxed);
+    }
+
+    fn client_failed(&self) {
+        self.client_failed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn client_gone(&self) -> bool {
+        self.client_failed
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn finished(&self) {

@@ -53,6 +53,8 @@ pub struct SeederConfig {
     pub rebalance_interval: Duration,
     /// Pace of seeding per job in fetched bytes per second (0 = as fast as nodes go).
     pub seed_bytes_per_sec: u64,
+    /// Extra root certificates (PEM) trusted when calling nodes over `https://`.
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 impl SeederConfig {
@@ -62,6 +64,7 @@ impl SeederConfig {
             meta_url,
             store_url,
             secret: None,
+            tls_ca: None,
             replace_after: Duration::from_secs(600),
             shard_key_depth: shardmap::DEFAULT_KEY_DEPTH,
             lease_ttl: Duration::from_secs(3),
@@ -151,7 +154,7 @@ pub async fn run(
         }
     };
     let remote = flotilla_objstore::Remote::open(&cfg.store_url)?;
-    let client = nodes::NodeClient::new(cfg.secret.clone())?;
+    let client = nodes::NodeClient::new(cfg.secret.clone(), cfg.tls_ca.as_deref())?;
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
     {

@@ -17,8 +17,9 @@ use crate::SeederError;
 pub struct NodeClient(internal::NodeClient);
 
 impl NodeClient {
-    pub fn new(secret: Option<String>) -> Result<Self, SeederError> {
-        internal::NodeClient::new(secret)
+    /// `ca`: extra roots (PEM) for nodes serving TLS under a private CA.
+    pub fn new(secret: Option<String>, ca: Option<&std::path::Path>) -> Result<Self, SeederError> {
+        internal::NodeClient::with_ca(secret, ca)
             .map(NodeClient)
             .map_err(|source| SeederError::Node {
                 node: String::new(),

@@ -133,3 +133,76 @@ fn cluster_components_refuse_to_start_without_the_secret() {
     let stderr = refused(&[&router[..], &["--secret", ""]].concat());
     assert!(stderr.contains("--secret"), "{stderr}");
 }
+
+#[test]
+fn listener_flags_are_checked_before_start() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("d");
+    let data = data.to_str().expect("utf-8 path");
+    let node = [
+        "node",
+        "--id",
+        "n1",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data,
+    ];
+    for (extra, needle) in [
+        (&["--tls-cert", "/x.pem"][..], "--tls-key"),
+        (
+            &["--max-connections", "0"][..],
+            "--max-connections: must be at least 1",
+        ),
+        (
+            &["--max-header-bytes", "10"][..],
+            "--max-header-bytes: must be between",
+        ),
+        (
+            &["--header-read-timeout-secs", "0"][..],
+            "--header-read-timeout-secs: must be at least 1",
+        ),
+        (
+            &["--max-blob-bytes", "0"][..],
+            "--max-blob-bytes: must be at least 1",
+        ),
+    ] {
+        let stderr = refused(&[&node[..], extra].concat());
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+    }
+    assert!(
+        !tmp.path().join("d").exists(),
+        "data dir created before the flags were checked"
+    );
+    // A TLS file that cannot be read stops the start with the file's name.
+    let stderr = refused(
+        &[
+            &node[..],
+            &[
+                "--tls-cert",
+                "/nonexistent/c.pem",
+                "--tls-key",
+                "/nonexistent/k.pem",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(stderr.contains("/nonexistent/c.pem"), "{stderr}");
+    assert!(
+        !tmp.path().join("d").exists(),
+        "data dir created before the TLS files were read"
+    );
+    let stderr = refused(&[
+        "router",
+        "--listen",
+        "127.0.0.1:0",
+        "--meta",
+        "etcds://127.0.0.1:1?pin=x",
+        "--secret",
+        "s",
+    ]);
+    assert!(
+        stderr.contains("--meta: ") && stderr.contains("unknown option"),
+        "{stderr}"
+    );
+}

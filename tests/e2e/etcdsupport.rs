@@ -1,6 +1,7 @@
 //! A real single-member etcd (Debian's `etcd-server`) for end-to-end tests, on free ports,
 //! with the means to freeze, kill and restart it on its own data directory.
 
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,16 +12,28 @@ pub(crate) struct Etcd {
     pub client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
+    /// Serve clients over HTTPS: (certificate, key, the CA that signed them).
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 impl Etcd {
     /// Start etcd and wait until it reports healthy (bounded).
     pub(crate) async fn start() -> Etcd {
+        Self::start_with(None).await
+    }
+
+    /// Clients over HTTPS with `cert`/`key` (signed by `ca`, which the health check trusts).
+    pub(crate) async fn start_tls(cert: PathBuf, key: PathBuf, ca: PathBuf) -> Etcd {
+        Self::start_with(Some((cert, key, ca))).await
+    }
+
+    async fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Etcd {
         let mut e = Etcd {
             child: None,
             client_port: free_port(),
             peer_port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
+            tls,
         };
         e.spawn();
         e.wait_healthy().await;
@@ -29,9 +42,13 @@ impl Etcd {
 
     fn spawn(&mut self) {
         let bin = require_tool("etcd");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = format!("{}://127.0.0.1:{}", self.scheme(), self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some((cert, key, _)) = &self.tls {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+        }
+        let child = cmd
             .args(["--name", "e2e"])
             .arg("--data-dir")
             .arg(self.dir.path().join("data"))
@@ -47,12 +64,29 @@ impl Etcd {
         self.child = Some(child);
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     async fn wait_healthy(&self) {
-        let http = reqwest::Client::new();
+        let mut b = reqwest::Client::builder();
+        if let Some((_, _, ca)) = &self.tls {
+            let pem = std::fs::read(ca).expect("read CA");
+            b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("CA PEM"));
+        }
+        let http = b.build().expect("client");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let ok = http
-                .get(format!("http://127.0.0.1:{}/health", self.client_port))
+                .get(format!(
+                    "{}://127.0.0.1:{}/health",
+                    self.scheme(),
+                    self.client_port
+                ))
                 .timeout(Duration::from_secs(2))
                 .send()
                 .await
@@ -65,8 +99,10 @@ impl Etcd {
         }
     }
 
+    /// `etcd://` (or `etcds://`, without a CA option) for this member.
     pub(crate) fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        let s = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{s}://127.0.0.1:{}", self.client_port)
     }
 
     /// SIGSTOP or SIGCONT: a frozen member accepts connections and answers nothing.

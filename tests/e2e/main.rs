@@ -16,6 +16,8 @@ mod dev;
 mod faults;
 mod history;
 mod hostile;
+mod limits;
 mod recovery;
 mod s3;
 mod spec;
+mod tls;

@@ -14,12 +14,9 @@ use crate::NodeService;
 /// whole (no header, or a multi-range we choose to ignore as RFC 9110 allows).
 /// The `Range` header cannot be satisfied for this blob (answered with 416).
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Unsatisfiable;
+pub struct Unsatisfiable;
 
-pub(crate) fn parse_range(
-    value: Option<&str>,
-    size: u64,
-) -> Result<Option<(u64, u64)>, Unsatisfiable> {
+pub fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(v) = value else { return Ok(None) };
     let spec = v.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
     if spec.contains(',') {

@@ -36,6 +36,9 @@ impl From<UploadError> for ApiError {
             UploadError::Body(m) => ApiError::new(ErrorCode::BlobUploadInvalid)
                 .message(format!("request body ended early: {m}")),
             UploadError::Io(e) => ApiError::internal(e),
+            e @ UploadError::TooLarge { .. } => ApiError::new(ErrorCode::SizeInvalid)
+                .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+                .message(e.to_string()),
         }
     }
 }

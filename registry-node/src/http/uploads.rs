@@ -70,7 +70,7 @@ pub(crate) async fn start(
 
 /// `Content-Range` as sent by clients: `start-end`, optionally prefixed with `bytes ` or
 /// `bytes=` and suffixed with `/total`.
-fn parse_content_range(v: &str) -> Option<(u64, u64)> {
+pub fn parse_content_range(v: &str) -> Option<(u64, u64)> {
     let v = v.trim();
     let v = v
         .strip_prefix("bytes=")

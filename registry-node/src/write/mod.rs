@@ -178,8 +178,13 @@ impl NodeService {
                 }
             }
         }
-        let appended = self.note_disk(s.append(body).await.map_err(ServiceError::from));
-        if appended.as_ref().is_err_and(ServiceError::is_disk_full) {
+        let max = self.inner.cfg.max_blob_bytes;
+        let appended = self.note_disk(s.append(body, max).await.map_err(ServiceError::from));
+        let too_large = matches!(
+            appended,
+            Err(ServiceError::Upload(UploadError::TooLarge { .. }))
+        );
+        if too_large || appended.as_ref().is_err_and(ServiceError::is_disk_full) {
             // The bytes that did land only hold the disk full: drop the session with them.
             drop(s);
             self.inner.uploads.remove(id).await;
@@ -234,7 +239,7 @@ impl NodeService {
     {
         let mut s = h.lock().await;
         if let Some(body) = body {
-            s.append(body).await?;
+            s.append(body, self.inner.cfg.max_blob_bytes).await?;
         }
         let (mut actual, path) = s.finish().await?;
         if actual.algorithm() != expected.algorithm() {

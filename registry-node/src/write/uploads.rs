@@ -35,6 +35,8 @@ pub enum UploadError {
     Body(String),
     #[error("upload i/o: {0}")]
     Io(#[from] io::Error),
+    #[error("upload exceeds the largest blob this registry takes ({limit} bytes)")]
+    TooLarge { limit: u64 },
 }
 
 /// The part of a session that travels to the writer thread and back.
@@ -58,8 +60,14 @@ pub(crate) struct Session {
 
 impl Session {
     /// Append a stream of chunks; returns the new size. On a body error the bytes that did
-    /// arrive stay counted, so the client's next `Range` tells it where to resume.
-    pub(crate) async fn append<S, E>(&mut self, body: S) -> Result<u64, UploadError>
+    /// arrive stay counted, so the client's next `Range` tells it where to resume. A chunk
+    /// that would take the session past `max` bytes is refused (`TooLarge`) before it is
+    /// written; the caller then drops the session.
+    pub(crate) async fn append<S, E>(
+        &mut self,
+        body: S,
+        max: Option<u64>,
+    ) -> Result<u64, UploadError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
@@ -72,10 +80,17 @@ impl Session {
         let writer = tokio::task::spawn_blocking(move || write_chunks(sink, rx));
         let mut body = body;
         let mut body_err = None;
+        let mut too_large = None;
+        let mut queued = self.size;
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(b) if b.is_empty() => {}
                 Ok(b) => {
+                    queued += b.len() as u64;
+                    if let Some(limit) = max.filter(|m| queued > *m) {
+                        too_large = Some(UploadError::TooLarge { limit });
+                        break;
+                    }
                     if tx.send(b).await.is_err() {
                         break; // the writer failed; its error is reported below
                     }
@@ -94,6 +109,9 @@ impl Session {
         self.sink = Some(sink);
         self.last_active = Instant::now();
         io_result?;
+        if let Some(e) = too_large {
+            return Err(e);
+        }
         if let Some(e) = body_err {
             return Err(UploadError::Body(e));
         }

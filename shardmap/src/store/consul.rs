@@ -52,13 +52,24 @@ struct KvPair {
 impl ConsulStore {
     /// `addr` is `HOST:PORT`; `token` is sent as `X-Consul-Token`.
     pub fn new(addr: &str, token: Option<String>) -> Result<Self, StoreError> {
+        Self::with_tls(addr, token, None)
+    }
+
+    /// As [`ConsulStore::new`], over HTTPS when `tls` is given (trusting its CA file too).
+    pub(crate) fn with_tls(
+        addr: &str,
+        token: Option<String>,
+        tls: Option<&super::url::Tls>,
+    ) -> Result<Self, StoreError> {
         if addr.is_empty() || addr.contains('/') {
             return Err(StoreError::BadUrl(format!("consul://{addr}")));
         }
-        let http = super::http_client(addr, Duration::from_secs(2))?;
+        let ca = tls.and_then(|t| t.ca.as_deref());
+        let http = super::http_client(addr, Duration::from_secs(2), ca)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         Ok(ConsulStore {
             http,
-            base: format!("http://{addr}"),
+            base: format!("{scheme}://{addr}"),
             token,
         })
     }

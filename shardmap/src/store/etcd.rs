@@ -80,16 +80,23 @@ fn kv_entry(kv: &Value) -> Result<Entry, StoreError> {
 impl EtcdStore {
     /// `addrs` is a comma-separated list of `HOST:PORT`.
     pub fn new(addrs: &str) -> Result<Self, StoreError> {
+        Self::with_tls(addrs, None)
+    }
+
+    /// As [`EtcdStore::new`], over HTTPS when `tls` is given (trusting its CA file too).
+    pub(crate) fn with_tls(addrs: &str, tls: Option<&super::url::Tls>) -> Result<Self, StoreError> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let endpoints: Vec<String> = addrs
             .split(',')
             .map(str::trim)
             .filter(|a| !a.is_empty())
-            .map(|a| format!("http://{a}"))
+            .map(|a| format!("{scheme}://{a}"))
             .collect();
         if endpoints.is_empty() || addrs.contains('/') {
             return Err(StoreError::BadUrl(format!("etcd://{addrs}")));
         }
-        let http = super::http_client(addrs, Duration::from_secs(1))?;
+        let ca = tls.and_then(|t| t.ca.as_deref());
+        let http = super::http_client(addrs, Duration::from_secs(1), ca)?;
         Ok(EtcdStore {
             http,
             endpoints: Arc::new(endpoints),

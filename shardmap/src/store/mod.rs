@@ -110,6 +110,8 @@ pub enum StoreError {
         status: u16,
         body: String,
     },
+    #[error("metadata store CA file {path}: {detail}")]
+    Tls { path: String, detail: String },
     #[error("metadata store sent an unexpected response: {0}")]
     Protocol(String),
     #[error("embedded store state at {path} is corrupt: {detail}")]
@@ -177,7 +179,9 @@ pub trait MetaStore: Send + Sync + fmt::Debug {
 }
 
 /// Open a metadata store: `file:///var/lib/flotilla/meta` (embedded, the default),
-/// `consul://127.0.0.1:8500` (token from `CONSUL_HTTP_TOKEN`), or
+/// `consul://127.0.0.1:8500` (token from `CONSUL_HTTP_TOKEN`; HTTPS with `consuls://` or
+/// `CONSUL_HTTP_SSL=true`, extra roots from `?ca=` or `CONSUL_CACERT`), `etcds://` for etcd
+/// over HTTPS, or
 /// `etcd://10.0.0.1:2379,10.0.0.2:2379` (tried in order, failing over on connection errors).
 /// The URL was validated when parsed; what can still fail here is the backend itself (the
 /// embedded store's directory, an HTTP client).
@@ -185,12 +189,30 @@ pub fn open(url: &MetaUrl) -> Result<Arc<dyn MetaStore>, StoreError> {
     match &url.0 {
         url::Backend::File(dir) => Ok(Arc::new(file::FileStore::open(dir)?)),
         #[cfg(feature = "consul")]
-        url::Backend::Consul(addr) => {
+        url::Backend::Consul { addr, tls } => {
             let token = std::env::var("CONSUL_HTTP_TOKEN").ok();
-            Ok(Arc::new(consul::ConsulStore::new(addr, token)?))
+            // Consul's own variables, as its CLI reads them.
+            let env_ssl = std::env::var("CONSUL_HTTP_SSL")
+                .is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "True"));
+            let env_ca = std::env::var_os("CONSUL_CACERT").map(std::path::PathBuf::from);
+            let tls = match tls {
+                Some(t) => Some(url::Tls {
+                    ca: t.ca.clone().or(env_ca),
+                }),
+                None if env_ssl => Some(url::Tls { ca: env_ca }),
+                None => None,
+            };
+            Ok(Arc::new(consul::ConsulStore::with_tls(
+                addr,
+                token,
+                tls.as_ref(),
+            )?))
         }
         #[cfg(feature = "etcd")]
-        url::Backend::Etcd(addrs) => Ok(Arc::new(etcd::EtcdStore::new(&addrs.join(","))?)),
+        url::Backend::Etcd { addrs, tls } => Ok(Arc::new(etcd::EtcdStore::with_tls(
+            &addrs.join(","),
+            tls.as_ref(),
+        )?)),
     }
 }
 
@@ -385,14 +407,27 @@ fn decode_opt<T: Record>(
 pub(crate) fn http_client(
     endpoint: &str,
     connect_timeout: std::time::Duration,
+    ca: Option<&std::path::Path>,
 ) -> Result<reqwest::Client, StoreError> {
-    reqwest::Client::builder()
-        .connect_timeout(connect_timeout)
-        .build()
-        .map_err(|e| StoreError::Unreachable {
-            endpoint: endpoint.to_owned(),
-            source: e,
-        })
+    let mut b = reqwest::Client::builder().connect_timeout(connect_timeout);
+    if let Some(path) = ca {
+        let bad = |detail: String| StoreError::Tls {
+            path: path.display().to_string(),
+            detail,
+        };
+        let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| bad(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad("no PEM certificate in the file".to_owned()));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build().map_err(|e| StoreError::Unreachable {
+        endpoint: endpoint.to_owned(),
+        source: e,
+    })
 }
 
 /// The smallest key greater than every key starting with `prefix` (etcd's `range_end`), or

@@ -2,7 +2,10 @@
 //! command line instead of after a process has created its data directory.
 //!
 //! Grammar: `file://DIR` (embedded; the rest of the URL is the directory, so `file:///abs`
-//! is absolute), `consul://HOST:PORT`, `etcd://HOST:PORT[,HOST:PORT...]`.
+//! is absolute), `consul://HOST:PORT`, `etcd://HOST:PORT[,HOST:PORT...]`, and their TLS
+//! forms `consuls://...` and `etcds://...`, each optionally ending in `?ca=PATH` (a PEM
+//! bundle of roots to trust besides the system's). Consul's own `CONSUL_HTTP_SSL=true` and
+//! `CONSUL_CACERT` also switch a `consul://` URL to TLS (read when the store is opened).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -24,6 +27,8 @@ pub enum MetaUrlError {
     MissingAddress { url: String },
     #[error("invalid metadata store URL {url:?}: {addr:?} is not HOST:PORT")]
     BadAddress { url: String, addr: String },
+    #[error("invalid metadata store URL {url:?}: {detail} (the only option is ?ca=PATH, on consuls:// and etcds://)")]
+    BadOption { url: String, detail: String },
 }
 
 /// A metadata-store URL that names a backend this build has and everything that backend
@@ -36,10 +41,64 @@ pub struct MetaUrl(pub(crate) Backend);
 pub(crate) enum Backend {
     File(PathBuf),
     #[cfg(feature = "consul")]
-    Consul(String),
-    /// Never empty.
+    Consul {
+        addr: String,
+        tls: Option<Tls>,
+    },
+    /// `addrs` is never empty.
     #[cfg(feature = "etcd")]
-    Etcd(Vec<String>),
+    Etcd {
+        addrs: Vec<String>,
+        tls: Option<Tls>,
+    },
+}
+
+/// HTTPS to the metadata store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tls {
+    /// Extra roots (PEM) to trust, for a store behind a private CA.
+    pub(crate) ca: Option<PathBuf>,
+}
+
+impl Tls {
+    fn suffix(tls: &Option<Tls>) -> String {
+        match tls.as_ref().and_then(|t| t.ca.as_ref()) {
+            Some(ca) => format!("?ca={}", ca.display()),
+            None => String::new(),
+        }
+    }
+}
+
+/// Split `rest` at `?`: the address part, and the TLS options (only `ca=PATH`, only when
+/// `tls`).
+#[cfg(any(feature = "consul", feature = "etcd"))]
+fn options<'a>(
+    url: &str,
+    rest: &'a str,
+    tls: bool,
+) -> Result<(&'a str, Option<Tls>), MetaUrlError> {
+    let bad = |detail: &str| MetaUrlError::BadOption {
+        url: url.to_owned(),
+        detail: detail.to_owned(),
+    };
+    let (addrs, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    if !tls {
+        return match query {
+            None => Ok((addrs, None)),
+            Some(_) => Err(bad("options need a TLS scheme")),
+        };
+    }
+    let mut t = Tls::default();
+    for kv in query.into_iter().flat_map(|q| q.split('&')) {
+        match kv.split_once('=') {
+            Some(("ca", p)) if !p.is_empty() => t.ca = Some(PathBuf::from(p)),
+            _ => return Err(bad(&format!("unknown option {kv:?}"))),
+        }
+    }
+    Ok((addrs, Some(t)))
 }
 
 impl MetaUrl {
@@ -90,13 +149,21 @@ impl FromStr for MetaUrl {
             }),
             "file" => Ok(MetaUrl(Backend::File(PathBuf::from(rest)))),
             #[cfg(feature = "consul")]
-            "consul" if rest.is_empty() => Err(MetaUrlError::MissingAddress {
-                url: url.to_owned(),
-            }),
-            #[cfg(feature = "consul")]
-            "consul" => Ok(MetaUrl(Backend::Consul(address(url, rest)?))),
+            "consul" | "consuls" => {
+                let (addr, tls) = options(url, rest, scheme == "consuls")?;
+                if addr.is_empty() {
+                    return Err(MetaUrlError::MissingAddress {
+                        url: url.to_owned(),
+                    });
+                }
+                Ok(MetaUrl(Backend::Consul {
+                    addr: address(url, addr)?,
+                    tls,
+                }))
+            }
             #[cfg(feature = "etcd")]
-            "etcd" => {
+            "etcd" | "etcds" => {
+                let (rest, tls) = options(url, rest, scheme == "etcds")?;
                 let addrs = rest
                     .split(',')
                     .map(str::trim)
@@ -108,15 +175,15 @@ impl FromStr for MetaUrl {
                         url: url.to_owned(),
                     });
                 }
-                Ok(MetaUrl(Backend::Etcd(addrs)))
+                Ok(MetaUrl(Backend::Etcd { addrs, tls }))
             }
             #[cfg(not(feature = "consul"))]
-            "consul" => Err(MetaUrlError::NotCompiledIn {
+            "consul" | "consuls" => Err(MetaUrlError::NotCompiledIn {
                 url: url.to_owned(),
                 scheme: scheme.to_owned(),
             }),
             #[cfg(not(feature = "etcd"))]
-            "etcd" => Err(MetaUrlError::NotCompiledIn {
+            "etcd" | "etcds" => Err(MetaUrlError::NotCompiledIn {
                 url: url.to_owned(),
                 scheme: scheme.to_owned(),
             }),
@@ -133,9 +200,15 @@ impl fmt::Display for MetaUrl {
         match &self.0 {
             Backend::File(dir) => write!(f, "file://{}", dir.display()),
             #[cfg(feature = "consul")]
-            Backend::Consul(addr) => write!(f, "consul://{addr}"),
+            Backend::Consul { addr, tls } => {
+                let s = if tls.is_some() { "consuls" } else { "consul" };
+                write!(f, "{s}://{addr}{}", Tls::suffix(tls))
+            }
             #[cfg(feature = "etcd")]
-            Backend::Etcd(addrs) => write!(f, "etcd://{}", addrs.join(",")),
+            Backend::Etcd { addrs, tls } => {
+                let s = if tls.is_some() { "etcds" } else { "etcd" };
+                write!(f, "{s}://{}{}", addrs.join(","), Tls::suffix(tls))
+            }
         }
     }
 }
@@ -171,12 +244,35 @@ mod tests {
         check("etcd://a:2379,b", Err("\"b\" is not HOST:PORT"));
         check("etcd://,", Err("missing HOST:PORT"));
         check("zk://x", Err("unsupported scheme \"zk\""));
+        check("etcds://a:2379,b:2379", Ok("etcds://a:2379,b:2379"));
+        check(
+            "etcds://a:2379?ca=/etc/ca.pem",
+            Ok("etcds://a:2379?ca=/etc/ca.pem"),
+        );
+        check(
+            "consuls://h:8501?ca=/ca.pem",
+            Ok("consuls://h:8501?ca=/ca.pem"),
+        );
+        check("consuls://h:8501", Ok("consuls://h:8501"));
+        check("etcd://a:2379?ca=/x", Err("options need a TLS scheme"));
+        check(
+            "etcds://a:2379?verify=no",
+            Err("unknown option \"verify=no\""),
+        );
+        check("etcds://a:2379?ca=", Err("unknown option \"ca=\""));
+        check("consuls://?ca=/x", Err("missing HOST:PORT"));
         check("/var/lib/meta", Err("no scheme"));
     }
 
     #[test]
     fn display_round_trips() {
-        for url in ["file:///m", "consul://h:1", "etcd://a:1,b:2"] {
+        for url in [
+            "file:///m",
+            "consul://h:1",
+            "etcd://a:1,b:2",
+            "etcds://a:1?ca=/c.pem",
+            "consuls://h:1",
+        ] {
             let u: MetaUrl = url.parse().unwrap();
             assert_eq!(u.to_string().parse::<MetaUrl>().unwrap(), u);
         }
