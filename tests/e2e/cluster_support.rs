@@ -114,6 +114,8 @@ pub(crate) struct ClusterOpts {
     pub remote_confirm_secs: u64,
     /// Keep the shard map in a real etcd instead of the embedded file store.
     pub etcd: bool,
+    /// Keep the shard map in the Consul stand-in (in this test process) instead.
+    pub consul: bool,
     /// Further flags for every node.
     pub node_args: Vec<String>,
 }
@@ -132,6 +134,7 @@ impl Default for ClusterOpts {
             gc_grace_secs: 600,
             remote_confirm_secs: 60,
             etcd: false,
+            consul: false,
             node_args: Vec::new(),
         }
     }
@@ -183,6 +186,9 @@ impl ClusterProc {
         };
         let meta_url = match &etcd {
             Some(e) => e.url(),
+            None if opts.consul => {
+                format!("consul://{}", crate::consul_standin::start_standin().await)
+            }
             None => format!("file://{}", meta_dir.display()),
         };
         let proxy = if opts.proxy {

@@ -373,13 +373,37 @@ async fn inject(
     log
 }
 
-/// The proof under faults, at CI size.
+/// The proof under faults, at CI size, on the embedded metadata store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tag_history_under_faults_keeps_every_acknowledged_write() {
+    history_under_faults(ClusterOpts::default(), 2).await;
+}
+
+/// The same on a real etcd: routers' commits and nodes' rejoins through its CAS and watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tag_history_on_etcd() {
+    let opts = ClusterOpts {
+        etcd: true,
+        ..ClusterOpts::default()
+    };
+    history_under_faults(opts, 1).await;
+}
+
+/// The same on the Consul stand-in (Consul's server cannot be installed here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tag_history_on_consul_standin() {
+    let opts = ClusterOpts {
+        consul: true,
+        ..ClusterOpts::default()
+    };
+    history_under_faults(opts, 1).await;
+}
+
+async fn history_under_faults(opts: ClusterOpts, default_rounds: u64) {
     // An upper bound: the clients stop when the faults are done (a few hundred operations).
     let ops = env_or("FLOTILLA_HISTORY_OPS", 5000) as isize;
     let seed = env_or("FLOTILLA_HISTORY_SEED", 1);
-    let mut c = ClusterProc::start_with(2, ClusterOpts::default()).await;
+    let mut c = ClusterProc::start_with(2, opts).await;
     let routers: Vec<Oci> = (0..2).map(|i| c.router(i)).collect();
     let layer = layer_for("history", 2048);
     let p = try_push_image(&routers[0], REPO, "base", &layer)
@@ -415,7 +439,7 @@ async fn tag_history_under_faults_keeps_every_acknowledged_write() {
         })
         .collect();
     let started = Instant::now();
-    let rounds = env_or("FLOTILLA_HISTORY_ROUNDS", 2);
+    let rounds = env_or("FLOTILLA_HISTORY_ROUNDS", default_rounds);
     let t0 = history.lock().unwrap().t0;
     let faults = inject(t0, &mut c, rounds, &done).await;
     // The faults must overlap the operations: the budget must not have run out first.

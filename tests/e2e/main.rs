@@ -2,6 +2,8 @@
 //! real `flotilla` processes (and real clients: skopeo, podman, the Docker engine).
 
 mod cluster_support;
+#[path = "../../shardmap/tests/consul_standin/mod.rs"]
+mod consul_standin;
 mod etcdsupport;
 mod s3support;
 mod support;

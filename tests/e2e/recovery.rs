@@ -159,10 +159,31 @@ async fn wait_reseed_done(c: &ClusterProc, node: &str) -> Value {
 /// reseeded with no operator action, and is ready with every object of its shards on disk.
 #[tokio::test(flavor = "multi_thread")]
 async fn wiped_node_is_reseeded_from_s3_and_ready_again() {
-    let opts = ClusterOpts {
-        seeders: 1,
+    reseed_wiped_node(ClusterOpts::default()).await;
+}
+
+/// The seeder, routers and nodes end to end on a real etcd.
+#[tokio::test(flavor = "multi_thread")]
+async fn wiped_node_is_reseeded_on_etcd() {
+    reseed_wiped_node(ClusterOpts {
+        etcd: true,
         ..ClusterOpts::default()
-    };
+    })
+    .await;
+}
+
+/// The seeder, routers and nodes end to end on the Consul stand-in.
+#[tokio::test(flavor = "multi_thread")]
+async fn wiped_node_is_reseeded_on_consul_standin() {
+    reseed_wiped_node(ClusterOpts {
+        consul: true,
+        ..ClusterOpts::default()
+    })
+    .await;
+}
+
+async fn reseed_wiped_node(opts: ClusterOpts) {
+    let opts = ClusterOpts { seeders: 1, ..opts };
     let mut c = ClusterProc::start_with(1, opts).await;
     let images = push_keys(&c, 6, 64 * 1024).await;
     let keys = keys_on(&c, "n1").await;
