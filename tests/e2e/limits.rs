@@ -338,9 +338,9 @@ fn dev_with_fd_limit(
         Command::new("sh")
             .args(["-c", &cmd])
             .env("RUST_LOG", "info")
-            // The log goes to stdout.
-            .stdout(std::fs::File::create(log).expect("log"))
-            .stderr(Stdio::null())
+            // The log goes to stderr.
+            .stderr(std::fs::File::create(log).expect("log"))
+            .stdout(Stdio::null())
             .spawn()
             .expect("spawn flotilla dev"),
     )

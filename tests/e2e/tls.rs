@@ -231,8 +231,8 @@ async fn dev_over_tls_takes_skopeo_and_docker_pushes_and_reloads_its_certificate
             .arg("--tls-ca")
             .arg(ca.ca())
             .env("RUST_LOG", "info")
-            .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .stdout(Stdio::null())
             .spawn()
             .expect("spawn flotilla dev"),
     );
