@@ -135,7 +135,7 @@ async fn rejoin(node: &NodeService, map: &ShardMap, me: &NodeId, key: &ShardKey)
             return None;
         }
         r.syncing.retain(|l| l != me);
-        Some(())
+        Some(true)
     })
     .await;
     match left {
@@ -156,25 +156,22 @@ async fn rejoin(node: &NodeService, map: &ShardMap, me: &NodeId, key: &ShardKey)
 }
 
 /// Apply `f` to `key`'s record under compare-and-swap (epoch bumped), retrying lost races.
-/// `f` returns `None` to leave the record alone (the result is then `None`); otherwise the
-/// result carries the new epoch. `Some(false)` from step 1's closure means "nothing to
-/// write, go on" and is reported as the current epoch.
-async fn update<T>(
+/// `f` answers `None` to leave the record alone (the result is then `None`), `Some(false)`
+/// when it is already as wanted, `Some(true)` when it changed it; otherwise the result is
+/// the record's epoch afterwards.
+async fn update(
     map: &ShardMap,
     key: &ShardKey,
-    mut f: impl FnMut(&mut ShardRecord) -> Option<T>,
-) -> Result<Option<u64>, shardmap::StoreError>
-where
-    T: Into<Change>,
-{
+    mut f: impl FnMut(&mut ShardRecord) -> Option<bool>,
+) -> Result<Option<u64>, shardmap::StoreError> {
     for _ in 0..32 {
         let Some((mut rec, version)) = map.get_shard(key).await? else {
             return Ok(None);
         };
-        match f(&mut rec).map(Into::into) {
+        match f(&mut rec) {
             None => return Ok(None),
-            Some(Change::Unchanged) => return Ok(Some(rec.epoch)),
-            Some(Change::Changed) => {}
+            Some(false) => return Ok(Some(rec.epoch)),
+            Some(true) => {}
         }
         rec.epoch += 1;
         if map.cas_shard(&rec, Some(version)).await?.is_ok() {
@@ -184,28 +181,6 @@ where
     Err(shardmap::StoreError::Protocol(format!(
         "shard {key} kept changing during a rejoin"
     )))
-}
-
-/// What an [`update`] closure did to the record.
-enum Change {
-    Unchanged,
-    Changed,
-}
-
-impl From<bool> for Change {
-    fn from(changed: bool) -> Self {
-        if changed {
-            Change::Changed
-        } else {
-            Change::Unchanged
-        }
-    }
-}
-
-impl From<()> for Change {
-    fn from(_: ()) -> Self {
-        Change::Changed
-    }
 }
 
 /// Sleep for `d`; false when cancelled first.

@@ -78,36 +78,22 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     tracing::info!(node = %cfg.id, ?addr, "registry node serving");
 
+    // One shard-map client for the background loops that need the map and object storage:
+    // the donor's sweep (`gc`) and the rejoin of lagging keys (`in_sync`; without a store
+    // there is nothing to catch up from).
     let gc_cancel = tokio_util::sync::CancellationToken::new();
-    let gc_task = match (&cfg.meta_url, &cfg.store_url) {
-        (Some(url), Some(_)) if !cfg.gc_interval.is_zero() => {
-            let map = shardmap::ShardMap::new(
-                shardmap::open(url)?,
-                shardmap::Keyspace::new(shardmap::DEFAULT_PREFIX),
-            );
-            Some(tokio::spawn(gc::gc_loop(
-                node.clone(),
-                map,
-                gc_cancel.clone(),
-            )))
-        }
-        _ => None,
-    };
-    // Lagging keys rejoin the in-sync set by catching up from object storage (see
-    // `in_sync`); without a store there is nothing to catch up from.
-    let rejoin_task = match (&cfg.meta_url, &cfg.store_url) {
+    let (gc_task, rejoin_task) = match (&cfg.meta_url, &cfg.store_url) {
         (Some(url), Some(_)) => {
             let map = shardmap::ShardMap::new(
                 shardmap::open(url)?,
                 shardmap::Keyspace::new(shardmap::DEFAULT_PREFIX),
             );
-            Some(tokio::spawn(in_sync::rejoin_loop(
-                node.clone(),
-                map,
-                gc_cancel.clone(),
-            )))
+            let gc = (!cfg.gc_interval.is_zero())
+                .then(|| tokio::spawn(gc::gc_loop(node.clone(), map.clone(), gc_cancel.clone())));
+            let rejoin = tokio::spawn(in_sync::rejoin_loop(node.clone(), map, gc_cancel.clone()));
+            (gc, Some(rejoin))
         }
-        _ => None,
+        _ => (None, None),
     };
     let member_cancel = tokio_util::sync::CancellationToken::new();
     let member_task = match &cfg.meta_url {

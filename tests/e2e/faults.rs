@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::cluster_support::{layer_for, poll, try_pull, try_push_image, ClusterOpts, ClusterProc};
-use crate::support::{image_manifest, OCI_MANIFEST};
+use crate::support::{image_manifest, signal, OCI_MANIFEST};
 
 const FAULT_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -740,15 +740,6 @@ async fn corrupt_large_blob_is_never_served_wrong_and_the_quarantine_is_bounded(
         (deleted >= 1.0 && files_under(&c.node(bad).data.join("quarantine")) == 0).then_some(())
     })
     .await;
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill {sig} {pid}");
 }
 
 /// One replica of a key frozen (SIGSTOP: connections accepted, nothing answered): a tag

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::cluster_support::{layer_for, poll, try_push_image, ClusterOpts, ClusterProc};
-use crate::support::{image_manifest, Oci};
+use crate::support::{image_manifest, signal, Oci};
 
 const REPO: &str = "hist/app";
 const TAGS: [&str; 3] = ["a", "b", "c"];
@@ -305,15 +305,6 @@ async fn in_sync(c: &ClusterProc) -> bool {
                 .all(|f| s[*f].as_array().is_none_or(|l| l.is_empty()))
         })
     })
-}
-
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill {sig} {pid}");
 }
 
 /// The faults, one after the other while the clients run: a frozen replica, a killed

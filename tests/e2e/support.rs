@@ -596,3 +596,13 @@ pub(crate) async fn metric_sum(base_url: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Send `sig` (`-STOP`, `-CONT`, ...) to `pid`, asserting it was delivered.
+pub(crate) fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
