@@ -1,0 +1,582 @@
+//! Authentication and authorization for the router: who a request is ([`Auth::authenticate`]:
+//! Basic against an htpasswd file, or a Bearer token), what it may do ([`Auth::allows`],
+//! from the access policy), the challenge a refusal carries, and the token service
+//! ([`Auth::issue`]). HTTP-framework free: it sees header values and repository names; the
+//! router maps routes to [`Need`]s and refusals to responses.
+//!
+//! bcrypt is slow on purpose, and signature checks are not free, so both successful results
+//! are cached (Basic by a SHA-256 of the header, for at most a minute and only until the
+//! htpasswd file changes; tokens until they expire). Failed Basic attempts are counted per
+//! client address and answered with 429 past a budget, so the slow hash cannot be used to
+//! burn the router's CPU or to guess passwords quickly.
+
+pub mod glob;
+pub mod htpasswd;
+pub mod policy;
+pub mod token;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine;
+use sha2::Digest as _;
+
+pub use htpasswd::Htpasswd;
+pub use policy::{Action, Policy};
+pub use token::{Access, Claims, Issuer, Verifier};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("htpasswd line {line}: {message}")]
+    Htpasswd { line: usize, message: String },
+    #[error("access policy: {0}")]
+    Policy(String),
+    #[error("key {0}: {1}")]
+    Key(PathBuf, String),
+    #[error("token: {0}")]
+    Token(String),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// How the router authenticates; built by the CLI layer from its flags.
+#[derive(Clone, Debug, Default)]
+pub struct AuthConfig {
+    /// `--htpasswd`: Basic users (bcrypt).
+    pub htpasswd: Option<PathBuf>,
+    /// `--access`: the policy (TOML, or JSON when the name ends in `.json`).
+    pub access: Option<PathBuf>,
+    /// `--admin`: users who are admins besides the policy's.
+    pub admins: Vec<String>,
+    /// `--token-key`: sign tokens and serve the token endpoint.
+    pub token_key: Option<PathBuf>,
+    /// `--token-realm`: where clients get tokens (default with --token-key: this router's
+    /// `/auth/token`).
+    pub token_realm: Option<String>,
+    pub token_issuer: String,
+    pub token_service: String,
+    /// `--token-jwks` / `--token-cert`: keys of an external issuer.
+    pub token_jwks: Option<PathBuf>,
+    pub token_cert: Option<PathBuf>,
+    pub token_ttl: Duration,
+}
+
+impl AuthConfig {
+    /// Whether any authentication was asked for (without it the registry is open).
+    pub fn enabled(&self) -> bool {
+        self.htpasswd.is_some()
+            || self.token_key.is_some()
+            || self.token_jwks.is_some()
+            || self.token_cert.is_some()
+            || self.token_realm.is_some()
+    }
+}
+
+/// What a request needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// `GET /v2/`: any authenticated principal (it is how clients test their login).
+    Base,
+    Repo {
+        repo: String,
+        action: Action,
+    },
+    /// `/v2/_catalog`: lists every repository, so admins only.
+    Catalog,
+    /// `/admin/v1/...`.
+    Admin,
+}
+
+impl Need {
+    /// The scope a token needs for this (the challenge's `scope`).
+    pub fn scope(&self) -> Option<String> {
+        match self {
+            Need::Base => None,
+            Need::Repo { repo, action } => Some(match action {
+                Action::Pull => format!("repository:{repo}:pull"),
+                Action::Push => format!("repository:{repo}:pull,push"),
+                Action::Delete => format!("repository:{repo}:delete"),
+            }),
+            Need::Catalog => Some("registry:catalog:*".into()),
+            Need::Admin => Some("registry:admin:*".into()),
+        }
+    }
+}
+
+/// Who made a request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    Anonymous,
+    User(String),
+    Token(Arc<Claims>),
+}
+
+impl Principal {
+    /// The user to count limits against and to name in logs.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Principal::Anonymous => None,
+            Principal::User(u) => Some(u),
+            Principal::Token(c) if c.sub.is_empty() => None,
+            Principal::Token(c) => Some(&c.sub),
+        }
+    }
+}
+
+/// Why a request was not authenticated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Wrong user or password, or a scheme this router does not accept.
+    BadCredentials(String),
+    /// A Bearer token that does not verify (expired, wrong audience, bad signature...).
+    InvalidToken(String),
+    /// Too many failed Basic attempts from this address: wait this long.
+    TooManyFailures(Duration),
+}
+
+/// A file re-read when it changes (checked at most once a second, on use). A file that
+/// no longer parses keeps the last good contents and logs why: a typo must not open or close
+/// the registry.
+#[derive(Debug)]
+struct Watched<T> {
+    path: PathBuf,
+    parse: fn(&str, &Path) -> Result<T, AuthError>,
+    state: RwLock<WatchState<T>>,
+}
+
+#[derive(Debug)]
+struct WatchState<T> {
+    value: Arc<T>,
+    stamp: Option<(SystemTime, u64)>,
+    checked: Instant,
+    generation: u64,
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl<T> Watched<T> {
+    fn open(
+        path: &Path,
+        parse: fn(&str, &Path) -> Result<T, AuthError>,
+    ) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AuthError::Io(path.into(), e))?;
+        let value = parse(&text, path)?;
+        Ok(Watched {
+            path: path.to_path_buf(),
+            parse,
+            state: RwLock::new(WatchState {
+                value: Arc::new(value),
+                stamp: stamp(path),
+                checked: Instant::now(),
+                generation: 0,
+            }),
+        })
+    }
+
+    /// The current contents and their generation (bumped on every reload).
+    fn get(&self) -> (Arc<T>, u64) {
+        {
+            let s = self.state.read().expect("watch lock");
+            if s.checked.elapsed() < Duration::from_secs(1) {
+                return (s.value.clone(), s.generation);
+            }
+        }
+        let mut s = self.state.write().expect("watch lock");
+        if s.checked.elapsed() >= Duration::from_secs(1) {
+            s.checked = Instant::now();
+            let now = stamp(&self.path);
+            if now != s.stamp {
+                s.stamp = now;
+                match std::fs::read_to_string(&self.path)
+                    .map_err(|e| AuthError::Io(self.path.clone(), e))
+                    .and_then(|t| (self.parse)(&t, &self.path))
+                {
+                    Ok(v) => {
+                        s.value = Arc::new(v);
+                        s.generation += 1;
+                        tracing::info!(path = %self.path.display(), "reloaded");
+                        metrics::counter!("flotilla_auth_reloads_total", "result" => "ok")
+                            .increment(1);
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %self.path.display(), error = %e, "not reloaded: keeping the previous contents");
+                        metrics::counter!("flotilla_auth_reloads_total", "result" => "error")
+                            .increment(1);
+                    }
+                }
+            }
+        }
+        (s.value.clone(), s.generation)
+    }
+}
+
+const BASIC_TTL: Duration = Duration::from_secs(60);
+const CACHE_MAX: usize = 10_000;
+/// Failed Basic attempts per address per window before 429.
+const FAILURE_BUDGET: u32 = 10;
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// The router's authentication and authorization state.
+#[derive(Debug)]
+pub struct Auth {
+    cfg: AuthConfig,
+    users: Option<Watched<Htpasswd>>,
+    policy: Option<Watched<Policy>>,
+    default_policy: Arc<Policy>,
+    issuer: Option<Issuer>,
+    verifier: Option<Verifier>,
+    basic_cache: RwLock<HashMap<[u8; 32], (String, u64, Instant)>>,
+    token_cache: RwLock<HashMap<String, Arc<Claims>>>,
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+fn parse_htpasswd(text: &str, _: &Path) -> Result<Htpasswd, AuthError> {
+    Htpasswd::parse(text)
+}
+
+fn parse_policy(text: &str, path: &Path) -> Result<Policy, AuthError> {
+    let json = path.extension().is_some_and(|e| e == "json");
+    Policy::parse(text, json, &[])
+}
+
+impl Auth {
+    /// Loads every file now, so a bad one stops the start with its name and line.
+    pub fn load(cfg: AuthConfig) -> Result<Auth, AuthError> {
+        let users = cfg
+            .htpasswd
+            .as_deref()
+            .map(|p| Watched::open(p, parse_htpasswd))
+            .transpose()?;
+        let policy = cfg
+            .access
+            .as_deref()
+            .map(|p| Watched::open(p, parse_policy))
+            .transpose()?;
+        let issuer = cfg
+            .token_key
+            .as_deref()
+            .map(|p| Issuer::from_pem_file(p, &cfg.token_issuer, cfg.token_ttl))
+            .transpose()?;
+        let mut verifier = Verifier::new(&cfg.token_issuer, &cfg.token_service);
+        if let Some(i) = &issuer {
+            verifier.trust_issuer(i);
+        }
+        if let Some(p) = &cfg.token_cert {
+            verifier.trust_pem_file(p)?;
+        }
+        if let Some(p) = &cfg.token_jwks {
+            verifier.trust_jwks_file(p)?;
+        }
+        if cfg.token_realm.is_some() && !verifier.has_keys() {
+            return Err(AuthError::Config(
+                "--token-realm needs the issuer's keys to verify its tokens: --token-cert or --token-jwks (or --token-key to issue them here)".into(),
+            ));
+        }
+        if (cfg.token_cert.is_some() || cfg.token_jwks.is_some())
+            && cfg.token_realm.is_none()
+            && issuer.is_none()
+        {
+            return Err(AuthError::Config(
+                "--token-cert/--token-jwks verify an external issuer's tokens: give its --token-realm too".into(),
+            ));
+        }
+        if issuer.is_some() && users.is_none() && policy.is_none() {
+            tracing::warn!("--token-key without --htpasswd: only anonymous tokens can be issued");
+        }
+        let verifier = verifier.has_keys().then_some(verifier);
+        Ok(Auth {
+            default_policy: Arc::new(Policy::default_for(&cfg.admins)),
+            cfg,
+            users,
+            policy,
+            issuer,
+            verifier,
+            basic_cache: RwLock::default(),
+            token_cache: RwLock::default(),
+            failures: Mutex::default(),
+        })
+    }
+
+    pub fn config(&self) -> &AuthConfig {
+        &self.cfg
+    }
+
+    /// Whether this router serves the token endpoint.
+    pub fn issues_tokens(&self) -> bool {
+        self.issuer.is_some()
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        match &self.policy {
+            Some(w) => w.get().0,
+            None => self.default_policy.clone(),
+        }
+    }
+
+    /// `--admin` users and the policy's admins.
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.cfg.admins.iter().any(|a| a == user) || self.policy().is_admin(user)
+    }
+
+    /// What `user` may do to `repo` under the policy (admins: everything).
+    pub fn allowed(&self, user: Option<&str>, repo: &str) -> BTreeSet<Action> {
+        if user.is_some_and(|u| self.is_admin(u)) {
+            return Action::ALL.into();
+        }
+        self.policy().allowed(user, repo)
+    }
+
+    /// Whether moving `tag` of `repo` is refused.
+    pub fn immutable(&self, repo: &str, tag: &str) -> bool {
+        self.policy().immutable(repo, tag)
+    }
+
+    /// Who sent `authorization` (`None`: anonymous). `peer` meters failed Basic attempts.
+    pub fn authenticate(
+        &self,
+        authorization: Option<&[u8]>,
+        peer: Option<IpAddr>,
+    ) -> Result<Principal, Refusal> {
+        let Some(value) = authorization else {
+            return Ok(Principal::Anonymous);
+        };
+        let value = std::str::from_utf8(value)
+            .map_err(|_| Refusal::BadCredentials("malformed Authorization header".into()))?;
+        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+        let rest = rest.trim();
+        if scheme.eq_ignore_ascii_case("basic") {
+            self.basic(rest, peer)
+        } else if scheme.eq_ignore_ascii_case("bearer") {
+            self.bearer(rest)
+        } else {
+            Err(Refusal::BadCredentials(format!(
+                "the {scheme} scheme is not accepted"
+            )))
+        }
+    }
+
+    fn basic(&self, b64: &str, peer: Option<IpAddr>) -> Result<Principal, Refusal> {
+        let Some(users) = &self.users else {
+            return Err(Refusal::BadCredentials(
+                "Basic credentials are not accepted here: get a token from the realm".into(),
+            ));
+        };
+        let (file, generation) = users.get();
+        let key: [u8; 32] = sha2::Sha256::digest(b64.as_bytes()).into();
+        if let Some((user, g, at)) = self.basic_cache.read().expect("cache lock").get(&key) {
+            if *g == generation && at.elapsed() < BASIC_TTL {
+                return Ok(Principal::User(user.clone()));
+            }
+        }
+        if let Some(ip) = peer {
+            let f = self.failures.lock().expect("failure lock");
+            if let Some((start, n)) = f.get(&ip) {
+                if start.elapsed() < FAILURE_WINDOW && *n >= FAILURE_BUDGET {
+                    metrics::counter!("flotilla_auth_refused_total", "reason" => "rate_limited")
+                        .increment(1);
+                    return Err(Refusal::TooManyFailures(
+                        FAILURE_WINDOW.saturating_sub(start.elapsed()),
+                    ));
+                }
+            }
+        }
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| Refusal::BadCredentials("malformed Basic credentials".into()))?;
+        let (user, password) = decoded
+            .split_once(':')
+            .ok_or_else(|| Refusal::BadCredentials("malformed Basic credentials".into()))?;
+        if file.verify(user, password) {
+            let mut cache = self.basic_cache.write().expect("cache lock");
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(key, (user.to_string(), generation, Instant::now()));
+            Ok(Principal::User(user.to_string()))
+        } else {
+            if let Some(ip) = peer {
+                let mut f = self.failures.lock().expect("failure lock");
+                if f.len() >= CACHE_MAX {
+                    f.retain(|_, (s, _)| s.elapsed() < FAILURE_WINDOW);
+                }
+                let e = f.entry(ip).or_insert((Instant::now(), 0));
+                if e.0.elapsed() >= FAILURE_WINDOW {
+                    *e = (Instant::now(), 0);
+                }
+                e.1 += 1;
+            }
+            metrics::counter!("flotilla_auth_refused_total", "reason" => "bad_password")
+                .increment(1);
+            tracing::info!(user, peer = ?peer, "refused: wrong user or password");
+            Err(Refusal::BadCredentials(
+                "wrong user name or password".into(),
+            ))
+        }
+    }
+
+    fn bearer(&self, token: &str) -> Result<Principal, Refusal> {
+        let Some(verifier) = &self.verifier else {
+            return Err(Refusal::BadCredentials(
+                "Bearer tokens are not accepted here".into(),
+            ));
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        if let Some(c) = self.token_cache.read().expect("cache lock").get(token) {
+            if c.exp > now {
+                return Ok(Principal::Token(c.clone()));
+            }
+        }
+        match verifier.verify(token) {
+            Ok(claims) => {
+                let claims = Arc::new(claims);
+                let mut cache = self.token_cache.write().expect("cache lock");
+                if cache.len() >= CACHE_MAX {
+                    cache.retain(|_, c| c.exp > now);
+                    if cache.len() >= CACHE_MAX {
+                        cache.clear();
+                    }
+                }
+                cache.insert(token.to_string(), claims.clone());
+                Ok(Principal::Token(claims))
+            }
+            Err(token::Invalid(why)) => {
+                metrics::counter!("flotilla_auth_refused_total", "reason" => "invalid_token")
+                    .increment(1);
+                Err(Refusal::InvalidToken(why))
+            }
+        }
+    }
+
+    /// Whether `who` may do `need`.
+    pub fn allows(&self, who: &Principal, need: &Need) -> bool {
+        match who {
+            Principal::Token(c) => match need {
+                Need::Base => true,
+                Need::Repo { repo, action } => c.grants("repository", repo, action.as_str()),
+                Need::Catalog => c.grants("registry", "catalog", "*"),
+                Need::Admin => c.grants("registry", "admin", "*"),
+            },
+            Principal::User(u) => match need {
+                Need::Base => true,
+                Need::Repo { repo, action } => self.allowed(Some(u), repo).contains(action),
+                Need::Catalog | Need::Admin => self.is_admin(u),
+            },
+            Principal::Anonymous => match need {
+                Need::Repo { repo, action } => self.policy().allows(None, repo, *action),
+                _ => false,
+            },
+        }
+    }
+
+    /// Whether tokens are the scheme clients should use (then challenges say Bearer).
+    pub fn bearer_scheme(&self) -> bool {
+        self.verifier.is_some()
+    }
+
+    /// The `WWW-Authenticate` value for a refusal of `need`; `host` (the request's Host)
+    /// and `https` build the default realm. `error` is the Bearer `error` parameter.
+    pub fn challenge(&self, need: &Need, host: &str, https: bool, error: Option<&str>) -> String {
+        if !self.bearer_scheme() {
+            return "Basic realm=\"flotilla\"".into();
+        }
+        let realm = match &self.cfg.token_realm {
+            Some(r) => r.clone(),
+            None => format!(
+                "{}://{host}/auth/token",
+                if https { "https" } else { "http" }
+            ),
+        };
+        let mut v = format!(
+            "Bearer realm=\"{realm}\",service=\"{}\"",
+            self.cfg.token_service
+        );
+        if let Some(scope) = need.scope() {
+            v.push_str(&format!(",scope=\"{scope}\""));
+        }
+        if let Some(e) = error {
+            v.push_str(&format!(",error=\"{e}\""));
+        }
+        v
+    }
+
+    /// The token endpoint: a token for `who` with the requested scopes cut down to what the
+    /// policy allows (a scope it allows nothing of is left out, as the spec says).
+    pub fn issue(
+        &self,
+        who: &Principal,
+        service: &str,
+        scopes: &[String],
+    ) -> Result<IssuedToken, AuthError> {
+        let issuer = self
+            .issuer
+            .as_ref()
+            .ok_or_else(|| AuthError::Config("this router issues no tokens".into()))?;
+        if service != self.cfg.token_service {
+            return Err(AuthError::Token(format!(
+                "service {service:?} is not {:?}",
+                self.cfg.token_service
+            )));
+        }
+        let user = who.user();
+        let mut access = Vec::new();
+        for s in scopes.iter().flat_map(|s| s.split(' ')) {
+            let Some(req) = token::parse_scope(s) else {
+                return Err(AuthError::Token(format!("malformed scope {s:?}")));
+            };
+            let granted: Vec<String> = match req.kind.as_str() {
+                "repository" => {
+                    let allowed = self.allowed(user, &req.name);
+                    let mut g: Vec<String> = req
+                        .actions
+                        .iter()
+                        .flat_map(|a| Action::parse_list(a).unwrap_or_default())
+                        .filter(|a| allowed.contains(a))
+                        .map(|a| a.as_str().to_string())
+                        .collect();
+                    g.sort();
+                    g.dedup();
+                    g
+                }
+                "registry"
+                    if (req.name == "catalog" || req.name == "admin")
+                        && user.is_some_and(|u| self.is_admin(u)) =>
+                {
+                    vec!["*".into()]
+                }
+                _ => vec![],
+            };
+            if !granted.is_empty() {
+                access.push(Access {
+                    kind: req.kind,
+                    name: req.name,
+                    actions: granted,
+                });
+            }
+        }
+        let token = issuer.issue(user.unwrap_or(""), service, access)?;
+        Ok(IssuedToken {
+            token,
+            expires_in: issuer.ttl.as_secs(),
+        })
+    }
+}
+
+/// What the token endpoint returns.
+#[derive(Clone, Debug)]
+pub struct IssuedToken {
+    pub token: String,
+    pub expires_in: u64,
+}
