@@ -64,6 +64,47 @@ pub(crate) struct DevArgs {
     /// Upload requests in flight per client at the router (as `router`).
     #[arg(long, default_value_t = 16)]
     pub max_uploads_per_client: usize,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+/// Who may do what at the router (`router` and `dev`). Without any of these the registry is
+/// open to anyone who can reach it, and says so when it starts.
+#[derive(clap::Args, Debug)]
+pub(crate) struct AuthArgs {
+    /// Users for Basic auth: an `htpasswd -B` file (bcrypt only); re-read when it changes.
+    #[arg(long)]
+    pub htpasswd: Option<PathBuf>,
+    /// Access policy by repository glob (TOML, or JSON for *.json); re-read when it changes.
+    /// Without it: users pull and push everywhere, admins also delete and use /admin/v1.
+    #[arg(long)]
+    pub access: Option<PathBuf>,
+    /// Admin users (comma-separated), besides the access policy's `admins`.
+    #[arg(long, value_delimiter = ',')]
+    pub admin: Vec<String>,
+    /// Issue Docker registry tokens, signed with this private key (PEM, PKCS#8 EC P-256 or
+    /// RSA), at /auth/token; clients are then challenged with Bearer.
+    #[arg(long)]
+    pub token_key: Option<PathBuf>,
+    /// An external token service's realm URL (its tokens are verified with --token-cert or
+    /// --token-jwks); default with --token-key: this router's /auth/token.
+    #[arg(long)]
+    pub token_realm: Option<String>,
+    /// The `iss` tokens must carry (and the router's own tokens carry).
+    #[arg(long, default_value = "flotilla")]
+    pub token_issuer: String,
+    /// The `service` (token audience) clients ask for and tokens must carry.
+    #[arg(long, default_value = "flotilla")]
+    pub token_service: String,
+    /// Public keys of the external issuer as a JWKS file.
+    #[arg(long)]
+    pub token_jwks: Option<PathBuf>,
+    /// Certificate(s) or public key (PEM) of the external issuer.
+    #[arg(long)]
+    pub token_cert: Option<PathBuf>,
+    /// Lifetime of the tokens this router issues, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub token_ttl_secs: u64,
 }
 
 /// How a server listens: TLS and the limits every connection meets (router and node).
@@ -134,6 +175,8 @@ pub(crate) struct RouterArgs {
     /// address); more get 429 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub max_uploads_per_client: usize,
+    #[command(flatten)]
+    pub auth: AuthArgs,
 }
 
 #[derive(clap::Args, Debug)]

@@ -17,13 +17,15 @@ use registry_router::RouterConfig;
 use s3_seeder::SeederConfig;
 use shardmap::MetaUrl;
 
-use crate::cli::{Cli, Cmd, DevArgs, ListenArgs, NodeArgs, Redirect, RouterArgs, SeederArgs};
+use crate::cli::{
+    AuthArgs, Cli, Cmd, DevArgs, ListenArgs, NodeArgs, Redirect, RouterArgs, SeederArgs,
+};
 use flotilla_serve::{ServeConfig, TlsFiles};
 
 /// A subcommand with everything it needs, ready to run.
 #[derive(Debug)]
 pub(crate) enum Run {
-    Dev(DevConfig),
+    Dev(Box<DevConfig>),
     Node {
         listen: SocketAddr,
         cfg: NodeConfig,
@@ -57,7 +59,7 @@ pub(crate) struct DevConfig {
 /// component renders on `/metrics`.
 pub(crate) fn validate(cli: &Cli, metrics: &PrometheusHandle) -> anyhow::Result<Run> {
     Ok(match &cli.cmd {
-        Cmd::Dev(a) => Run::Dev(dev(a, metrics)?),
+        Cmd::Dev(a) => Run::Dev(Box::new(dev(a, metrics)?)),
         Cmd::Node(a) => Run::Node {
             listen: a.listen,
             cfg: node(a, metrics)?,
@@ -218,8 +220,40 @@ fn router(a: &RouterArgs, metrics: &PrometheusHandle) -> anyhow::Result<RouterCo
         serve: serve("router", &a.listen_opts)?,
         tls_ca: a.tls_ca.clone(),
         max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
+        auth: auth(&a.auth)?,
         ..RouterConfig::new(meta)
     })
+}
+
+fn auth(a: &AuthArgs) -> anyhow::Result<flotilla_auth::AuthConfig> {
+    if let Some(realm) = &a.token_realm {
+        anyhow::ensure!(
+            realm.starts_with("http://") || realm.starts_with("https://"),
+            "--token-realm: {realm:?} is not an http(s) URL"
+        );
+    }
+    anyhow::ensure!(a.token_ttl_secs > 0, "--token-ttl-secs: must be positive");
+    anyhow::ensure!(
+        !a.admin.iter().any(|u| u.trim().is_empty()),
+        "--admin: empty user name"
+    );
+    let cfg = flotilla_auth::AuthConfig {
+        htpasswd: a.htpasswd.clone(),
+        access: a.access.clone(),
+        admins: a.admin.clone(),
+        token_key: a.token_key.clone(),
+        token_realm: a.token_realm.clone(),
+        token_issuer: a.token_issuer.clone(),
+        token_service: a.token_service.clone(),
+        token_jwks: a.token_jwks.clone(),
+        token_cert: a.token_cert.clone(),
+        token_ttl: Duration::from_secs(a.token_ttl_secs),
+    };
+    anyhow::ensure!(
+        cfg.enabled() || (a.access.is_none() && a.admin.is_empty()),
+        "--access/--admin: need a way to authenticate users (--htpasswd, --token-key or --token-realm)"
+    );
+    Ok(cfg)
 }
 
 fn seeder(a: &SeederArgs) -> anyhow::Result<SeederConfig> {
@@ -301,6 +335,7 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
         serve: router_serve,
         tls_ca,
         max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
+        auth: auth(&a.auth)?,
         ..RouterConfig::new(meta.clone())
     };
     Ok(DevConfig {

@@ -31,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         .context("starting the tokio runtime")?;
     rt.block_on(async move {
         match run {
-            Run::Dev(cfg) => dev(cfg).await,
+            Run::Dev(cfg) => dev(*cfg).await,
             Run::Router { listen, cfg } => {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await

@@ -14,6 +14,7 @@
 mod error;
 pub mod internal;
 mod route;
+pub mod signed;
 pub mod tls;
 
 pub use error::ApiError;

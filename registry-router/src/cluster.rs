@@ -65,6 +65,8 @@ struct Inner {
     unreadable: Mutex<Vec<shardmap::Unreadable>>,
     /// Keys recently looked up and found unplaced (used only while the watch is down).
     absent: Mutex<HashMap<ShardKey, Instant>>,
+    /// Authentication and the access policy (`None`: the registry is open).
+    auth: Option<Arc<flotilla_auth::Auth>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -127,7 +129,22 @@ impl Cluster {
             }
             tokio::time::sleep(cfg.refresh_interval).await;
         };
+        let auth = if cfg.auth.enabled() {
+            Some(Arc::new(flotilla_auth::Auth::load(cfg.auth.clone())?))
+        } else {
+            None
+        };
+        // Every request to a node carries the cluster secret: nodes take `/v2` writes (and
+        // unsigned reads) only from routers.
+        let mut node_headers = http::HeaderMap::new();
+        if let Some(secret) = &cfg.secret {
+            let mut v = http::HeaderValue::from_str(secret)
+                .map_err(|_| RouterError::Config("--secret must be printable ASCII".into()))?;
+            v.set_sensitive(true);
+            node_headers.insert(registry_client::internal::SECRET_HEADER, v);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(node_headers)
             .pool_max_idle_per_host(256)
             // Below the nodes' idle timeout (60 s by default): the router, not the node,
             // should be the one to drop a quiet pooled connection, so no request is sent on
@@ -155,6 +172,7 @@ impl Cluster {
                 manifests,
                 unreadable: Mutex::default(),
                 absent: Mutex::default(),
+                auth,
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -167,6 +185,11 @@ impl Cluster {
 
     pub fn config(&self) -> &RouterConfig {
         &self.inner.cfg
+    }
+
+    /// The authentication state, when auth is on.
+    pub fn auth(&self) -> Option<&Arc<flotilla_auth::Auth>> {
+        self.inner.auth.as_ref()
     }
 
     pub fn http(&self) -> &reqwest::Client {

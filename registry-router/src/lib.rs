@@ -13,6 +13,7 @@
 //! The router stores no blob bytes and keeps no state of its own besides caches.
 
 pub mod admin;
+pub mod auth;
 pub mod cluster;
 pub mod manifest_cache;
 pub mod proxy;
@@ -57,6 +58,8 @@ pub struct RouterConfig {
     pub max_uploads_per_client: usize,
     /// Extra root certificates (PEM) trusted when calling nodes over `https://`.
     pub tls_ca: Option<std::path::PathBuf>,
+    /// Who may do what (off unless a flag asks for it: the first `flotilla dev` stays open).
+    pub auth: flotilla_auth::AuthConfig,
 }
 
 impl RouterConfig {
@@ -78,6 +81,7 @@ impl RouterConfig {
             serve: flotilla_serve::ServeConfig::new("router"),
             max_uploads_per_client: 16,
             tls_ca: None,
+            auth: flotilla_auth::AuthConfig::default(),
         }
     }
 }
@@ -92,6 +96,10 @@ pub enum RouterError {
     Serve(#[from] flotilla_serve::ServeError),
     #[error("{0}")]
     Ca(#[from] registry_client::tls::CaError),
+    #[error("authentication: {0}")]
+    Auth(#[from] flotilla_auth::AuthError),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// The router's HTTP app, built apart from `run` so tests can drive it.
@@ -108,13 +116,16 @@ pub fn app(cluster: Cluster) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(admin::readyz))
         .route("/metrics", get(admin::metrics_text))
-        .with_state(cluster)
-        // Outermost, so the limit holds whatever the route; authentication, when it comes,
-        // goes outside it and inserts `flotilla_serve::limits::AuthenticatedUser`.
+        .route(auth::TOKEN_PATH, any(auth::token))
+        .with_state(cluster.clone())
+        // The limit holds whatever the route; authentication runs outside it and inserts
+        // `flotilla_serve::limits::AuthenticatedUser`.
         .layer(axum::middleware::from_fn_with_state(
             uploads,
             flotilla_serve::limits::UploadLimiter::middleware,
         ))
+        // Outside the limiter, so it counts users rather than addresses once they are known.
+        .layer(axum::middleware::from_fn_with_state(cluster, auth::guard))
 }
 
 /// Serve until `shutdown` resolves; in-flight requests finish first.
@@ -127,6 +138,18 @@ pub async fn run(
     let cluster = Cluster::open(cfg).await?;
     let bg = cluster.start_background();
     tracing::info!(addr = ?listener.local_addr().ok(), "router serving");
+    match cluster.auth() {
+        None => tracing::warn!(
+            "authentication is off: anyone who reaches this router may push, delete and use the admin API (see --htpasswd, --token-key, --access)"
+        ),
+        Some(a) => tracing::info!(
+            basic = a.config().htpasswd.is_some(),
+            tokens = a.bearer_scheme(),
+            issues_tokens = a.issues_tokens(),
+            policy = a.config().access.is_some(),
+            "authentication on"
+        ),
+    }
     // Graceful, but bounded: a client that never finishes (a stalled pull) must not keep
     // the router from exiting past the drain timeout.
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();

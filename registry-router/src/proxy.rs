@@ -51,6 +51,14 @@ fn hop_by_hop(name: &http::HeaderName) -> bool {
     )
 }
 
+/// The client's credentials are the router's to check, never a node's to see.
+fn client_credential(name: &http::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "authorization" | "cookie" | "proxy-authorization"
+    )
+}
+
 fn finish(mut resp: Response) -> Response {
     resp.headers_mut()
         .insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
@@ -113,14 +121,27 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             let resp = forward_streaming(cluster, node, req).await?;
             Ok(after_blob_write(cluster, &repo, node, &nodes, resp))
         }
-        OciRoute::Manifest { repo, .. } if method == Method::PUT || method == Method::DELETE => {
+        OciRoute::Manifest { repo, reference }
+            if method == Method::PUT || method == Method::DELETE =>
+        {
             // A manifest PUT may be the repository's first write; a DELETE never places.
             let unplaced = if method == Method::PUT {
                 Unplaced::Place
             } else {
                 Unplaced::Check
             };
-            replicated_write(cluster, &repo, unplaced, req).await
+            let immutable = match &reference {
+                flotilla_core::Reference::Tag(t)
+                    if method == Method::PUT
+                        && cluster
+                            .auth()
+                            .is_some_and(|a| a.immutable(repo.as_str(), t.as_str())) =>
+                {
+                    Some(t.clone())
+                }
+                _ => None,
+            };
+            replicated_write(cluster, &repo, unplaced, immutable, req).await
         }
         OciRoute::Manifest { repo, reference } if cluster.manifests().enabled() => {
             read_cached(cluster, &repo, Cacheable::Manifest(&repo, &reference), req).await
@@ -132,7 +153,7 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             read_cached(cluster, &repo, Cacheable::Listing(&pq), req).await
         }
         OciRoute::Blob { repo, .. } if method == Method::DELETE => {
-            replicated_write(cluster, &repo, Unplaced::Check, req).await
+            replicated_write(cluster, &repo, Unplaced::Check, None, req).await
         }
         OciRoute::Tags { repo }
         | OciRoute::Manifest { repo, .. }
@@ -191,10 +212,20 @@ async fn redirect_blob(
     metrics::counter!("flotilla_router_blob_redirects_total").increment(1);
     Response::builder()
         .status(StatusCode::TEMPORARY_REDIRECT)
-        .header(
-            http::header::LOCATION,
-            format!("{}{}", nodes[i].url.trim_end_matches('/'), pq),
-        )
+        .header(http::header::LOCATION, {
+            // Nodes serve reads to routers and to URLs a router signed: the redirect is
+            // good for this one blob, for minutes.
+            let path = req.uri().path();
+            let target = match &cluster.config().secret {
+                Some(secret) => registry_client::signed::sign(
+                    secret,
+                    path,
+                    registry_client::signed::REDIRECT_TTL,
+                ),
+                None => pq.clone(),
+            };
+            format!("{}{}", nodes[i].url.trim_end_matches('/'), target)
+        })
         .header(http::header::CONTENT_LENGTH, 0)
         .body(Body::empty())
         .map_err(ApiError::internal)
@@ -300,7 +331,7 @@ fn upstream(
     for (k, v) in headers {
         // `x-flotilla-*` headers are the router's to set (write deadlines, the internal
         // secret): a client's are dropped, never passed on to a node.
-        if !hop_by_hop(k) && !k.as_str().starts_with("x-flotilla-") {
+        if !hop_by_hop(k) && !client_credential(k) && !k.as_str().starts_with("x-flotilla-") {
             b = b.header(k, v);
         }
     }
@@ -941,6 +972,7 @@ async fn replicated_write(
     cluster: &Cluster,
     repo: &RepoName,
     unplaced: Unplaced,
+    immutable: Option<flotilla_core::Tag>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let depth = cluster.config().shard_key_depth;
@@ -959,6 +991,9 @@ async fn replicated_write(
         return Err(unavailable("no node is reachable"));
     };
     let nodes = cluster.candidates(&rec, ReplicaOrder::PrimaryFirst);
+    if let Some(tag) = &immutable {
+        refuse_moving(cluster, repo, tag, &nodes, &write).await?;
+    }
     let mut acks = Acks::default();
     // Every in-sync replica the snapshot does not consider live missed the write already.
     for n in rec.in_sync() {
@@ -1029,6 +1064,56 @@ async fn replicated_write(
             ))
         })?;
     Ok(with_epoch(downstream(resp, UpstreamBody::Stream), epoch))
+}
+
+/// An immutable tag (the access policy's `immutable_tags`) may be created, and pushed again
+/// with the same manifest, but never moved: the tag's current digest is asked of the
+/// replicas first. Two pushes racing to create the tag can both pass this check; the policy
+/// protects deployed tags from being moved later, which is what teams deploying by tag need.
+async fn refuse_moving(
+    cluster: &Cluster,
+    repo: &RepoName,
+    tag: &flotilla_core::Tag,
+    nodes: &[NodeRecord],
+    write: &BufferedWrite,
+) -> Result<(), ApiError> {
+    let pq = format!("/v2/{repo}/manifests/{tag}");
+    let mut headers = HeaderMap::new();
+    headers.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
+    let (resp, _) = read_from(
+        cluster,
+        nodes,
+        ReadKind::Metadata,
+        &Method::HEAD,
+        &pq,
+        &headers,
+    )
+    .await?;
+    match resp.status() {
+        StatusCode::NOT_FOUND => Ok(()),
+        s if s.is_success() => {
+            let current = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let new = format!(
+                "sha256:{}",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&write.bytes))
+            );
+            if current == new {
+                Ok(())
+            } else {
+                metrics::counter!("flotilla_router_immutable_refusals_total").increment(1);
+                Err(ApiError::new(ErrorCode::Denied).message(format!(
+                    "tag {tag:?} of {repo} is immutable (access policy) and points to {current}; push a new tag instead"
+                )))
+            }
+        }
+        _ => Err(unavailable(
+            "cannot tell whether the immutable tag exists; retry",
+        )),
+    }
 }
 
 /// The shard record epoch a response is consistent with: a write's commit epoch, or the

@@ -786,9 +786,41 @@ async fn blob_redirect_sends_clients_to_a_live_replica() {
         let loc = location(&resp);
         let node = urls
             .iter()
-            .find(|u| loc == format!("{u}{path}"))
+            .find(|u| loc.starts_with(&format!("{u}{path}?")))
             .unwrap_or_else(|| panic!("redirected outside the pair {urls:?}: {loc}"));
         seen.insert(node.clone());
+        // The redirect is signed for that path only: the node serves it, refuses the bare path,
+        // a tampered signature and the same signature on another blob.
+        assert_eq!(no_follow.get(&loc).send().await.expect("GET").status(), 200);
+        let bare = format!("{node}{path}");
+        assert_eq!(
+            no_follow.get(&bare).send().await.expect("GET").status(),
+            401
+        );
+        let tampered = format!("{}0", &loc[..loc.len() - 1]);
+        let tampered = if tampered == loc {
+            format!("{}1", &loc[..loc.len() - 1])
+        } else {
+            tampered
+        };
+        assert_eq!(
+            no_follow.get(&tampered).send().await.expect("GET").status(),
+            401
+        );
+        let other = loc.replace(&p.blobs[1], &p.blobs[0]);
+        assert_eq!(
+            no_follow.get(&other).send().await.expect("GET").status(),
+            401
+        );
+        // Writes never go around the router, signed or not.
+        let put = no_follow
+            .post(format!("{node}/v2/{}/blobs/uploads/", p.repo))
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(put.status(), 403);
+        let body: serde_json::Value = put.json().await.expect("OCI error body");
+        assert_eq!(body["errors"][0]["code"], "DENIED");
     }
     assert_eq!(seen.len(), 2, "reads are spread over both replicas");
     // A client that follows redirects (reqwest's default policy) gets every blob intact.
@@ -854,7 +886,7 @@ async fn blob_redirect_sends_clients_to_a_live_replica() {
     for _ in 0..6 {
         let resp = no_follow.get(oci.url(&path)).send().await.expect("GET");
         assert_eq!(resp.status(), 307);
-        assert_eq!(location(&resp), format!("{}{path}", urls[1]));
+        assert!(location(&resp).starts_with(&format!("{}{path}?", urls[1])));
     }
     pull_blobs().await;
 }

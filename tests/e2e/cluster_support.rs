@@ -57,7 +57,13 @@ impl ClusterNode {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// A client with the cluster's secret (a router's view of the node).
     pub(crate) fn client(&self) -> Oci {
+        Oci::with_secret(&self.url(), CLUSTER_SECRET)
+    }
+
+    /// A client without the secret (an outside client's view of the node).
+    pub(crate) fn anonymous(&self) -> Oci {
         Oci::new(&self.url())
     }
 

@@ -175,6 +175,24 @@ impl Oci {
         }
     }
 
+    /// A client that presents the cluster's internal secret, as a router does: nodes serve
+    /// `/v2` reads and writes to it without a signed URL.
+    pub(crate) fn with_secret(base: &str, secret: &str) -> Oci {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            registry_client::internal::SECRET_HEADER,
+            secret.parse().expect("ASCII secret"),
+        );
+        Oci {
+            base: base.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .default_headers(headers)
+                .build()
+                .expect("client"),
+        }
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         if path.starts_with("http") {
             path.to_owned()

@@ -27,7 +27,7 @@ pub(crate) fn routes(node: NodeService) -> Router<NodeService> {
 }
 
 /// Constant-time comparison, so the secret cannot be guessed byte by byte from timing.
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

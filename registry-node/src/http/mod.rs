@@ -1,6 +1,7 @@
 //! The OCI HTTP surface of a node: one catch-all under `/v2/`, parsed into an [`OciRoute`]
 //! and dispatched by a short `match` to one module per resource.
 
+pub(crate) mod access;
 pub(crate) mod blobs;
 pub(crate) mod error;
 pub(crate) mod internal;
@@ -26,6 +27,10 @@ pub(crate) fn app(node: NodeService) -> Router {
         .route("/v2", any(dispatch))
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
+        .route_layer(axum::middleware::from_fn_with_state(
+            node.clone(),
+            access::guard,
+        ))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
