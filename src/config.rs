@@ -253,6 +253,11 @@ fn auth(a: &AuthArgs) -> anyhow::Result<flotilla_auth::AuthConfig> {
         cfg.enabled() || (a.access.is_none() && a.admin.is_empty()),
         "--access/--admin: need a way to authenticate users (--htpasswd, --token-key or --token-realm)"
     );
+    // Read every file now, so a bad htpasswd line, policy or key stops the start before any
+    // component runs (the router loads them again; this copy is dropped).
+    if cfg.enabled() {
+        flotilla_auth::Auth::load(cfg.clone()).context("authentication")?;
+    }
     Ok(cfg)
 }
 

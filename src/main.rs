@@ -144,19 +144,28 @@ async fn dev(cfg: DevConfig) -> anyhow::Result<()> {
             .map_err(anyhow::Error::from)
     });
     tracing::info!(%listen, nodes = node_count, data = %data.display(), "flotilla dev: cluster starting");
-    tokio::select! {
-        _ = shutdown_signal() => {}
+    // A component that stops on its own is a failure of the whole dev cluster: exit non-zero.
+    let failed = tokio::select! {
+        _ = shutdown_signal() => None,
         Some(r) = tasks.join_next() => {
             tracing::error!(result = ?r, "a component stopped unexpectedly; shutting down");
+            Some(match r {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => anyhow::anyhow!("a component stopped unexpectedly"),
+                Err(e) => anyhow::anyhow!("a component panicked: {e}"),
+            })
         }
-    }
+    };
     shutdown.cancel();
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err(e)) = r {
             tracing::warn!(error = %e, "component ended with an error");
         }
     }
-    Ok(())
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 async fn serve_node(listen: SocketAddr, cfg: registry_node::NodeConfig) -> anyhow::Result<()> {

@@ -7,8 +7,9 @@
 //! bcrypt is slow on purpose, and signature checks are not free, so both successful results
 //! are cached (Basic by a SHA-256 of the header, for at most a minute and only until the
 //! htpasswd file changes; tokens until they expire). Failed Basic attempts are counted per
-//! client address and answered with 429 past a budget, so the slow hash cannot be used to
-//! burn the router's CPU or to guess passwords quickly.
+//! client address and user name (10 a minute) and per address (100 a minute) and answered
+//! with 429 past the budget, so the slow hash cannot be used to burn the router's CPU or to
+//! guess passwords quickly, and one user's guesser does not lock out others behind its NAT.
 
 pub mod glob;
 pub mod htpasswd;
@@ -235,7 +236,9 @@ pub struct Auth {
     verifier: Option<Verifier>,
     basic_cache: RwLock<HashMap<[u8; 32], (String, u64, Instant)>>,
     token_cache: RwLock<HashMap<String, Arc<Claims>>>,
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Failed Basic checks per (address, user name): guessing one user's password from one
+    /// address locks only that pair, so users behind the same NAT are not locked out too.
+    failures: Mutex<HashMap<(IpAddr, String), (Instant, u32)>>,
 }
 
 fn parse_htpasswd(text: &str, _: &Path) -> Result<Htpasswd, AuthError> {
@@ -376,18 +379,6 @@ impl Auth {
                 return Ok(Principal::User(user.clone()));
             }
         }
-        if let Some(ip) = peer {
-            let f = self.failures.lock().expect("failure lock");
-            if let Some((start, n)) = f.get(&ip) {
-                if start.elapsed() < FAILURE_WINDOW && *n >= FAILURE_BUDGET {
-                    metrics::counter!("flotilla_auth_refused_total", "reason" => "rate_limited")
-                        .increment(1);
-                    return Err(Refusal::TooManyFailures(
-                        FAILURE_WINDOW.saturating_sub(start.elapsed()),
-                    ));
-                }
-            }
-        }
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(b64)
             .ok()
@@ -396,6 +387,22 @@ impl Auth {
         let (user, password) = decoded
             .split_once(':')
             .ok_or_else(|| Refusal::BadCredentials("malformed Basic credentials".into()))?;
+        if let Some(ip) = peer {
+            let f = self.failures.lock().expect("failure lock");
+            // The pair's budget, and a larger one for the address over every user name (the
+            // slow hash must not be sprayed with a new name per guess).
+            for (who, budget) in [(user, FAILURE_BUDGET), ("", FAILURE_BUDGET * 10)] {
+                if let Some((start, n)) = f.get(&(ip, who.to_string())) {
+                    if start.elapsed() < FAILURE_WINDOW && *n >= budget {
+                        metrics::counter!("flotilla_auth_refused_total", "reason" => "rate_limited")
+                            .increment(1);
+                        return Err(Refusal::TooManyFailures(
+                            FAILURE_WINDOW.saturating_sub(start.elapsed()),
+                        ));
+                    }
+                }
+            }
+        }
         if file.verify(user, password) {
             let mut cache = self.basic_cache.write().expect("cache lock");
             if cache.len() >= CACHE_MAX {
@@ -408,12 +415,19 @@ impl Auth {
                 let mut f = self.failures.lock().expect("failure lock");
                 if f.len() >= CACHE_MAX {
                     f.retain(|_, (s, _)| s.elapsed() < FAILURE_WINDOW);
+                    if f.len() >= CACHE_MAX {
+                        f.clear();
+                    }
                 }
-                let e = f.entry(ip).or_insert((Instant::now(), 0));
-                if e.0.elapsed() >= FAILURE_WINDOW {
-                    *e = (Instant::now(), 0);
+                for who in [user, ""] {
+                    let e = f
+                        .entry((ip, who.to_string()))
+                        .or_insert((Instant::now(), 0));
+                    if e.0.elapsed() >= FAILURE_WINDOW {
+                        *e = (Instant::now(), 0);
+                    }
+                    e.1 += 1;
                 }
-                e.1 += 1;
             }
             metrics::counter!("flotilla_auth_refused_total", "reason" => "bad_password")
                 .increment(1);
@@ -579,4 +593,77 @@ impl Auth {
 pub struct IssuedToken {
     pub token: String,
     pub expires_in: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(user: &str, password: &str) -> Vec<u8> {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn failed_passwords_lock_the_pair_then_the_address_but_not_other_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("htpasswd");
+        let mut lines = String::new();
+        for u in ["alice", "bob"] {
+            lines.push_str(&format!(
+                "{u}:{}\n",
+                bcrypt::hash(format!("{u}-pw"), 4).unwrap()
+            ));
+        }
+        std::fs::write(&file, lines).unwrap();
+        let auth = Auth::load(AuthConfig {
+            htpasswd: Some(file),
+            token_ttl: Duration::from_secs(60),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        for _ in 0..FAILURE_BUDGET {
+            assert!(matches!(
+                auth.authenticate(Some(&header("alice", "guess")), Some(ip)),
+                Err(Refusal::BadCredentials(_))
+            ));
+        }
+        // alice from this address is locked, even with the right password...
+        assert!(matches!(
+            auth.authenticate(Some(&header("alice", "alice-pw")), Some(ip)),
+            Err(Refusal::TooManyFailures(_))
+        ));
+        // ...but not from another address, and bob from the same address is not.
+        assert_eq!(
+            auth.authenticate(Some(&header("alice", "alice-pw")), Some(other)),
+            Ok(Principal::User("alice".into()))
+        );
+        assert_eq!(
+            auth.authenticate(Some(&header("bob", "bob-pw")), Some(ip)),
+            Ok(Principal::User("bob".into()))
+        );
+        // A new user name per guess runs into the address's budget.
+        let mut refused = 0;
+        for i in 0..(FAILURE_BUDGET * 10) {
+            if let Err(Refusal::TooManyFailures(_)) =
+                auth.authenticate(Some(&header(&format!("u{i}"), "x")), Some(ip))
+            {
+                refused += 1;
+            }
+        }
+        assert!(
+            refused >= FAILURE_BUDGET,
+            "spraying names is throttled: {refused}"
+        );
+        // Cached logins still pass (no hash is computed for them).
+        assert_eq!(
+            auth.authenticate(Some(&header("bob", "bob-pw")), Some(ip)),
+            Ok(Principal::User("bob".into()))
+        );
+    }
 }

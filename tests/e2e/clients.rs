@@ -548,6 +548,20 @@ impl Podman {
         );
     }
 
+    /// Run `pull` (a podman pull command with whatever auth it needs), then check the
+    /// image id of `reference` is the config digest.
+    pub(crate) fn pull_checked_with(&self, mut pull: Command, reference: &str, config_hex: &str) {
+        run(&mut pull);
+        let id = run(self
+            .cmd()
+            .args(["image", "inspect", "--format", "{{.Id}}", reference]));
+        assert_eq!(
+            id.trim(),
+            config_hex,
+            "podman image id is the config digest"
+        );
+    }
+
     pub(crate) fn new() -> Podman {
         require_tool("podman");
         Podman {
