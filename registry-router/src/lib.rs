@@ -94,6 +94,8 @@ pub enum RouterError {
     Client(#[from] reqwest::Error),
     #[error("serving HTTP: {0}")]
     Serve(#[from] flotilla_serve::ServeError),
+    #[error("the listening socket: {0}")]
+    Io(std::io::Error),
     #[error("{0}")]
     Ca(#[from] registry_client::tls::CaError),
     #[error("authentication: {0}")]
@@ -129,13 +131,45 @@ pub fn app(cluster: Cluster) -> Router {
 }
 
 /// Serve until `shutdown` resolves; in-flight requests finish first.
+/// What the router answers while it waits for the metadata store at start: alive, not
+/// ready, and every registry request a 503 the client may retry.
+fn starting_app() -> axum::Router {
+    use axum::response::IntoResponse as _;
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .fallback(|| async {
+            registry_client::ApiError::new(flotilla_core::ErrorCode::Unavailable)
+                .message("the router is starting: the metadata store has not answered yet")
+                .header(http::header::RETRY_AFTER, "1")
+                .into_response()
+        })
+}
+
 pub async fn run(
     listener: tokio::net::TcpListener,
     cfg: RouterConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
     flotilla_serve::preflight(&cfg.serve)?;
-    let cluster = Cluster::open(cfg).await?;
+    // Until the metadata store has answered, the same socket answers 503 (never a hang in
+    // the accept backlog): a second handle on it takes over once the cluster is open.
+    let std_listener = listener.into_std().map_err(RouterError::Io)?;
+    let main_listener = std_listener.try_clone().map_err(RouterError::Io)?;
+    let starting = tokio::net::TcpListener::from_std(std_listener).map_err(RouterError::Io)?;
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let starting = tokio::spawn(flotilla_serve::serve(
+        starting,
+        starting_app(),
+        cfg.serve.clone(),
+        async move {
+            let _ = started_rx.await;
+        },
+    ));
+    let cluster = Cluster::open(cfg).await;
+    let _ = started_tx.send(());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), starting).await;
+    let cluster = cluster?;
+    let listener = tokio::net::TcpListener::from_std(main_listener).map_err(RouterError::Io)?;
     let bg = cluster.start_background();
     tracing::info!(addr = ?listener.local_addr().ok(), "router serving");
     match cluster.auth() {

@@ -405,3 +405,149 @@ async fn metadata_store_client_speaks_tls_to_etcd_with_a_ca_file() {
     // Ready means: the router reached the store and found the node there.
     wait_http_ok(&format!("http://127.0.0.1:{port}/readyz"), CLUSTER_TIMEOUT).await;
 }
+
+/// Consul over HTTPS with an ACL token: the stand-in (Consul's server cannot be had here)
+/// served by `flotilla-serve` with a test certificate and requiring a token. A router and a
+/// node reach it with `consuls://...?ca=` and `CONSUL_HTTP_TOKEN`, or with `consul://` plus
+/// Consul's own `CONSUL_HTTP_SSL`/`CONSUL_CACERT`; without the token the router logs the
+/// store's refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_store_client_speaks_tls_to_consul_with_a_ca_file_and_a_token() {
+    let ca = TestCa::new();
+    let (cert, key, _) = ca.leaf("consul", &["127.0.0.1"]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut cfg = flotilla_serve::ServeConfig::new("node");
+    cfg.tls = Some(flotilla_serve::TlsFiles { cert, key });
+    let app = crate::consul_standin::standin_app(Some("acl-token".into()));
+    let stop = stop_signal();
+    let server = tokio::spawn(flotilla_serve::serve(listener, app, cfg, stop.1));
+    let anon = https_client(&ca.ca())
+        .get(format!("https://{addr}/v1/kv/x"))
+        .send()
+        .await
+        .expect("GET over TLS");
+    assert_eq!(anon.status(), 403, "the stand-in enforces its token");
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let url = format!("consuls://{addr}?ca={}", ca.ca().display());
+    let spawn = |args: Vec<String>, envs: Vec<(&str, String)>, log: &Path| {
+        KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_flotilla"))
+                .args(args)
+                .env("FLOTILLA_SECRET", "tls-test")
+                .env_remove("CONSUL_HTTP_TOKEN")
+                .env_remove("CONSUL_HTTP_SSL")
+                .env_remove("CONSUL_CACERT")
+                .envs(envs)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).expect("log"))
+                .spawn()
+                .expect("spawn flotilla"),
+        )
+    };
+    // The node with Consul's own variables on a plain consul:// URL.
+    let node_port = free_port();
+    let _node = spawn(
+        vec![
+            "node".into(),
+            "--id".into(),
+            "n1".into(),
+            "--rack".into(),
+            "r1".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{node_port}"),
+            "--data".into(),
+            tmp.path().join("n1").display().to_string(),
+            "--meta".into(),
+            format!("consul://{addr}"),
+        ],
+        vec![
+            ("CONSUL_HTTP_TOKEN", "acl-token".into()),
+            ("CONSUL_HTTP_SSL", "true".into()),
+            ("CONSUL_CACERT", ca.ca().display().to_string()),
+        ],
+        &tmp.path().join("node.log"),
+    );
+    wait_http_ok(
+        &format!("http://127.0.0.1:{node_port}/readyz"),
+        CLUSTER_TIMEOUT,
+    )
+    .await;
+    // The router with consuls://?ca= and the token: ready once it found the node there.
+    let port = free_port();
+    let _router = spawn(
+        vec![
+            "router".into(),
+            "--meta".into(),
+            url.clone(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ],
+        vec![("CONSUL_HTTP_TOKEN", "acl-token".into())],
+        &tmp.path().join("router.log"),
+    );
+    wait_http_ok(&format!("http://127.0.0.1:{port}/readyz"), CLUSTER_TIMEOUT).await;
+    let nodes: serde_json::Value = reqwest::get(format!("http://127.0.0.1:{port}/admin/v1/nodes"))
+        .await
+        .expect("nodes")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(nodes[0]["id"], "n1", "{nodes}");
+
+    // Without the token the store refuses the router, and the router says why.
+    let log = tmp.path().join("router-no-token.log");
+    let bad_port = free_port();
+    let _bad = spawn(
+        vec![
+            "router".into(),
+            "--meta".into(),
+            url,
+            "--listen".into(),
+            format!("127.0.0.1:{bad_port}"),
+        ],
+        vec![],
+        &log,
+    );
+    poll("the refusal logged", CLUSTER_TIMEOUT, || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.contains("403") || text.contains("Permission denied")).then_some(())
+    })
+    .await;
+    // Meanwhile it answers, and says it is not ready (a bounded client: a hang would fail).
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let r = http
+        .get(format!("http://127.0.0.1:{bad_port}/readyz"))
+        .send()
+        .await
+        .expect("a starting router answers");
+    assert_eq!(r.status(), 503, "a router the store refuses is not ready");
+    let r = http
+        .get(format!("http://127.0.0.1:{bad_port}/v2/"))
+        .send()
+        .await
+        .expect("a starting router answers /v2/");
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    let _ = stop.0.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+}
+
+/// A shutdown future for `flotilla_serve::serve` and the sender that resolves it.
+fn stop_signal() -> (
+    tokio::sync::oneshot::Sender<()>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move {
+        let _ = rx.await;
+    })
+}

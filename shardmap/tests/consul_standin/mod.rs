@@ -12,8 +12,10 @@
 //! when the index passes `index` or `wait` elapses.
 //! Simplified: the index is one global counter (real Consul may report a per-prefix index;
 //! both are allowed by its docs, which tell clients to expect spurious wake-ups), sessions
-//! expire at exactly their TTL (Consul may wait up to 2×TTL), there is no ACL check and no
-//! lock-delay.
+//! expire at exactly their TTL (Consul may wait up to 2×TTL), there is no lock-delay, and ACLs
+//! are one optional token with every right ([`standin_app`]): a request without it gets
+//! Consul's 403 `Permission denied` (as a cluster with `acl.default_policy = "deny"` answers
+//! an anonymous client).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -319,6 +321,17 @@ async fn session_destroy(State(s): State<Standin>, Path(id): Path<String>) -> Js
 
 /// Start the stand-in on a free loopback port; returns `HOST:PORT`.
 pub(crate) async fn start_standin() -> String {
+    let app = standin_app(None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr.to_string()
+}
+
+/// The stand-in's routes, for callers that serve it themselves (over TLS, say). With
+/// `token`, every request must carry it in `X-Consul-Token` (or `Authorization: Bearer`).
+#[allow(dead_code)]
+pub(crate) fn standin_app(token: Option<String>) -> Router {
     let (tx, _) = tokio::sync::watch::channel(0);
     let s = Standin {
         st: Arc::default(),
@@ -339,8 +352,30 @@ pub(crate) async fn start_standin() -> String {
         .route("/v1/session/renew/{id}", put(session_renew))
         .route("/v1/session/destroy/{id}", put(session_destroy))
         .with_state(s);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr.to_string()
+    let Some(token) = token else {
+        return app;
+    };
+    app.layer(axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let token = token.clone();
+            async move {
+                let h = req.headers();
+                let given = h
+                    .get("x-consul-token")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+                    .or_else(|| {
+                        h.get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .map(str::to_owned)
+                    });
+                if given.as_deref() == Some(token.as_str()) {
+                    next.run(req).await
+                } else {
+                    (StatusCode::FORBIDDEN, "Permission denied").into_response()
+                }
+            }
+        },
+    ))
 }
