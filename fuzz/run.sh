@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 secs="${1:-60}"
-targets="${TARGETS:-route reference digest manifest content_range}"
+targets="${TARGETS:-route reference digest manifest content_range htpasswd token policy}"
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 for t in $targets; do
   log="artifacts/$t.log"

@@ -351,18 +351,9 @@ impl Auth {
         let Some(value) = authorization else {
             return Ok(Principal::Anonymous);
         };
-        let value = std::str::from_utf8(value)
-            .map_err(|_| Refusal::BadCredentials("malformed Authorization header".into()))?;
-        let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-        let rest = rest.trim();
-        if scheme.eq_ignore_ascii_case("basic") {
-            self.basic(rest, peer)
-        } else if scheme.eq_ignore_ascii_case("bearer") {
-            self.bearer(rest)
-        } else {
-            Err(Refusal::BadCredentials(format!(
-                "the {scheme} scheme is not accepted"
-            )))
+        match parse_authorization(value)? {
+            Credentials::Basic(b64) => self.basic(b64, peer),
+            Credentials::Bearer(token) => self.bearer(token),
         }
     }
 
@@ -379,14 +370,8 @@ impl Auth {
                 return Ok(Principal::User(user.clone()));
             }
         }
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| Refusal::BadCredentials("malformed Basic credentials".into()))?;
-        let (user, password) = decoded
-            .split_once(':')
-            .ok_or_else(|| Refusal::BadCredentials("malformed Basic credentials".into()))?;
+        let (user, password) = decode_basic(b64)?;
+        let (user, password) = (user.as_str(), password.as_str());
         if let Some(ip) = peer {
             let f = self.failures.lock().expect("failure lock");
             // The pair's budget, and a larger one for the address over every user name (the
@@ -586,6 +571,45 @@ impl Auth {
             expires_in: issuer.ttl.as_secs(),
         })
     }
+}
+
+/// What an `Authorization` header carries, split but not checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credentials<'a> {
+    /// The base64 `user:password`, still encoded (the Basic cache is keyed on it).
+    Basic(&'a str),
+    Bearer(&'a str),
+}
+
+/// The scheme and credentials of an `Authorization` value. Public, and free of any
+/// secret check, so the fuzz targets can hammer it without paying a bcrypt per input.
+pub fn parse_authorization(value: &[u8]) -> Result<Credentials<'_>, Refusal> {
+    let value = std::str::from_utf8(value)
+        .map_err(|_| Refusal::BadCredentials("malformed Authorization header".into()))?;
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("basic") {
+        Ok(Credentials::Basic(rest))
+    } else if scheme.eq_ignore_ascii_case("bearer") {
+        Ok(Credentials::Bearer(rest))
+    } else {
+        Err(Refusal::BadCredentials(format!(
+            "the {scheme} scheme is not accepted"
+        )))
+    }
+}
+
+/// A Basic credential's user and password (the user ends at the first `:`, as RFC 7617
+/// says: a password may hold colons, a user name may not).
+pub fn decode_basic(b64: &str) -> Result<(String, String), Refusal> {
+    let bad = || Refusal::BadCredentials("malformed Basic credentials".into());
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(bad)?;
+    let (user, password) = decoded.split_once(':').ok_or_else(bad)?;
+    Ok((user.to_string(), password.to_string()))
 }
 
 /// What the token endpoint returns.
