@@ -179,18 +179,24 @@ for m in $MODES; do
   fi
 done
 
-# Run F (a function taking mode and repetition) for mode M while noting the CPU the other
-# clusters burn meanwhile.
+# Run F (a function taking mode and repetition) for mode M, noting the CPU time the measured
+# cluster spends (per request it is the cost of auth itself, and it barely moves when other
+# work on the machine steals cores, unlike req/s) and the CPU the other clusters burn meanwhile.
 measured() { # $1 = function, $2 = mode, $3 = rep
-  local f=$1 m=$2 r=$3 o before=() after=() i=0 idle=0
+  local f=$1 m=$2 r=$3 o before=() after=() i=0 idle=0 own=0
   for o in $MODES; do before+=("$(cpu_ticks "${PID[$o]}")"); done
   "$f" "$m" "$r"
   for o in $MODES; do after+=("$(cpu_ticks "${PID[$o]}")"); done
   for o in $MODES; do
-    [[ "$o" != "$m" ]] && idle=$((idle + after[i] - before[i]))
+    if [[ "$o" == "$m" ]]; then
+      own=$((after[i] - before[i]))
+    else
+      idle=$((idle + after[i] - before[i]))
+    fi
     i=$((i + 1))
   done
   echo "$idle" >"$WORK/results/$m/r$r-$f-idle-ticks"
+  echo "$own" >"$WORK/results/$m/r$r-$f-own-ticks"
 }
 
 wrk_run() { # $1 = mode, $2 = rep
@@ -243,15 +249,29 @@ def pull(m, r):
     return json.load(open(f"{work}/results/{m}/r{r}-pull.json"))["mib_per_sec"]
 def idle(m, r, f):
     return int(open(f"{work}/results/{m}/r{r}-{f}-idle-ticks").read())
+def cpu_us(m, r):
+    t = open(f"{work}/results/{m}/r{r}-wrk.txt").read()
+    n = int(re.search(r"(\d+) requests in", t).group(1))
+    return int(open(f"{work}/results/{m}/r{r}-wrk_run-own-ticks").read()) / hz * 1e6 / n
+hz = int(os.environ["TICK_HZ"])
 
-rows = {m: ([wrk(m, r) for r in range(1, reps + 1)], [pull(m, r) for r in range(1, reps + 1)]) for m in modes}
-med = {m: (statistics.median(w), statistics.median(p)) for m, (w, p) in rows.items()}
+R = range(1, reps + 1)
+rows = {m: ([wrk(m, r) for r in R], [cpu_us(m, r) for r in R], [pull(m, r) for r in R]) for m in modes}
+med = {m: tuple(statistics.median(x) for x in v) for m, v in rows.items()}
 base = med.get("off")
 def ratio(v, i):
     return f"{v / base[i]:.3f}" if base else "-"
-hz = int(os.environ["TICK_HZ"])
-idle_max = max(idle(m, r, f) for m in modes for r in range(1, reps + 1) for f in ("wrk_run", "pull_run")) / hz
-worst = min((med[m][i] / base[i] for m in modes if m != "off" for i in (0, 1)), default=1.0) if base else None
+idle_max = max(idle(m, r, f) for m in modes for r in R for f in ("wrk_run", "pull_run")) / hz
+# Cost as a fraction: less req/s or MiB/s, or more CPU per GET.
+costs = {}
+if base:
+    for m in modes:
+        if m != "off":
+            costs[(m, "manifest GET req/s")] = 1 - med[m][0] / base[0]
+            costs[(m, "server CPU per GET")] = med[m][1] / base[1] - 1
+            costs[(m, "pull MiB/s")] = 1 - med[m][2] / base[2]
+def spread(xs):
+    return (max(xs) - min(xs)) / statistics.median(xs) * 100
 
 nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
 cpu = next((l.split(": ", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
@@ -273,20 +293,30 @@ lines = [
     "(EC P-256), a token for `repository:REPO:pull,push` fetched before every measurement",
     f"- modes interleaved (off, basic, bearer, ...), {reps} repetition(s) each; figures are medians, "
     "ratio = mode / off",
+    "- server CPU per GET: the measured `flotilla dev` process's user+system time during the wrk run "
+    "over the requests wrk completed (router and nodes are one process; wrk is not counted)",
     f"- the two idle clusters used at most {idle_max:.2f} CPU-s during any one measurement",
     "",
-    "| mode | manifest GET req/s | ratio | pull MiB/s | ratio |",
-    "|---|---:|---:|---:|---:|",
+    "| mode | manifest GET req/s | ratio | server CPU µs/GET | ratio | 256 MiB pull MiB/s | ratio |"
+    if os.environ["BIG"] == "256MiB" else
+    f"| mode | manifest GET req/s | ratio | server CPU µs/GET | ratio | {os.environ['BIG']} pull MiB/s | ratio |",
+    "|---|---:|---:|---:|---:|---:|---:|",
 ]
 for m in modes:
-    w, p = med[m]
-    lines.append(f"| {m} | {w:,.0f} | {ratio(w, 0)} | {p:,.0f} | {ratio(p, 1)} |")
-lines += ["", "Every repetition (req/s; MiB/s):", ""]
+    w, c, p = med[m]
+    lines.append(f"| {m} | {w:,.0f} | {ratio(w, 0)} | {c:.1f} | {ratio(c, 1)} | {p:,.0f} | {ratio(p, 2)} |")
+lines += ["", "Every repetition (req/s; µs/GET; MiB/s):", ""]
 for m in modes:
-    w, p = rows[m]
-    lines.append(f"- {m}: " + ", ".join(f"{x:,.0f}" for x in w) + "; " + ", ".join(f"{x:,.0f}" for x in p))
-if worst is not None:
-    lines += ["", f"Largest cost of auth: {(1 - worst) * 100:.1f}% (budget: 5%)." if worst < 1
+    w, c, p = rows[m]
+    lines.append(f"- {m}: " + ", ".join(f"{x:,.0f}" for x in w) + "; " + ", ".join(f"{x:.1f}" for x in c)
+                 + "; " + ", ".join(f"{x:,.0f}" for x in p))
+if "off" in rows:
+    w, c, p = rows["off"]
+    lines += ["", f"Spread of `off` alone across repetitions (max-min over median): req/s {spread(w):.1f}%, "
+              f"CPU/GET {spread(c):.1f}%, pull {spread(p):.1f}%; a difference smaller than that is noise."]
+if costs:
+    (m, what), worst = max(costs.items(), key=lambda kv: kv[1])
+    lines += ["", f"Largest cost of auth: {worst * 100:.1f}% ({m}, {what}; budget 5%)." if worst > 0
               else "Auth cost nothing measurable: no mode was slower than off."]
 text = "\n".join(lines) + "\n"
 open(os.environ["OUT"], "w").write(text)
