@@ -6,7 +6,7 @@
 # The three clusters are started once, side by side, and the measurements interleave
 # (off, basic, bearer, off, basic, bearer, ...) so that drift in what else the shared machine
 # is doing lands on every mode alike; each figure is the median of BENCH_REPS repetitions.
-# The two idle clusters' CPU time during every measurement is recorded, to show they do not
+# The idle clusters' CPU time during every measurement is recorded, to show they do not
 # compete with the measured one. Everything started here is killed on exit.
 #
 # Environment (all optional):
@@ -16,7 +16,7 @@
 #   BENCH_BIG=256MiB       size of the pulled blob
 #   BENCH_WRK_CONNS=32 BENCH_WRK_DURATION=10s   wrk manifest GET settings (as run.sh)
 #   BENCH_BLOB_REDIRECT=   --blob-redirect for every cluster (default: flotilla dev's own)
-#   BENCH_MODES="off basic bearer"
+#   BENCH_MODES="off basic bearer"   add off2 for a second auth-off cluster as a control
 #   BENCH_OUT=<repo>/benches/auth-cost.md   where the report goes
 #   BENCH_WORKDIR=<mktemp>           data dirs, auth files, logs, raw results (kept)
 #   READY_TIMEOUT=60       seconds to wait for each server
@@ -120,7 +120,7 @@ declare -A URL PID
 for m in $MODES; do
   args=()
   case "$m" in
-    off) ;;
+    off | off2) ;; # off2: a second auth-off cluster, a control for cluster-to-cluster variance
     basic) args=(--htpasswd "$WORK/htpasswd") ;;
     bearer) args=(--htpasswd "$WORK/htpasswd" --token-key "$WORK/token-key.pem") ;;
     *) die "unknown mode $m" ;;
@@ -143,7 +143,7 @@ done
 # minutes, longer than one measurement, shorter than the whole run).
 authorization() {
   case "$1" in
-    off) echo "" ;;
+    off | off2) echo "" ;;
     basic) echo "$BASIC" ;;
     bearer)
       local t
@@ -171,7 +171,7 @@ for m in $MODES; do
   manifest="${URL[$m]}/v2/$REPO/manifests/$TAG"
   anon=$(curl -s -o /dev/null -w '%{http_code}' -H "Accept: $MANIFEST_ACCEPT" "$manifest")
   want=401
-  [[ "$m" == off ]] && want=200
+  [[ "$m" == off* ]] && want=200
   [[ "$anon" == "$want" ]] || die "$m: GET without credentials gave $anon, want $want"
   if [[ -n "$a" ]]; then
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Accept: $MANIFEST_ACCEPT" -H "Authorization: $a" "$manifest")
@@ -234,7 +234,7 @@ for r in $(seq 1 "$REPS"); do
 done
 
 # --- report -----------------------------------------------------------------------------------
-CMD="BENCH_QUICK=$QUICK BENCH_REPS=$REPS benches/auth-cost.sh"
+CMD="BENCH_QUICK=$QUICK BENCH_REPS=$REPS BENCH_MODES='$MODES' benches/auth-cost.sh"
 export WORK MODES REPS OUT CMD QUICK BIG DUR WRK_CONNS WRK_DUR REDIRECT
 export GIT_REV="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo none)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo ' (dirty)')"
 export TICK_HZ="$(getconf CLK_TCK)"
@@ -266,7 +266,7 @@ idle_max = max(idle(m, r, f) for m in modes for r in R for f in ("wrk_run", "pul
 costs = {}
 if base:
     for m in modes:
-        if m != "off":
+        if not m.startswith("off"):
             costs[(m, "manifest GET req/s")] = 1 - med[m][0] / base[0]
             costs[(m, "server CPU per GET")] = med[m][1] / base[1] - 1
             costs[(m, "pull MiB/s")] = 1 - med[m][2] / base[2]
@@ -291,11 +291,12 @@ lines = [
     "not to the node the signed URL names)",
     "- Basic: `--htpasswd` (bcrypt, successful checks cached 60 s); Bearer: `--htpasswd --token-key` "
     "(EC P-256), a token for `repository:REPO:pull,push` fetched before every measurement",
-    f"- modes interleaved (off, basic, bearer, ...), {reps} repetition(s) each; figures are medians, "
-    "ratio = mode / off",
+    f"- modes interleaved ({', '.join(modes)}, ...), {reps} repetition(s) each; figures are medians, "
+    "ratio = mode / off" + ("; off2 is a second cluster with auth off, a control: its ratio is what "
+    "cluster-to-cluster variance and position in the round alone produce" if "off2" in modes else ""),
     "- server CPU per GET: the measured `flotilla dev` process's user+system time during the wrk run "
     "over the requests wrk completed (router and nodes are one process; wrk is not counted)",
-    f"- the two idle clusters used at most {idle_max:.2f} CPU-s during any one measurement",
+    f"- the idle clusters used at most {idle_max:.2f} CPU-s during any one measurement",
     "",
     "| mode | manifest GET req/s | ratio | server CPU µs/GET | ratio | 256 MiB pull MiB/s | ratio |"
     if os.environ["BIG"] == "256MiB" else
