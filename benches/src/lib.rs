@@ -104,6 +104,10 @@ pub struct BenchConfig {
     pub seed_blobs: Option<usize>,
     /// Tags seeded for `tags-list`.
     pub tags: usize,
+    /// `Authorization` value sent on every request (`Basic ...`, `Bearer ...`); dropped on
+    /// redirects to another host or port, as clients do, so a node's signed URL is not sent
+    /// the client's credentials.
+    pub authorization: Option<String>,
 }
 
 impl BenchConfig {
@@ -125,6 +129,7 @@ impl BenchConfig {
             timeout: Duration::from_secs(600),
             seed_blobs: None,
             tags: 50,
+            authorization: None,
         }
     }
 }
@@ -257,6 +262,15 @@ pub struct BenchArgs {
     /// Per-operation timeout in seconds.
     #[arg(long, default_value_t = 600.0)]
     pub timeout: f64,
+    /// Send this as the Authorization header on every request, e.g. "Basic dTpw" or
+    /// "Bearer <token>".
+    #[arg(long, value_name = "HEADER_VALUE")]
+    pub authorization: Option<String>,
+    /// Seed of the generated blob contents (default: from the clock and pid). A fixed value
+    /// makes repeated runs push identical blobs, so a registry that deduplicates stores them
+    /// once.
+    #[arg(long)]
+    pub nonce: Option<u64>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
@@ -281,6 +295,10 @@ impl BenchArgs {
         c.verify = self.verify;
         c.seed_blobs = self.seed_blobs;
         c.timeout = Duration::from_secs_f64(self.timeout);
+        c.authorization = self.authorization.clone();
+        if let Some(n) = self.nonce {
+            c.nonce = n;
+        }
         c
     }
 }

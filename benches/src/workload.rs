@@ -361,7 +361,15 @@ pub async fn run_workload(cfg: BenchConfig) -> Result<Report, BenchError> {
     if cfg.workload == Workload::MixedPull && cfg.mix.iter().all(|(_, w)| *w == 0) {
         return Err(BenchError::Invalid("mix has no positive weight".into()));
     }
+    let mut headers = header::HeaderMap::new();
+    if let Some(a) = &cfg.authorization {
+        let mut v = header::HeaderValue::from_str(a)
+            .map_err(|e| BenchError::Invalid(format!("--authorization: {e}")))?;
+        v.set_sensitive(true);
+        headers.insert(header::AUTHORIZATION, v);
+    }
     let client = Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(cfg.concurrency * 2)
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(10))
