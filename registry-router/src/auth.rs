@@ -111,8 +111,10 @@ pub async fn guard(State(cluster): State<Cluster>, mut req: Request, next: Next)
     let Some(need) = need(&req) else {
         return next.run(req).await;
     };
-    let host = host(&req);
-    let https = https(&cluster);
+    // Host and scheme only build a refusal's challenge: not computed on the success path.
+    let refuse = |req: &Request, error: Option<&str>, message: String| {
+        unauthorized(&auth, &need, &host(req), https(&cluster), error, message)
+    };
     let principal = match auth.authenticate(
         req.headers()
             .get(http::header::AUTHORIZATION)
@@ -121,12 +123,8 @@ pub async fn guard(State(cluster): State<Cluster>, mut req: Request, next: Next)
     ) {
         Ok(p) => p,
         Err(Refusal::TooManyFailures(wait)) => return too_many(wait),
-        Err(Refusal::BadCredentials(m)) => {
-            return unauthorized(&auth, &need, &host, https, None, m)
-        }
-        Err(Refusal::InvalidToken(m)) => {
-            return unauthorized(&auth, &need, &host, https, Some("invalid_token"), m)
-        }
+        Err(Refusal::BadCredentials(m)) => return refuse(&req, None, m),
+        Err(Refusal::InvalidToken(m)) => return refuse(&req, Some("invalid_token"), m),
     };
     if !auth.allows(&principal, &need) {
         metrics::counter!("flotilla_auth_refused_total", "reason" => "not_allowed").increment(1);
@@ -137,19 +135,11 @@ pub async fn guard(State(cluster): State<Cluster>, mut req: Request, next: Next)
             Need::Admin => "the admin API".into(),
         };
         return match &principal {
-            Principal::Anonymous => unauthorized(
-                &auth,
-                &need,
-                &host,
-                https,
-                None,
-                format!("authentication required for {what}"),
-            ),
-            Principal::Token(_) => unauthorized(
-                &auth,
-                &need,
-                &host,
-                https,
+            Principal::Anonymous => {
+                refuse(&req, None, format!("authentication required for {what}"))
+            }
+            Principal::Token(_) => refuse(
+                &req,
                 Some("insufficient_scope"),
                 format!("the token does not grant {what}"),
             ),

@@ -311,12 +311,7 @@ async fn in_sync(c: &ClusterProc) -> bool {
 /// replica, a replica that refuses every write (its disk floor above its free space), a
 /// killed router. Each heals before the next starts; the key must be fully in sync again
 /// within a bounded time after each.
-async fn inject(
-    t0: Instant,
-    c: &mut ClusterProc,
-    rounds: u64,
-    done: &std::sync::atomic::AtomicBool,
-) -> Vec<String> {
+async fn inject(t0: Instant, c: &mut ClusterProc, rounds: u64) -> Vec<String> {
     let mut log = Vec::new();
     let replicas = c.replicas(0, REPO).await;
     let pause = Duration::from_millis(1500);
@@ -432,7 +427,7 @@ async fn history_under_faults(opts: ClusterOpts, default_rounds: u64) {
     let started = Instant::now();
     let rounds = env_or("FLOTILLA_HISTORY_ROUNDS", default_rounds);
     let t0 = history.lock().unwrap().t0;
-    let faults = inject(t0, &mut c, rounds, &done).await;
+    let faults = inject(t0, &mut c, rounds).await;
     // The faults must overlap the operations: the budget must not have run out first.
     let left = budget.load(std::sync::atomic::Ordering::Relaxed);
     // The clients go on after the faults until the history holds enough acknowledged
