@@ -1067,9 +1067,11 @@ async fn replicated_write(
 }
 
 /// An immutable tag (the access policy's `immutable_tags`) may be created, and pushed again
-/// with the same manifest, but never moved: the tag's current digest is asked of the
-/// replicas first. Two pushes racing to create the tag can both pass this check; the policy
-/// protects deployed tags from being moved later, which is what teams deploying by tag need.
+/// with the same manifest, but never moved. The tag's digest is bound in the metadata store
+/// by a create-only write before the manifest is written, so of two pushes racing to create
+/// it through any routers exactly one digest wins; the replicas are asked first, so a tag
+/// that existed before its pattern became immutable is bound to what it already names. A
+/// push that fails after the bind leaves the tag reserved for that digest (a retry works).
 async fn refuse_moving(
     cluster: &Cluster,
     repo: &RepoName,
@@ -1077,6 +1079,16 @@ async fn refuse_moving(
     nodes: &[NodeRecord],
     write: &BufferedWrite,
 ) -> Result<(), ApiError> {
+    let new = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&write.bytes))
+    );
+    let refuse = |current: &str| {
+        metrics::counter!("flotilla_router_immutable_refusals_total").increment(1);
+        Err(ApiError::new(ErrorCode::Denied).message(format!(
+            "tag {tag:?} of {repo} is immutable (access policy) and points to {current}; push a new tag instead"
+        )))
+    };
     let pq = format!("/v2/{repo}/manifests/{tag}");
     let mut headers = HeaderMap::new();
     headers.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
@@ -1089,32 +1101,43 @@ async fn refuse_moving(
         &headers,
     )
     .await?;
-    match resp.status() {
-        StatusCode::NOT_FOUND => Ok(()),
-        s if s.is_success() => {
-            let current = resp
-                .headers()
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            let new = format!(
-                "sha256:{}",
-                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&write.bytes))
-            );
-            if current == new {
-                Ok(())
-            } else {
-                metrics::counter!("flotilla_router_immutable_refusals_total").increment(1);
-                Err(ApiError::new(ErrorCode::Denied).message(format!(
-                    "tag {tag:?} of {repo} is immutable (access policy) and points to {current}; push a new tag instead"
-                )))
-            }
+    let existing = match resp.status() {
+        StatusCode::NOT_FOUND => None,
+        s if s.is_success() => resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        _ => {
+            return Err(unavailable(
+                "cannot tell whether the immutable tag exists; retry",
+            ))
         }
-        _ => Err(unavailable(
-            "cannot tell whether the immutable tag exists; retry",
+    };
+    let bind_to = existing.as_deref().unwrap_or(&new);
+    let bound = tokio::time::timeout(
+        META_LOOKUP_TIMEOUT,
+        cluster
+            .map()
+            .bind_immutable_tag(repo.as_str(), tag.as_str(), bind_to),
+    )
+    .await;
+    match bound {
+        Ok(Ok(Ok(()))) if bind_to == new => Ok(()),
+        Ok(Ok(Ok(()))) => refuse(bind_to),
+        Ok(Ok(Err(current))) => refuse(&current),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, %repo, %tag, "cannot bind an immutable tag");
+            Err(unavailable("the metadata store did not answer; retry"))
+        }
+        Err(_) => Err(unavailable(
+            "the metadata store did not answer in time; retry",
         )),
     }
 }
+
+/// Metadata-store lookups on a request path (ARCHITECTURE.md, timeouts).
+const META_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The shard record epoch a response is consistent with: a write's commit epoch, or the
 /// epoch of the record a read was routed by. A read labelled with an epoch at least a

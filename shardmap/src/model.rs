@@ -248,6 +248,15 @@ impl Keyspace {
         format!("{}{}", self.deployments(key), host.replace('/', "~"))
     }
 
+    /// The digest an immutable tag is bound to (`/` in the repository encoded as `~`).
+    pub fn immutable_tag(&self, repo: &str, tag: &str) -> String {
+        format!(
+            "{}tags/immutable/{}/{tag}",
+            self.prefix,
+            repo.replace('/', "~")
+        )
+    }
+
     pub fn config(&self, name: &str) -> String {
         format!("{}config/{name}", self.prefix)
     }

@@ -826,3 +826,95 @@ async fn tokens_issued_by_the_router_and_by_an_external_issuer_are_checked_for_e
     )
     .await;
 }
+
+/// Two routers, two pushes racing to create the same immutable tag with different
+/// manifests: exactly one wins, everywhere, and the tag names the winner afterwards (the
+/// bind is a create-only write in the metadata store; a check of the replicas alone lets
+/// both through).
+#[tokio::test(flavor = "multi_thread")]
+async fn racing_pushes_to_an_immutable_tag_through_two_routers_have_one_winner() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let users = tmp.path().join("htpasswd");
+    htpasswd(&users, "bob", "bob-pw");
+    htpasswd(&users, "alice", "alice-pw");
+    let policy = tmp.path().join("access.toml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    let mut c = crate::cluster_support::ClusterProc::start_with(
+        0,
+        crate::cluster_support::ClusterOpts {
+            admin_authorization: Some(basic("alice", "alice-pw")),
+            ..Default::default()
+        },
+    )
+    .await;
+    let args = [
+        "--htpasswd",
+        users.to_str().unwrap(),
+        "--access",
+        policy.to_str().unwrap(),
+    ];
+    let routers: Vec<Oci> = {
+        let a = c.add_router(&args).await;
+        let b = c.add_router(&args).await;
+        [a, b]
+            .iter()
+            .map(|&r| authed(&c.router(r).base, &basic("bob", "bob-pw")))
+            .collect()
+    };
+    let manifest_of = |oci: &Oci, tag: String| {
+        let oci = oci.clone();
+        async move {
+            let r = oci
+                .http
+                .get(oci.url(&format!("/v2/team/race/manifests/{tag}")))
+                .header("accept", OCI_MANIFEST)
+                .send()
+                .await
+                .expect("GET manifest");
+            assert_eq!(r.status(), 200);
+            r.bytes().await.expect("manifest").to_vec()
+        }
+    };
+    for i in 0..8 {
+        // Both images' blobs and manifests exist first, so only the tag writes race.
+        let a = try_push_image(
+            &routers[0],
+            "team/race",
+            &format!("a{i}"),
+            &layer_for(&format!("a{i}"), 1024),
+        )
+        .await
+        .expect("push a");
+        let b = try_push_image(
+            &routers[1],
+            "team/race",
+            &format!("b{i}"),
+            &layer_for(&format!("b{i}"), 1024),
+        )
+        .await
+        .expect("push b");
+        let (ma, mb) = (
+            manifest_of(&routers[0], a.tag.clone()).await,
+            manifest_of(&routers[1], b.tag.clone()).await,
+        );
+        let tag = format!("release-{i}");
+        let (ra, rb) = tokio::join!(
+            routers[0].put_manifest("team/race", &tag, OCI_MANIFEST, &ma),
+            routers[1].put_manifest("team/race", &tag, OCI_MANIFEST, &mb),
+        );
+        let statuses = [ra.status().as_u16(), rb.status().as_u16()];
+        let winner = match statuses {
+            [201, 403] => &a.manifest,
+            [403, 201] => &b.manifest,
+            other => panic!("{tag}: exactly one push may create an immutable tag: {other:?}"),
+        };
+        for oci in &routers {
+            let got = manifest_of(oci, tag.clone()).await;
+            assert_eq!(
+                &sha256(&got),
+                winner,
+                "{tag} names the winner on every router"
+            );
+        }
+    }
+}

@@ -124,6 +124,8 @@ pub(crate) struct ClusterOpts {
     pub consul: bool,
     /// Further flags for every node.
     pub node_args: Vec<String>,
+    /// `Authorization` for the helpers' admin calls (routers started with auth flags).
+    pub admin_authorization: Option<String>,
 }
 
 impl Default for ClusterOpts {
@@ -142,6 +144,7 @@ impl Default for ClusterOpts {
             etcd: false,
             consul: false,
             node_args: Vec::new(),
+            admin_authorization: None,
         }
     }
 }
@@ -218,10 +221,17 @@ impl ClusterProc {
             moto,
             etcd,
             tmp,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("client"),
+            http: {
+                let mut h = reqwest::header::HeaderMap::new();
+                if let Some(a) = &opts.admin_authorization {
+                    h.insert(reqwest::header::AUTHORIZATION, a.parse().expect("header"));
+                }
+                reqwest::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .default_headers(h)
+                    .build()
+                    .expect("client")
+            },
         };
         for (id, rack) in TOPOLOGY {
             let mut n = ClusterNode {

@@ -258,6 +258,40 @@ impl ShardMap {
         self.store.cas(&k, expected, rec.encode().into()).await
     }
 
+    /// Bind an immutable tag to `digest`, once and for every router at the same time (a
+    /// create-only write): `Ok(Ok(()))` when the tag is now, or already was, bound to
+    /// `digest`; `Ok(Err(current))` when another digest holds it.
+    pub async fn bind_immutable_tag(
+        &self,
+        repo: &str,
+        tag: &str,
+        digest: &str,
+    ) -> Result<Result<(), String>, StoreError> {
+        let k = self.keys.immutable_tag(repo, tag);
+        // Read, else create; a lost create means another router bound it: read theirs.
+        for _ in 0..3 {
+            if let Some((v, _)) = self.store.get(&k).await? {
+                let current = String::from_utf8_lossy(&v).into_owned();
+                return Ok(if current == digest {
+                    Ok(())
+                } else {
+                    Err(current)
+                });
+            }
+            if self
+                .store
+                .cas(&k, None, Bytes::from(digest.to_owned()))
+                .await?
+                .is_ok()
+            {
+                return Ok(Ok(()));
+            }
+        }
+        Err(StoreError::Protocol(format!(
+            "immutable tag {k} was created and removed while binding it"
+        )))
+    }
+
     /// Create the record for a new key unless a router beat us to it; either way return the
     /// record that is now stored, so racing routers all report the winner's placement.
     pub async fn create_shard(
