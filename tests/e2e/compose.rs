@@ -172,17 +172,28 @@ async fn compose_cluster_push_rmi_pull() {
     })
     .await;
 
-    let shards = http
-        .get(format!("http://127.0.0.1:{p2}/admin/v1/shards"))
-        .send()
-        .await
-        .expect("GET /admin/v1/shards");
-    assert!(shards.status().is_success(), "shards: {}", shards.status());
-    let body: serde_json::Value = shards.json().await.expect("shards JSON");
-    let text = body.to_string();
-    for n in ["n1", "n2", "n3"] {
-        assert!(text.contains(n), "shard map lacks {n}: {text}");
-    }
+    // Two replicas in two racks: n3 is rack r2's only node, so it holds one of them.
+    let get = |path: &str| {
+        let (http, url) = (http.clone(), format!("http://127.0.0.1:{p2}{path}"));
+        async move {
+            let r = http.get(&url).send().await.expect("GET admin");
+            assert!(r.status().is_success(), "{url}: {}", r.status());
+            r.json::<serde_json::Value>().await.expect("admin JSON")
+        }
+    };
+    let shards = get("/admin/v1/shards").await;
+    let shard = shards
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["key"] == "billing/api"))
+        .unwrap_or_else(|| panic!("no billing/api in {shards}"));
+    let replicas = shard["replicas"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 2, "{shard}");
+    assert!(
+        replicas.iter().any(|r| r == "n3"),
+        "no replica in rack r2: {shard}"
+    );
+    let nodes = get("/admin/v1/nodes").await;
+    assert_eq!(nodes.as_array().map(Vec::len), Some(3), "nodes: {nodes}");
     drop(guard);
     drop(project);
 }
