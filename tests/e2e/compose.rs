@@ -53,7 +53,7 @@ impl Drop for Project {
 
 /// The image the Dockerfile makes, from this build's binary (stripped: the context stays small).
 fn build_image(tag: &str, ctx: &Path) {
-    run(Command::new(repo_root().join("deploy/prepare")));
+    run(&mut Command::new(repo_root().join("deploy/prepare")));
     std::fs::create_dir_all(ctx.join("deploy")).expect("context dir");
     run(Command::new("strip")
         .arg("-o")
