@@ -12,6 +12,7 @@ mod auth;
 mod bench_smoke;
 mod clients;
 mod cluster;
+mod compose;
 mod config;
 mod control;
 mod crash;
