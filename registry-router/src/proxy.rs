@@ -1079,10 +1079,7 @@ async fn refuse_moving(
     nodes: &[NodeRecord],
     write: &BufferedWrite,
 ) -> Result<(), ApiError> {
-    let new = format!(
-        "sha256:{}",
-        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&write.bytes))
-    );
+    let new = flotilla_core::Digest::sha256_of(&write.bytes).to_string();
     let refuse = |current: &str| {
         metrics::counter!("flotilla_router_immutable_refusals_total").increment(1);
         Err(ApiError::new(ErrorCode::Denied).message(format!(

@@ -47,6 +47,18 @@ fn htpasswd(file: &Path, user: &str, password: &str) {
     run(c.arg(file).arg(user).arg(password));
 }
 
+/// The users of [`POLICY`] (alice the admin, bob the builder, carol signed in only), each
+/// with password `NAME-pw`, and the policy file, in `dir`.
+fn auth_files(dir: &Path) -> (PathBuf, PathBuf) {
+    let users = dir.join("htpasswd");
+    for u in ["alice", "bob", "carol"] {
+        htpasswd(&users, u, &format!("{u}-pw"));
+    }
+    let policy = dir.join("access.toml");
+    std::fs::write(&policy, POLICY).expect("policy");
+    (users, policy)
+}
+
 fn basic(user: &str, password: &str) -> String {
     use base64::Engine as _;
     format!(
@@ -327,12 +339,7 @@ fn layout_with_image(dir: &Path) -> PathBuf {
 #[tokio::test(flavor = "multi_thread")]
 async fn basic_auth_and_the_access_policy_hold_for_every_client_and_every_door() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let users = tmp.path().join("htpasswd");
-    htpasswd(&users, "alice", "alice-pw");
-    htpasswd(&users, "bob", "bob-pw");
-    htpasswd(&users, "carol", "carol-pw");
-    let policy = tmp.path().join("access.toml");
-    std::fs::write(&policy, POLICY).expect("policy");
+    let (users, policy) = auth_files(tmp.path());
 
     // Other hash types are refused at start, naming the line.
     let md5 = tmp.path().join("md5.htpasswd");
@@ -558,10 +565,9 @@ async fn basic_auth_and_the_access_policy_hold_for_every_client_and_every_door()
 
 /// An EC P-256 key and a self-signed certificate for it (what an external issuer publishes).
 fn signing_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let key = dir.join(format!("{name}.pem"));
-    let crt = dir.join(format!("{name}.crt"));
-    run(Command::new(require_tool("openssl"))
-        .args([
+    let (key, crt) = (format!("{name}.pem"), format!("{name}.crt"));
+    crate::tls::openssl(
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -572,13 +578,15 @@ fn signing_key(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
             "-days",
             "2",
             "-subj",
-        ])
-        .arg(format!("/CN={name}"))
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&crt));
-    (key, crt)
+            &format!("/CN={name}"),
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+        ],
+        dir,
+    );
+    (dir.join(key), dir.join(crt))
 }
 
 /// A token the test signs itself with `key` (as a misbehaving or foreign issuer would).
@@ -615,12 +623,7 @@ async fn token(base: &str, basic_auth: Option<&str>, scope: &str) -> (u16, Value
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_issued_by_the_router_and_by_an_external_issuer_are_checked_for_every_claim() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let users = tmp.path().join("htpasswd");
-    htpasswd(&users, "alice", "alice-pw");
-    htpasswd(&users, "bob", "bob-pw");
-    htpasswd(&users, "carol", "carol-pw");
-    let policy = tmp.path().join("access.toml");
-    std::fs::write(&policy, POLICY).expect("policy");
+    let (users, policy) = auth_files(tmp.path());
     let (key, crt) = signing_key(tmp.path(), "issuer");
     let (foreign_key, _) = signing_key(tmp.path(), "foreign");
 
@@ -834,11 +837,7 @@ async fn tokens_issued_by_the_router_and_by_an_external_issuer_are_checked_for_e
 #[tokio::test(flavor = "multi_thread")]
 async fn racing_pushes_to_an_immutable_tag_through_two_routers_have_one_winner() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let users = tmp.path().join("htpasswd");
-    htpasswd(&users, "bob", "bob-pw");
-    htpasswd(&users, "alice", "alice-pw");
-    let policy = tmp.path().join("access.toml");
-    std::fs::write(&policy, POLICY).expect("policy");
+    let (users, policy) = auth_files(tmp.path());
     let mut c = crate::cluster_support::ClusterProc::start_with(
         0,
         crate::cluster_support::ClusterOpts {

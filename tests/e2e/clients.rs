@@ -537,15 +537,9 @@ pub(crate) struct Podman {
 impl Podman {
     /// Pull `src` and check podman's image id is the config digest it was pushed with.
     pub(crate) fn pull_checked(&self, src: &str, config_hex: &str) {
-        run(self.cmd().args(["pull", "--tls-verify=false", src]));
-        let id = run(self
-            .cmd()
-            .args(["image", "inspect", "--format", "{{.Id}}", src]));
-        assert_eq!(
-            id.trim(),
-            config_hex,
-            "podman image id is the config digest"
-        );
+        let mut pull = self.cmd();
+        pull.args(["pull", "--tls-verify=false", src]);
+        self.pull_checked_with(pull, src, config_hex);
     }
 
     /// Run `pull` (a podman pull command with whatever auth it needs), then check the

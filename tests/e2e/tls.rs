@@ -18,7 +18,8 @@ pub(crate) struct TestCa {
     pub(crate) dir: tempfile::TempDir,
 }
 
-fn openssl(args: &[&str], cwd: &Path) {
+/// Run openssl in `cwd`, panicking with its stderr on failure.
+pub(crate) fn openssl(args: &[&str], cwd: &Path) {
     let out = Command::new(require_tool("openssl"))
         .args(args)
         .current_dir(cwd)
