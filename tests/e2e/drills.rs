@@ -182,3 +182,183 @@ async fn rolling_restart() {
     assert_eq!(summary.failed_pulls, 0, "pulls failed: {failures:#?}");
     assert!(summary.pushes > 20, "too few pushes to judge: {summary}");
 }
+
+/// The seeder service whose seeder holds the leader lock, and that seeder's id.
+async fn seeder_leader(p: &Project) -> (String, String) {
+    let id = poll_for("a seeder leader", HEALTHY_TIMEOUT, || async {
+        let v = p.admin("/reseed").await;
+        v["leader"]["id"].as_str().map(str::to_owned)
+    })
+    .await;
+    for service in ["seeder1", "seeder2"] {
+        let logs = p.compose_run(&["logs", "--no-color", service]).await;
+        if logs.contains(&id) {
+            return (service.to_owned(), id);
+        }
+    }
+    panic!("no seeder logged the leader's id {id}");
+}
+
+/// `docker kill` n1, router1, the seeder leader, etcd and S3, one after the other under
+/// the load, each held down for `OUTAGE` and then `docker start`ed (`restart:
+/// unless-stopped` does not restart a container `docker kill` stopped: Docker counts it as
+/// stopped by hand; the drill asserts so). Prints what each cost clients; every pull is
+/// served throughout (node: the partner; router: the client's failover; seeder: not on the
+/// request path; etcd: reads need no metadata write; S3: nodes serve from disk), pushes
+/// fail only while etcd or S3 is down, and every acknowledged image pulls byte-identical at
+/// the end. S3 (moto) keeps objects in memory, so its kill also empties the bucket: last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kills() {
+    let t0 = Instant::now();
+    let p = Project::up("drillkill").await;
+    let (load, _repos) = start_load(&p, "kill").await;
+    let (leader_service, leader_id) = seeder_leader(&p).await;
+    let mut windows = Vec::new();
+    for service in ["n1", "router1", leader_service.as_str(), "etcd", "s3"] {
+        let container = p.container(service).await;
+        let t = Instant::now();
+        p.docker(&["kill", &container]).await;
+        let mut note = String::new();
+        if service == leader_service {
+            let new = poll_for("the standby to take over", HEALTHY_TIMEOUT, || async {
+                let v = p.admin("/reseed").await;
+                v["leader"]["id"]
+                    .as_str()
+                    .filter(|id| *id != leader_id)
+                    .map(str::to_owned)
+            })
+            .await;
+            note = format!(", standby {new} leader after {:.1?}", t.elapsed());
+        }
+        tokio::time::sleep(OUTAGE.saturating_sub(t.elapsed())).await;
+        let state = p
+            .inspect(service, "{{.State.Status}} {{.RestartCount}}")
+            .await;
+        assert_eq!(
+            state, "exited 0",
+            "{service} after docker kill and {OUTAGE:?} (restart: unless-stopped)"
+        );
+        p.docker(&["start", &container]).await;
+        let down = t.elapsed();
+        p.wait_healthy(service, HEALTHY_TIMEOUT).await;
+        if service == "n1" {
+            p.wait_node_serving(service, REJOIN_TIMEOUT).await;
+        }
+        let back = t.elapsed();
+        // The clients are served again, pushes included.
+        load.wait_served(Instant::now(), 3, 10).await;
+        let w = load.window(service, t, Instant::now());
+        eprintln!(
+            "drill kills: {service} killed, started after {down:.1?}, healthy{} after \
+             {back:.1?}{note}; {w}",
+            if service == "n1" { " and in sync" } else { "" }
+        );
+        windows.push(w);
+    }
+    let failures = load.failures(t0, Instant::now());
+    let summary = load.stop().await;
+    report("kills", &windows, &summary, t0.elapsed());
+    verify(&summary).await;
+    assert_eq!(summary.failed_pulls, 0, "pulls failed: {failures:#?}");
+    for w in &windows {
+        if !["etcd", "s3"].contains(&w.name.as_str()) {
+            assert_eq!(w.failed_pushes, 0, "{w}: {failures:#?}");
+        }
+    }
+}
+
+/// Kill n3 (it holds every key), delete its volume and start it on an empty one: it
+/// registers with a new disk id, the seeder reseeds it from S3 (progress in
+/// `GET /admin/v1/reseed`) while the partners serve every pull, then it is ready, in sync,
+/// and serves current data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wipe_volume() {
+    let t0 = Instant::now();
+    let p = Project::up("drillwipe").await;
+    let (load, repos) = start_load(&p, "wipe").await;
+    poll_for(
+        "40 acknowledged pushes",
+        Duration::from_secs(120),
+        || async { (load.acked() >= 40).then_some(()) },
+    )
+    .await;
+    let victim = "n3";
+    let reseed_of = |v: &serde_json::Value| {
+        v["reseeds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["node"] == victim)
+            .cloned()
+    };
+    let before = reseed_of(&p.admin("/reseed").await).map(|r| r["seed_id"].clone());
+
+    let t = Instant::now();
+    p.compose_run(&["kill", victim]).await;
+    p.compose_run(&["rm", "-f", victim]).await;
+    p.docker(&["volume", "rm", &p.volume(victim)]).await;
+    p.compose_run(&["up", "-d", "--no-deps", victim]).await;
+    let started = t.elapsed();
+    let progress = std::cell::RefCell::new(Vec::new());
+    let rec = poll_for("the reseed of n3 to be done", REJOIN_TIMEOUT, || {
+        let (p, before, progress) = (&p, &before, &progress);
+        async move {
+            let r = reseed_of(&p.admin("/reseed").await)?;
+            if before.as_ref() == Some(&r["seed_id"]) {
+                return None;
+            }
+            let line = format!(
+                "{} {}/{} shards, {}/{} objects, {} bytes",
+                r["status"],
+                r["shards_done"].as_array().map_or(0, Vec::len),
+                r["shards_total"],
+                r["objects_done"],
+                r["objects_total"],
+                r["bytes_done"]
+            );
+            let mut progress = progress.borrow_mut();
+            if progress
+                .last()
+                .is_none_or(|(_, l): &(Duration, String)| *l != line)
+            {
+                progress.push((t.elapsed(), line));
+            }
+            (r["status"] == "done").then_some(r)
+        }
+    })
+    .await;
+    let reseeded = t.elapsed();
+    let serving = p.wait_node_serving(victim, REJOIN_TIMEOUT).await + reseeded;
+    load.wait_served(Instant::now(), 3, 10).await;
+    let window = load.window("wipe", t, Instant::now());
+    let failures = load.failures(t, Instant::now());
+    let summary = load.stop().await;
+    for (at, line) in progress.borrow().iter() {
+        eprintln!("drill wipe_volume: +{at:.1?} reseed {line}");
+    }
+    eprintln!(
+        "drill wipe_volume: {victim} killed, volume removed, started on an empty one after \
+         {started:.1?}; reseed done after {reseeded:.1?} (recorded {} ms from start to \
+         done, {} objects, {} bytes); ready and in sync after {serving:.1?}",
+        rec["updated_ms"].as_u64().unwrap_or(0) - rec["started_ms"].as_u64().unwrap_or(0),
+        rec["objects_done"],
+        rec["bytes_done"]
+    );
+    report("wipe_volume", &[window], &summary, t0.elapsed());
+    verify(&summary).await;
+    assert_node_current(&p, victim, &summary, &repos).await;
+    assert_eq!(
+        rec["shards_done"].as_array().map(Vec::len),
+        rec["shards_total"].as_u64().map(|n| n as usize),
+        "{rec}"
+    );
+    assert!(
+        rec["shards_total"].as_u64() >= Some(repos.len() as u64),
+        "{rec}"
+    );
+    assert!(
+        rec["objects_done"].as_u64() >= rec["objects_total"].as_u64(),
+        "{rec}"
+    );
+    assert_eq!(summary.failed_pulls, 0, "pulls failed: {failures:#?}");
+}
