@@ -11,10 +11,11 @@
 //! router may trail by the watch delay, which is counted and reported, not failed).
 //!
 //! Every request has a deadline (15 s, connect 2 s). A request that gets no answer or a
-//! 5xx from one router is sent again to the other, as a client configured with both
-//! routers does (the deploy agent will): each such attempt is recorded as a failed request,
-//! and only an operation whose request failed on both routers is a failed operation. A
-//! wrong answer (404 for an acknowledged tag, a digest mismatch) is never retried.
+//! 5xx from one router is sent again to the other, and that router is avoided for
+//! `ROUTER_BACKOFF` (then tried again), as a client configured with both routers does (the
+//! deploy agent will): each such attempt is recorded as a failed request, and only an
+//! operation whose request failed on both routers is a failed operation. A wrong answer
+//! (404 for an acknowledged tag, a digest mismatch) is never retried.
 
 #![allow(dead_code)]
 
@@ -33,6 +34,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pacing between a client's operations, so the load stays small next to the cluster.
 const PUSH_PACE: Duration = Duration::from_millis(100);
 const PULL_PACE: Duration = Duration::from_millis(50);
+/// How long a router that failed a request is skipped (unless both have failed).
+const ROUTER_BACKOFF: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Kind {
@@ -89,6 +92,8 @@ struct Inner {
     label: String,
     state: Mutex<State>,
     stop: AtomicBool,
+    /// Per router, until when it is avoided after a failed request.
+    avoid_until: Mutex<[Option<Instant>; 2]>,
 }
 
 /// What one window of the run cost clients.
@@ -101,6 +106,10 @@ pub(crate) struct Window {
     pub(crate) failed_pulls: usize,
     pub(crate) pushes: usize,
     pub(crate) pulls: usize,
+    /// What the failed requests got, by class (`HTTP 503`, `connection refused`, ...).
+    pub(crate) classes: Vec<(String, usize)>,
+    /// The first few failed operations: when, and what the last router answered.
+    pub(crate) failed_examples: Vec<String>,
     /// From the fault to the last failed request in the window.
     pub(crate) last_failure: Option<Duration>,
     /// From the fault to the first successful operation (of the kind that failed last)
@@ -122,11 +131,23 @@ impl std::fmt::Display for Window {
             self.failed_pushes,
             self.failed_pulls
         )?;
-        match (self.last_failure, self.recovered) {
-            (Some(l), Some(r)) => write!(f, "; last failure +{l:.1?}, served again +{r:.1?}"),
-            (Some(l), None) => write!(f, "; last failure +{l:.1?}, not served again yet"),
-            _ => Ok(()),
+        if !self.classes.is_empty() {
+            let c: Vec<String> = self
+                .classes
+                .iter()
+                .map(|(c, n)| format!("{n}× {c}"))
+                .collect();
+            write!(f, " ({})", c.join(", "))?;
         }
+        match (self.last_failure, self.recovered) {
+            (Some(l), Some(r)) => write!(f, "; last failure +{l:.1?}, served again +{r:.1?}")?,
+            (Some(l), None) => write!(f, "; last failure +{l:.1?}, not served again yet")?,
+            _ => {}
+        }
+        for e in &self.failed_examples {
+            write!(f, "\n    failed operation {e}")?;
+        }
+        Ok(())
     }
 }
 
@@ -152,6 +173,7 @@ impl Load {
             label: label.to_owned(),
             state: Mutex::new(State::default()),
             stop: AtomicBool::new(false),
+            avoid_until: Mutex::new([None; 2]),
         });
         for seq in 0..inner.repos.len() as u64 {
             assert!(inner.push(seq).await, "initial push {seq} failed");
@@ -227,8 +249,25 @@ impl Load {
                 .map(|(t, _)| *t)
                 .min()
         });
+        let mut classes: Vec<(String, usize)> = Vec::new();
+        for f in s.failed_requests.iter().filter(|f| within(&f.at)) {
+            let c = class(&f.what);
+            match classes.iter_mut().find(|(k, _)| *k == c) {
+                Some((_, n)) => *n += 1,
+                None => classes.push((c, 1)),
+            }
+        }
+        let failed_examples = s
+            .failed_ops
+            .iter()
+            .filter(|f| within(&f.at))
+            .take(3)
+            .map(|f| format!("+{:.1?} {:?}: {}", f.at - from, f.kind, f.what))
+            .collect();
         Window {
             name: name.to_owned(),
+            classes,
+            failed_examples,
             failed_push_requests: count(&s.failed_requests, Kind::Push),
             failed_pull_requests: count(&s.failed_requests, Kind::Pull),
             failed_pushes: count(&s.failed_ops, Kind::Push),
@@ -377,6 +416,35 @@ impl Summary {
     }
 }
 
+/// The class of a failed request's description (`METHOD PATH: STATUS BODY` or
+/// `METHOD PATH: ERROR`), for the report.
+fn class(what: &str) -> String {
+    let rest = what.split_once(": ").map_or(what, |(_, r)| r);
+    if let Some(code) = rest.split(' ').next().filter(|c| c.parse::<u16>().is_ok()) {
+        let detail = ["UNAVAILABLE", "BLOB_UPLOAD", "INTERNAL"]
+            .iter()
+            .find(|c| rest.contains(*c))
+            .map_or(String::new(), |c| format!(" {c}"));
+        return format!("HTTP {code}{detail}");
+    }
+    let lower = rest.to_ascii_lowercase();
+    let c = if lower.contains("connectionrefused") || lower.contains("connection refused") {
+        "connection refused"
+    } else if lower.contains("timedout") || lower.contains("timed out") || lower.contains("timeout")
+    {
+        "timeout"
+    } else if lower.contains("incompletemessage") || lower.contains("connection closed") {
+        "connection closed before the answer"
+    } else if lower.contains("connectionreset") || lower.contains("reset by peer") {
+        "connection reset"
+    } else if rest.starts_with("body") {
+        "body cut"
+    } else {
+        "other"
+    };
+    c.to_owned()
+}
+
 /// A deterministic layer for push `seq` of load `label`: distinct per push.
 fn layer(label: &str, seq: u64) -> Vec<u8> {
     let seed = sha256(format!("{label}/{seq}").as_bytes());
@@ -390,6 +458,7 @@ fn layer(label: &str, seq: u64) -> Vec<u8> {
 
 impl Inner {
     fn failed_request(&self, kind: Kind, router: usize, what: String) {
+        self.avoid_until.lock().unwrap()[router] = Some(Instant::now() + ROUTER_BACKOFF);
         self.state.lock().unwrap().failed_requests.push(Failure {
             at: Instant::now(),
             kind,
@@ -448,6 +517,13 @@ impl Inner {
         headers: &[(&str, &str)],
         body: Option<Bytes>,
     ) -> Result<(usize, u16, reqwest::header::HeaderMap, Bytes), ()> {
+        let avoided =
+            |r: usize| self.avoid_until.lock().unwrap()[r].is_some_and(|t| Instant::now() < t);
+        let first = if avoided(first) && !avoided(1 - first) {
+            1 - first
+        } else {
+            first
+        };
         let mut last = String::new();
         for router in [first, 1 - first] {
             match self

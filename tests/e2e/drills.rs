@@ -204,8 +204,8 @@ async fn seeder_leader(p: &Project) -> (String, String) {
 /// unless-stopped` does not restart a container `docker kill` stopped: Docker counts it as
 /// stopped by hand; the drill asserts so). Prints what each cost clients; every pull is
 /// served throughout (node: the partner; router: the client's failover; seeder: not on the
-/// request path; etcd: reads need no metadata write; S3: nodes serve from disk), pushes
-/// fail only while etcd or S3 is down, and every acknowledged image pulls byte-identical at
+/// request path; etcd: reads need no metadata write; S3: nodes serve from disk), no push
+/// fails for a router or seeder kill, and every acknowledged image pulls byte-identical at
 /// the end. S3 (moto) keeps objects in memory, so its kill also empties the bucket: last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kills() {
@@ -260,10 +260,15 @@ async fn kills() {
     report("kills", &windows, &summary, t0.elapsed());
     verify(&summary).await;
     assert_eq!(summary.failed_pulls, 0, "pulls failed: {failures:#?}");
-    for w in &windows {
-        if !["etcd", "s3"].contains(&w.name.as_str()) {
-            assert_eq!(w.failed_pushes, 0, "{w}: {failures:#?}");
-        }
+    // A router or seeder kill costs no push (the client fails over; the seeder is not on
+    // the request path). A node kill may fail the upload it held and the first one each
+    // router sends it before ejecting it (503 "retry the upload", which a client retries);
+    // etcd and S3 kills fail pushes while they are down. Those are reported, not failed.
+    for w in windows
+        .iter()
+        .filter(|w| w.name.starts_with("router") || w.name.starts_with("seeder"))
+    {
+        assert_eq!(w.failed_pushes, 0, "{w}: {failures:#?}");
     }
 }
 
