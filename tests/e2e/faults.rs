@@ -863,3 +863,62 @@ async fn catch_up_keeps_what_object_storage_lost() {
         );
     }
 }
+
+/// A tag one replica lacks (it was written while the replica lagged, and object storage has
+/// since lost it: the compose S3 kill drill) is served from the partner, never a 404:
+/// routers ask every replica before a manifest 404, as they do for blobs.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_replicas_missing_tag_never_reaches_a_client() {
+    let mut c = ClusterProc::start(1).await;
+    // No manifest cache on this router: every round must reach a replica.
+    let uncached = c.add_router(&["--manifest-cache-mib", "0"]).await;
+    let oci = c.router(uncached);
+    let pushed = try_push_image(&oci, "tagholes/prod", "v1", &layer_for("tagholes", 4096))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let replicas = c.replicas(0, "tagholes/prod").await;
+    let holed = c.node(&replicas[0]);
+    std::fs::remove_file(holed.data.join("repos/tagholes/prod/_manifests/tags/v1"))
+        .expect("remove the replica's tag");
+    c.s3_delete("repos/tagholes/prod/tags/v1").await;
+    let path = "/v2/tagholes/prod/manifests/v1";
+    let direct = holed
+        .client()
+        .http
+        .get(holed.client().url(path))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(direct.status(), 404, "the hole is real");
+    let mut served_by = std::collections::BTreeSet::new();
+    for round in 0..6 {
+        let r = oci
+            .http
+            .get(oci.url(path))
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), 200, "round {round}");
+        if let Some(n) = r.headers().get("x-flotilla-node") {
+            served_by.insert(n.to_str().unwrap_or_default().to_owned());
+        }
+        let body = r.bytes().await.expect("body");
+        assert_eq!(crate::support::sha256(&body), pushed.manifest);
+    }
+    assert_eq!(
+        served_by.into_iter().collect::<Vec<_>>(),
+        vec![replicas[1].clone()],
+        "only the partner holds the tag"
+    );
+    // A tag no replica has is still a 404.
+    let r = oci
+        .http
+        .get(oci.url("/v2/tagholes/prod/manifests/none"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 404);
+}
