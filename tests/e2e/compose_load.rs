@@ -110,10 +110,13 @@ pub(crate) struct Window {
     pub(crate) classes: Vec<(String, usize)>,
     /// The first few failed operations: when, and what the last router answered.
     pub(crate) failed_examples: Vec<String>,
-    /// From the fault to the last failed request in the window.
-    pub(crate) last_failure: Option<Duration>,
-    /// From the fault to the first successful operation (of the kind that failed last)
-    /// completed after the window's last failure: what a client waited to be served again.
+    /// From the fault to the last failed request in the window (failed over or not): how
+    /// long clients saw the fault.
+    pub(crate) last_failed_request: Option<Duration>,
+    /// From the fault to the last failed operation in the window.
+    pub(crate) last_failed_op: Option<Duration>,
+    /// From the fault to the first successful operation of the kind that failed last,
+    /// completed after it: how long until a client was served again.
     pub(crate) recovered: Option<Duration>,
 }
 
@@ -139,9 +142,17 @@ impl std::fmt::Display for Window {
                 .collect();
             write!(f, " ({})", c.join(", "))?;
         }
-        match (self.last_failure, self.recovered) {
-            (Some(l), Some(r)) => write!(f, "; last failure +{l:.1?}, served again +{r:.1?}")?,
-            (Some(l), None) => write!(f, "; last failure +{l:.1?}, not served again yet")?,
+        if let Some(l) = self.last_failed_request {
+            write!(f, "; last failed request +{l:.1?}")?;
+        }
+        match (self.last_failed_op, self.recovered) {
+            (Some(l), Some(r)) => {
+                write!(f, ", last failed operation +{l:.1?}, served again +{r:.1?}")?
+            }
+            (Some(l), None) => write!(f, ", last failed operation +{l:.1?}, not served again")?,
+            (None, _) if self.last_failed_request.is_some() => {
+                write!(f, ", every operation served (failover)")?
+            }
             _ => {}
         }
         for e in &self.failed_examples {
@@ -237,10 +248,15 @@ impl Load {
         let within = |t: &Instant| *t >= from && *t < to;
         let count =
             |v: &[Failure], k: Kind| v.iter().filter(|f| f.kind == k && within(&f.at)).count();
-        let last = s
+        let last_request = s
             .failed_requests
             .iter()
-            .chain(&s.failed_ops)
+            .filter(|f| within(&f.at))
+            .map(|f| f.at)
+            .max();
+        let last = s
+            .failed_ops
+            .iter()
             .filter(|f| within(&f.at))
             .max_by_key(|f| f.at);
         let recovered = last.and_then(|l| {
@@ -282,7 +298,8 @@ impl Load {
                 .iter()
                 .filter(|(t, k)| *k == Kind::Pull && within(t))
                 .count(),
-            last_failure: last.map(|l| l.at - from),
+            last_failed_request: last_request.map(|t| t - from),
+            last_failed_op: last.map(|l| l.at - from),
             recovered: recovered.map(|r| r - from),
         }
     }
