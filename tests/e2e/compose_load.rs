@@ -663,7 +663,7 @@ impl Inner {
     /// One pull operation: every even `i` an acknowledged image, every odd one a `latest`.
     async fn pull_one(&self, i: u64) {
         let first = (i / 2 % 2) as usize;
-        if i % 2 == 0 {
+        if i & 1 == 0 {
             let img = {
                 let s = self.state.lock().unwrap();
                 if s.acked.is_empty() {
