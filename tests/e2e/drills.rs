@@ -95,8 +95,9 @@ fn report(drill: &str, windows: &[Window], summary: &Summary, took: Duration) {
 /// is current.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partition() {
-    let t0 = Instant::now();
     let p = Project::up("drillpart").await;
+    // The drill itself: image and cluster start are printed by `Project::up`.
+    let t0 = Instant::now();
     let (load, repos) = start_load(&p, "part").await;
     let victim = "n3";
     let container = p.container(victim).await;
@@ -154,8 +155,9 @@ async fn partition() {
 /// pulls, zero lost acknowledged pushes. Clients fail over between the routers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rolling_restart() {
-    let t0 = Instant::now();
     let p = Project::up("drillroll").await;
+    // The drill itself: image and cluster start are printed by `Project::up`.
+    let t0 = Instant::now();
     let (load, _repos) = start_load(&p, "roll").await;
     let mut windows = Vec::new();
     for service in ["n1", "n2", "n3", "router1", "router2"] {
@@ -209,8 +211,9 @@ async fn seeder_leader(p: &Project) -> (String, String) {
 /// the end. S3 (moto) keeps objects in memory, so its kill also empties the bucket: last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kills() {
-    let t0 = Instant::now();
     let p = Project::up("drillkill").await;
+    // The drill itself: image and cluster start are printed by `Project::up`.
+    let t0 = Instant::now();
     let (load, _repos) = start_load(&p, "kill").await;
     let (leader_service, leader_id) = seeder_leader(&p).await;
     let mut windows = Vec::new();
@@ -278,8 +281,9 @@ async fn kills() {
 /// and serves current data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn wipe_volume() {
-    let t0 = Instant::now();
     let p = Project::up("drillwipe").await;
+    // The drill itself: image and cluster start are printed by `Project::up`.
+    let t0 = Instant::now();
     let (load, repos) = start_load(&p, "wipe").await;
     poll_for(
         "40 acknowledged pushes",
