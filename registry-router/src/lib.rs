@@ -109,7 +109,8 @@ pub fn app(cluster: Cluster) -> Router {
     let uploads = flotilla_serve::limits::UploadLimiter::new(
         cluster.config().max_uploads_per_client,
         "router",
-    );
+    )
+    .with_user_of(auth::user_of);
     Router::new()
         .route("/v2", any(proxy::handle))
         .route("/v2/", any(proxy::handle))
@@ -121,7 +122,7 @@ pub fn app(cluster: Cluster) -> Router {
         .route(auth::TOKEN_PATH, any(auth::token))
         .with_state(cluster.clone())
         // The limit holds whatever the route; authentication runs outside it and inserts
-        // `flotilla_serve::limits::AuthenticatedUser`.
+        // the user (`auth::Authorized`).
         .layer(axum::middleware::from_fn_with_state(
             uploads,
             flotilla_serve::limits::UploadLimiter::middleware,

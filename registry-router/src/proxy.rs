@@ -65,9 +65,17 @@ fn finish(mut resp: Response) -> Response {
     resp
 }
 
-pub async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
+pub async fn handle(State(cluster): State<Cluster>, mut req: Request) -> Response {
     let started = Instant::now();
-    let route = OciRoute::parse(req.uri().path());
+    // The guard has parsed it when authentication is on.
+    let route = match req
+        .extensions_mut()
+        .get_mut::<crate::auth::Authorized>()
+        .and_then(|a| a.route.take())
+    {
+        Some(route) => Ok(route),
+        None => OciRoute::parse(req.uri().path()),
+    };
     let label = route.as_ref().map(OciRoute::label).unwrap_or("invalid");
     let method = req.method().clone();
     let resp = match route {
