@@ -74,7 +74,7 @@ pub async fn handle(State(cluster): State<Cluster>, mut req: Request) -> Respons
         .and_then(|a| a.route.take())
     {
         Some(route) => Ok(route),
-        None => OciRoute::parse(req.uri().path()),
+        None => OciRoute::parse_for(req.method(), req.uri().path()),
     };
     let label = route.as_ref().map(OciRoute::label).unwrap_or("invalid");
     let method = req.method().clone();
