@@ -66,6 +66,22 @@ pub(crate) struct DevArgs {
     pub max_uploads_per_client: usize,
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// (The events journal lives under --data.)
+    #[command(flatten)]
+    pub events: EventsArgs,
+}
+
+/// Where the router sends its events (`router` and `dev`).
+#[derive(clap::Args, Debug)]
+pub(crate) struct EventsArgs {
+    /// Deliver every manifest push and delete to this URL (repeatable), in Distribution's
+    /// notification envelope, at least once and in order: recorded durably before the
+    /// client's 201, retried with backoff while the receiver is down.
+    #[arg(long = "webhook", value_name = "URL")]
+    pub webhooks: Vec<String>,
+    /// Per-delivery timeout, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub webhook_timeout_secs: u64,
 }
 
 /// Who may do what at the router (`router` and `dev`). Without any of these the registry is
@@ -177,6 +193,12 @@ pub(crate) struct RouterArgs {
     pub max_uploads_per_client: usize,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub events: EventsArgs,
+    /// Where the events journal (the outbox) and each sink's cursor live: a local disk
+    /// that survives restarts, one directory per router. Required with --webhook.
+    #[arg(long)]
+    pub events_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -18,7 +18,7 @@ use s3_seeder::SeederConfig;
 use shardmap::MetaUrl;
 
 use crate::cli::{
-    AuthArgs, Cli, Cmd, DevArgs, ListenArgs, NodeArgs, Redirect, RouterArgs, SeederArgs,
+    AuthArgs, Cli, Cmd, DevArgs, EventsArgs, ListenArgs, NodeArgs, Redirect, RouterArgs, SeederArgs,
 };
 use flotilla_serve::{ServeConfig, TlsFiles};
 
@@ -221,8 +221,43 @@ fn router(a: &RouterArgs, metrics: &PrometheusHandle) -> anyhow::Result<RouterCo
         tls_ca: a.tls_ca.clone(),
         max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
         auth: auth(&a.auth)?,
+        events: events(&a.events, a.events_dir.as_deref())?,
         ..RouterConfig::new(meta)
     })
+}
+
+fn events(
+    a: &EventsArgs,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<Option<flotilla_events::OutboxConfig>> {
+    if a.webhooks.is_empty() {
+        return Ok(None);
+    }
+    let dir = dir.context(
+        "--webhook needs --events-dir: events are journaled on local disk before the client's 201",
+    )?;
+    anyhow::ensure!(
+        a.webhook_timeout_secs > 0,
+        "--webhook-timeout-secs: must be positive"
+    );
+    let sinks = a
+        .webhooks
+        .iter()
+        .enumerate()
+        .map(|(i, url)| flotilla_events::SinkConfig {
+            name: format!("webhook-{}", i + 1),
+            url: url.clone(),
+            timeout: Duration::from_secs(a.webhook_timeout_secs),
+        })
+        .collect::<Vec<_>>();
+    // The URLs are checked now, so a typo stops the start rather than the first delivery.
+    for s in &sinks {
+        flotilla_events::check_url(&s.url).map_err(|m| anyhow::anyhow!("--webhook: {m}"))?;
+    }
+    Ok(Some(flotilla_events::OutboxConfig {
+        dir: std::path::absolute(dir).map_err(flag("--events-dir"))?,
+        sinks,
+    }))
 }
 
 fn auth(a: &AuthArgs) -> anyhow::Result<flotilla_auth::AuthConfig> {
@@ -341,6 +376,7 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
         tls_ca,
         max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
         auth: auth(&a.auth)?,
+        events: events(&a.events, Some(&data.join("events")))?,
         ..RouterConfig::new(meta.clone())
     };
     Ok(DevConfig {

@@ -121,7 +121,7 @@ impl OciRoute {
             // A digest-shaped reference (`algo:hex`) that does not parse keeps its 400
             // `DIGEST_INVALID`: the client meant a digest and got it wrong.
             let bad_ref = e.code() == ErrorCode::ManifestInvalid;
-            let manifests = path.rsplitn(3, '/').nth(1) == Some("manifests");
+            let manifests = path.rsplit('/').nth(1) == Some("manifests");
             if read && bad_ref && manifests {
                 ApiError::new(ErrorCode::ManifestUnknown).message(
                     "no manifest can have this reference: it is neither a tag nor a digest",

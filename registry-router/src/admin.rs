@@ -27,7 +27,7 @@ const CAS_ATTEMPTS: usize = 5;
 
 /// Every admin route (paths relative to `/admin/v1`) with its handlers. One table, so the
 /// OpenAPI test checks the document against exactly what [`routes`] registers.
-fn table() -> [(&'static str, MethodRouter<Cluster>); 7] {
+fn table() -> [(&'static str, MethodRouter<Cluster>); 9] {
     [
         ("/nodes", get(nodes)),
         ("/shards", get(shards)),
@@ -36,6 +36,8 @@ fn table() -> [(&'static str, MethodRouter<Cluster>); 7] {
         ("/nodes/{id}/drain", post(drain)),
         ("/nodes/{id}/undrain", post(undrain)),
         ("/reseed", get(reseed)),
+        ("/events", get(events)),
+        ("/events/sinks", get(event_sinks)),
     ]
 }
 
@@ -360,6 +362,51 @@ async fn stored<T: Record>(c: &Cluster, prefix: &str) -> Result<Vec<Versioned<T>
         .collect())
 }
 
+/// `?since=SEQ&limit=N` of `GET /events`.
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+/// One entry of `GET /events`: an event and its place in the journal.
+#[derive(serde::Serialize)]
+struct TimelineEntry {
+    seq: u64,
+    event: flotilla_events::Event,
+}
+
+/// `GET /events?since=SEQ&limit=N`: the events recorded after `since`, oldest first (page
+/// by passing the last `seq` back). Without sinks there is no outbox and the list is empty.
+async fn events(
+    State(c): State<Cluster>,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> Result<Json<Vec<TimelineEntry>>, ApiError> {
+    let Some(outbox) = c.events() else {
+        return Ok(Json(Vec::new()));
+    };
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let outbox = outbox.clone();
+    let got = tokio::task::spawn_blocking(move || outbox.since(q.since, limit))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable).message(e.to_string()))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading the events journal");
+            ApiError::new(ErrorCode::Unavailable).message(e.to_string())
+        })?;
+    Ok(Json(
+        got.into_iter()
+            .map(|(seq, event)| TimelineEntry { seq, event })
+            .collect(),
+    ))
+}
+
+/// `GET /events/sinks`: each sink's queue depth, last success and last error.
+async fn event_sinks(State(c): State<Cluster>) -> Json<Vec<flotilla_events::SinkStatus>> {
+    Json(c.events().map(|o| o.sinks()).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -566,6 +613,36 @@ mod tests {
                 key: "flotilla/shards/billing~prod".into(),
                 error: "record has format version 9".into(),
             }]),
+            ("get", "/admin/v1/events") => serde_json::to_value(vec![TimelineEntry {
+                seq: 7,
+                event: flotilla_events::Event::new(
+                    "push",
+                    flotilla_events::Target {
+                        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                        size: 528,
+                        digest: format!("sha256:{}", "a".repeat(64)),
+                        length: 528,
+                        repository: "billing/api".into(),
+                        tag: Some("v1".into()),
+                    },
+                    Some("bob".into()),
+                    flotilla_events::Source {
+                        addr: "router-1".into(),
+                        instance_id: "7f1c".into(),
+                    },
+                ),
+            }]),
+            ("get", "/admin/v1/events/sinks") => {
+                serde_json::to_value(vec![flotilla_events::SinkStatus {
+                    name: "hook".into(),
+                    url: "http://hooks.example:8080/registry".into(),
+                    pending: 3,
+                    delivered_through: 41,
+                    last_success: Some("2026-12-02T18:00:00.000Z".into()),
+                    last_error: Some("the receiver answered 500".into()),
+                    consecutive_failures: 2,
+                }])
+            }
             other => panic!("no sample for {other:?}: add one with the new endpoint"),
         };
         v.unwrap()

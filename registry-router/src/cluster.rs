@@ -67,6 +67,8 @@ struct Inner {
     absent: Mutex<HashMap<ShardKey, Instant>>,
     /// Authentication and the access policy (`None`: the registry is open).
     auth: Option<Arc<flotilla_auth::Auth>>,
+    events: Option<Arc<flotilla_events::Outbox>>,
+    source: flotilla_events::Source,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -134,6 +136,20 @@ impl Cluster {
         } else {
             None
         };
+        let events = match &cfg.events {
+            Some(e) if !e.sinks.is_empty() => {
+                Some(Arc::new(flotilla_events::Outbox::open(e.clone())?))
+            }
+            _ => None,
+        };
+        let source = flotilla_events::Source {
+            addr: std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            instance_id: uuid::Uuid::new_v4().to_string(),
+        };
         // Every request to a node carries the cluster secret: nodes take `/v2` writes (and
         // unsigned reads) only from routers.
         let mut node_headers = http::HeaderMap::new();
@@ -173,6 +189,8 @@ impl Cluster {
                 unreadable: Mutex::default(),
                 absent: Mutex::default(),
                 auth,
+                events,
+                source,
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -190,6 +208,16 @@ impl Cluster {
     /// The authentication state, when auth is on.
     pub fn auth(&self) -> Option<&Arc<flotilla_auth::Auth>> {
         self.inner.auth.as_ref()
+    }
+
+    /// The events outbox, when sinks are configured.
+    pub fn events(&self) -> Option<&Arc<flotilla_events::Outbox>> {
+        self.inner.events.as_ref()
+    }
+
+    /// This router, as events name their source.
+    pub fn source(&self) -> &flotilla_events::Source {
+        &self.inner.source
     }
 
     pub fn http(&self) -> &reqwest::Client {

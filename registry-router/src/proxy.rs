@@ -149,7 +149,14 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
                 }
                 _ => None,
             };
-            replicated_write(cluster, &repo, unplaced, immutable, req).await
+            let event = WriteEvent {
+                actor: req
+                    .extensions()
+                    .get::<crate::auth::Authorized>()
+                    .and_then(|a| a.user.clone()),
+                reference,
+            };
+            replicated_write(cluster, &repo, unplaced, immutable, Some(event), req).await
         }
         OciRoute::Manifest { repo, reference } if cluster.manifests().enabled() => {
             read_cached(cluster, &repo, Cacheable::Manifest(&repo, &reference), req).await
@@ -161,7 +168,7 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             read_cached(cluster, &repo, Cacheable::Listing(&pq), req).await
         }
         OciRoute::Blob { repo, .. } if method == Method::DELETE => {
-            replicated_write(cluster, &repo, Unplaced::Check, None, req).await
+            replicated_write(cluster, &repo, Unplaced::Check, None, None, req).await
         }
         OciRoute::Tags { repo }
         | OciRoute::Manifest { repo, .. }
@@ -976,11 +983,75 @@ fn after_blob_write(
 /// past unreachable ones), then committed in the shard record ([`Cluster::commit`]): a
 /// replica that missed the write is marked lagging there before the client hears 2xx, so no
 /// replica any router reads from can contradict an acknowledged write.
+/// What a manifest write's event names besides the write itself.
+struct WriteEvent {
+    actor: Option<std::sync::Arc<str>>,
+    reference: flotilla_core::Reference,
+}
+
+/// Records a committed manifest write in the events outbox before the client is answered,
+/// so a crash after the 201 cannot lose its event. A journal that cannot be written is
+/// logged and counted; the write itself stands (it is committed).
+async fn record_event(
+    cluster: &Cluster,
+    repo: &RepoName,
+    write: &BufferedWrite,
+    event: WriteEvent,
+    resp: &reqwest::Response,
+) {
+    let Some(outbox) = cluster.events() else {
+        return;
+    };
+    let tag = match &event.reference {
+        flotilla_core::Reference::Tag(t) => Some(t.to_string()),
+        flotilla_core::Reference::Digest(_) => None,
+    };
+    let push = write.method != Method::DELETE;
+    let digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| match &event.reference {
+            flotilla_core::Reference::Digest(d) => Some(d.to_string()),
+            flotilla_core::Reference::Tag(_) => None,
+        })
+        .unwrap_or_default();
+    let target = flotilla_events::Target {
+        media_type: if push {
+            write
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            String::new()
+        },
+        size: if push { write.bytes.len() as u64 } else { 0 },
+        length: if push { write.bytes.len() as u64 } else { 0 },
+        digest,
+        repository: repo.to_string(),
+        tag,
+    };
+    let ev = flotilla_events::Event::new(
+        if push { "push" } else { "delete" },
+        target,
+        event.actor.map(|a| a.to_string()),
+        cluster.source().clone(),
+    );
+    if let Err(e) = outbox.record(ev).await {
+        tracing::error!(%repo, error = %e, "the write's event could not be recorded");
+        metrics::counter!("flotilla_events_record_failures_total").increment(1);
+    }
+}
+
 async fn replicated_write(
     cluster: &Cluster,
     repo: &RepoName,
     unplaced: Unplaced,
     immutable: Option<flotilla_core::Tag>,
+    event: Option<WriteEvent>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let depth = cluster.config().shard_key_depth;
@@ -1071,6 +1142,9 @@ async fn replicated_write(
                 "the write could not be committed to every in-sync replica ({e}); retry"
             ))
         })?;
+    if let Some(event) = event {
+        record_event(cluster, repo, &write, event, &resp).await;
+    }
     Ok(with_epoch(downstream(resp, UpstreamBody::Stream), epoch))
 }
 

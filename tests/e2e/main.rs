@@ -17,6 +17,7 @@ mod config;
 mod control;
 mod crash;
 mod dev;
+mod events;
 mod faults;
 mod history;
 mod hostile;
