@@ -324,6 +324,45 @@ mod tests {
         assert_eq!(first.target.tag.as_deref(), Some("v1"));
     }
 
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_receiver_that_hangs_costs_a_timeout_per_attempt_not_a_stuck_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        // Accepts connections and never answers.
+        let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = hang.local_addr().unwrap().port();
+        let held = std::thread::spawn(move || {
+            let conns: Vec<_> = hang.incoming().take(3).collect();
+            std::thread::sleep(Duration::from_secs(10));
+            drop(conns);
+        });
+        let outbox = Outbox::open(OutboxConfig {
+            dir: dir.path().to_path_buf(),
+            sinks: vec![SinkConfig {
+                name: "slow".into(),
+                url: format!("http://127.0.0.1:{port}/hook"),
+                timeout: Duration::from_millis(300),
+            }],
+        })
+        .unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(outbox.record(ev(1)).await.unwrap(), 1, "recording never waits on a sink");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = &outbox.sinks()[0];
+            if s.consecutive_failures >= 2 {
+                assert_eq!(s.pending, 1);
+                let e = s.last_error.as_deref().unwrap_or("");
+                assert!(e.contains("timed out") || e.contains("timeout"), "{e}");
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{s:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(outbox);
+        let _ = held;
+    }
+
     #[tokio::test]
     async fn a_bad_sink_is_refused_at_start() {
         let dir = tempfile::tempdir().unwrap();

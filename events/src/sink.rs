@@ -121,6 +121,22 @@ impl Sink {
         }
     }
 
+    /// reqwest's own message is "error sending request"; the cause is what an operator
+    /// needs to read in `last_error`.
+    fn describe(&self, e: &reqwest::Error) -> String {
+        if e.is_timeout() {
+            return format!("timed out after {:?}", self.cfg.timeout);
+        }
+        let mut m = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(s) = src {
+            m.push_str(": ");
+            m.push_str(&s.to_string());
+            src = s.source();
+        }
+        m
+    }
+
     async fn post(&self, body: Vec<u8>) -> Result<(), String> {
         let r = self
             .client
@@ -129,7 +145,7 @@ impl Sink {
             .body(body)
             .send()
             .await
-            .map_err(|e| format!("{e}"))?;
+            .map_err(|e| self.describe(&e))?;
         if r.status().is_success() {
             Ok(())
         } else {
