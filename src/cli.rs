@@ -82,6 +82,10 @@ pub(crate) struct EventsArgs {
     /// Per-delivery timeout, in seconds.
     #[arg(long, default_value_t = 5)]
     pub webhook_timeout_secs: u64,
+    /// Sinks from a TOML file (`[[sinks]]`: name, url, kind = "distribution" or
+    /// "cloudevents", timeout_secs, headers, actions, repositories globs), besides --webhook.
+    #[arg(long = "events", value_name = "FILE")]
+    pub events_file: Option<PathBuf>,
 }
 
 /// Who may do what at the router (`router` and `dev`). Without any of these the registry is

@@ -230,11 +230,11 @@ fn events(
     a: &EventsArgs,
     dir: Option<&std::path::Path>,
 ) -> anyhow::Result<Option<flotilla_events::OutboxConfig>> {
-    if a.webhooks.is_empty() {
+    if a.webhooks.is_empty() && a.events_file.is_none() {
         return Ok(None);
     }
     let dir = dir.context(
-        "--webhook needs --events-dir: events are journaled on local disk before the client's 201",
+        "--webhook/--events need --events-dir: events are journaled on local disk before the client's 201",
     )?;
     anyhow::ensure!(
         a.webhook_timeout_secs > 0,
@@ -244,12 +244,30 @@ fn events(
         .webhooks
         .iter()
         .enumerate()
-        .map(|(i, url)| flotilla_events::SinkConfig {
-            name: format!("webhook-{}", i + 1),
-            url: url.clone(),
-            timeout: Duration::from_secs(a.webhook_timeout_secs),
+        .map(|(i, url)| {
+            flotilla_events::SinkConfig::webhook(
+                &format!("webhook-{}", i + 1),
+                url,
+                Duration::from_secs(a.webhook_timeout_secs),
+            )
         })
         .collect::<Vec<_>>();
+    let mut sinks = sinks;
+    if let Some(f) = &a.events_file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("--events {}", f.display()))?;
+        let more = flotilla_events::parse_sinks(&text)
+            .map_err(|m| anyhow::anyhow!("--events {}: {m}", f.display()))?;
+        for m in &more {
+            anyhow::ensure!(
+                !sinks.iter().any(|s| s.name == m.name),
+                "--events {}: sink {:?} clashes with a --webhook's name",
+                f.display(),
+                m.name
+            );
+        }
+        sinks.extend(more);
+    }
     // The URLs are checked now, so a typo stops the start rather than the first delivery.
     for s in &sinks {
         flotilla_events::check_url(&s.url).map_err(|m| anyhow::anyhow!("--webhook: {m}"))?;

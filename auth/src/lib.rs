@@ -11,7 +11,8 @@
 //! with 429 past the budget, so the slow hash cannot be used to burn the router's CPU or to
 //! guess passwords quickly, and one user's guesser does not lock out others behind its NAT.
 
-pub mod glob;
+/// Repository and tag patterns (`*`, `?`, `**`), shared with the events sinks' filters.
+pub use flotilla_core::glob;
 pub mod htpasswd;
 pub mod policy;
 pub mod token;

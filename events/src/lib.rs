@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 pub use journal::Journal;
-pub use sink::{check_url, SinkConfig, SinkStatus, ENVELOPE};
+pub use sink::{check_url, parse_sinks, Kind, SinkConfig, SinkStatus, CLOUDEVENTS_BATCH, ENVELOPE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -257,11 +257,11 @@ mod tests {
             .port();
         let cfg = OutboxConfig {
             dir: dir.path().to_path_buf(),
-            sinks: vec![SinkConfig {
-                name: "hook".into(),
-                url: format!("http://127.0.0.1:{port}/hook"),
-                timeout: Duration::from_secs(1),
-            }],
+            sinks: vec![SinkConfig::webhook(
+                "hook",
+                &format!("http://127.0.0.1:{port}/hook"),
+                Duration::from_secs(1),
+            )],
         };
         let outbox = Outbox::open(cfg.clone()).unwrap();
         let mut sent = Vec::new();
@@ -337,15 +337,19 @@ mod tests {
         });
         let outbox = Outbox::open(OutboxConfig {
             dir: dir.path().to_path_buf(),
-            sinks: vec![SinkConfig {
-                name: "slow".into(),
-                url: format!("http://127.0.0.1:{port}/hook"),
-                timeout: Duration::from_millis(300),
-            }],
+            sinks: vec![SinkConfig::webhook(
+                "slow",
+                &format!("http://127.0.0.1:{port}/hook"),
+                Duration::from_millis(300),
+            )],
         })
         .unwrap();
         let started = std::time::Instant::now();
-        assert_eq!(outbox.record(ev(1)).await.unwrap(), 1, "recording never waits on a sink");
+        assert_eq!(
+            outbox.record(ev(1)).await.unwrap(),
+            1,
+            "recording never waits on a sink"
+        );
         assert!(started.elapsed() < Duration::from_secs(1));
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
@@ -373,11 +377,7 @@ mod tests {
         ] {
             let e = Outbox::open(OutboxConfig {
                 dir: dir.path().to_path_buf(),
-                sinks: vec![SinkConfig {
-                    name: name.into(),
-                    url: url.into(),
-                    timeout: Duration::from_secs(1),
-                }],
+                sinks: vec![SinkConfig::webhook(name, url, Duration::from_secs(1))],
             })
             .unwrap_err();
             assert!(matches!(e, EventsError::Sink(..)), "{name} {url}: {e}");

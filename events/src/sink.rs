@@ -15,6 +15,8 @@ use crate::{EventsError, MAX_BACKOFF, MIN_BACKOFF};
 
 /// Distribution's notification media type.
 pub const ENVELOPE: &str = "application/vnd.docker.distribution.events.v2+json";
+/// A CloudEvents 1.0 batch in the structured JSON format.
+pub const CLOUDEVENTS_BATCH: &str = "application/cloudevents-batch+json";
 /// Events per request.
 const BATCH: usize = 100;
 
@@ -25,6 +27,123 @@ pub struct SinkConfig {
     pub url: String,
     /// Per request, connecting included.
     pub timeout: Duration,
+    pub kind: Kind,
+    /// Sent with every delivery (a receiver's token, say).
+    pub headers: Vec<(String, String)>,
+    /// Only these actions (`push`, `delete`); empty: all.
+    pub actions: Vec<String>,
+    /// Only repositories matching one of these globs; empty: all.
+    pub repositories: Vec<flotilla_core::glob::Glob>,
+}
+
+/// The body a sink receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// Distribution's notification envelope, `{"events": [...]}`.
+    Distribution,
+    /// A CloudEvents 1.0 batch (structured JSON, `application/cloudevents-batch+json`), each
+    /// event's `data` the Distribution-shaped event.
+    CloudEvents,
+}
+
+impl SinkConfig {
+    /// A `--webhook`: Distribution's envelope, every event.
+    pub fn webhook(name: &str, url: &str, timeout: Duration) -> SinkConfig {
+        SinkConfig {
+            name: name.to_string(),
+            url: url.to_string(),
+            timeout,
+            kind: Kind::Distribution,
+            headers: Vec::new(),
+            actions: Vec::new(),
+            repositories: Vec::new(),
+        }
+    }
+
+    fn wants(&self, e: &crate::Event) -> bool {
+        (self.actions.is_empty() || self.actions.contains(&e.action))
+            && (self.repositories.is_empty()
+                || self
+                    .repositories
+                    .iter()
+                    .any(|g| g.matches(&e.target.repository)))
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinksFile {
+    #[serde(default)]
+    sinks: Vec<RawSink>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    name: String,
+    url: String,
+    #[serde(default = "distribution")]
+    kind: Kind,
+    #[serde(default = "five")]
+    timeout_secs: u64,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    actions: Vec<String>,
+    #[serde(default)]
+    repositories: Vec<String>,
+}
+
+fn distribution() -> Kind {
+    Kind::Distribution
+}
+
+fn five() -> u64 {
+    5
+}
+
+/// The sinks of an `--events FILE` (TOML, `[[sinks]]` tables), every mistake named.
+pub fn parse_sinks(text: &str) -> Result<Vec<SinkConfig>, String> {
+    let f: SinksFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut out: Vec<SinkConfig> = Vec::new();
+    for r in f.sinks {
+        let at = |m: String| format!("sink {:?}: {m}", r.name);
+        if out.iter().any(|s| s.name == r.name) {
+            return Err(at("two sinks have this name".into()));
+        }
+        check_url(&r.url).map_err(at)?;
+        if r.timeout_secs == 0 {
+            return Err(at("timeout_secs must be positive".into()));
+        }
+        for a in &r.actions {
+            if !matches!(a.as_str(), "push" | "delete") {
+                return Err(at(format!("unknown action {a:?} (push, delete)")));
+            }
+        }
+        for (k, v) in &r.headers {
+            if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
+                || reqwest::header::HeaderValue::from_str(v).is_err()
+            {
+                return Err(at(format!("header {k:?} is not a valid HTTP header")));
+            }
+        }
+        let repositories = r
+            .repositories
+            .iter()
+            .map(|p| flotilla_core::glob::Glob::new(p).map_err(|m| at(m.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push(SinkConfig {
+            name: r.name.clone(),
+            url: r.url.clone(),
+            timeout: Duration::from_secs(r.timeout_secs),
+            kind: r.kind,
+            headers: r.headers.into_iter().collect(),
+            actions: r.actions,
+            repositories,
+        });
+    }
+    Ok(out)
 }
 
 /// What `GET /admin/v1/events/sinks` shows of a sink.
@@ -138,14 +257,18 @@ impl Sink {
     }
 
     async fn post(&self, body: Vec<u8>) -> Result<(), String> {
-        let r = self
+        let content_type = match self.cfg.kind {
+            Kind::Distribution => ENVELOPE,
+            Kind::CloudEvents => CLOUDEVENTS_BATCH,
+        };
+        let mut req = self
             .client
             .post(self.url.clone())
-            .header(reqwest::header::CONTENT_TYPE, ENVELOPE)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.describe(&e))?;
+            .header(reqwest::header::CONTENT_TYPE, content_type);
+        for (k, v) in &self.cfg.headers {
+            req = req.header(k.as_str(), v.as_str());
+        }
+        let r = req.body(body).send().await.map_err(|e| self.describe(&e))?;
         if r.status().is_success() {
             Ok(())
         } else {
@@ -175,6 +298,45 @@ fn write_cursor(path: &std::path::Path, seq: u64) -> Result<(), EventsError> {
 #[derive(Serialize)]
 struct Envelope<'a> {
     events: Vec<&'a crate::Event>,
+}
+
+/// One event as CloudEvents 1.0 (structured mode).
+#[derive(Serialize)]
+struct CloudEvent<'a> {
+    specversion: &'static str,
+    id: &'a str,
+    source: String,
+    #[serde(rename = "type")]
+    kind: String,
+    time: &'a str,
+    subject: String,
+    datacontenttype: &'static str,
+    data: &'a crate::Event,
+}
+
+fn body(kind: Kind, events: Vec<&crate::Event>) -> Vec<u8> {
+    match kind {
+        Kind::Distribution => serde_json::to_vec(&Envelope { events }),
+        Kind::CloudEvents => serde_json::to_vec(
+            &events
+                .into_iter()
+                .map(|e| CloudEvent {
+                    specversion: "1.0",
+                    id: &e.id,
+                    source: format!("flotilla://{}/{}", e.source.addr, e.source.instance_id),
+                    kind: format!("io.flotilla.registry.manifest.{}", e.action),
+                    time: &e.timestamp,
+                    subject: match &e.target.tag {
+                        Some(t) => format!("{}:{t}", e.target.repository),
+                        None => format!("{}@{}", e.target.repository, e.target.digest),
+                    },
+                    datacontenttype: "application/json",
+                    data: e,
+                })
+                .collect::<Vec<_>>(),
+        ),
+    }
+    .expect("events serialize")
 }
 
 /// The delivery loop of one sink; runs until the outbox is dropped.
@@ -210,11 +372,19 @@ pub(crate) async fn deliver(sink: Arc<Sink>, journal: Arc<Journal>, all: Arc<[Ar
             }
         };
         let through = batch.last().map_or(cursor, |(s, _)| *s);
-        let body = serde_json::to_vec(&Envelope {
-            events: batch.iter().map(|(_, e)| e).collect(),
-        })
-        .expect("events serialize");
-        match sink.post(body).await {
+        let wanted: Vec<&crate::Event> = batch
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| sink.cfg.wants(e))
+            .collect();
+        let sent = wanted.len();
+        let delivered = if wanted.is_empty() {
+            // Nothing here for this sink: pass it by.
+            Ok(())
+        } else {
+            sink.post(body(sink.cfg.kind, wanted)).await
+        };
+        match delivered {
             Ok(()) => {
                 sink.cursor.store(through, Ordering::Release);
                 if let Err(e) = write_cursor(&sink.cursor_path, through) {
@@ -226,7 +396,7 @@ pub(crate) async fn deliver(sink: Arc<Sink>, journal: Arc<Journal>, all: Arc<[Ar
                     s.failures = 0;
                 }
                 metrics::counter!("flotilla_events_delivered_total", "sink" => name.clone())
-                    .increment(batch.len() as u64);
+                    .increment(sent as u64);
                 backoff = MIN_BACKOFF;
                 let passed = all
                     .iter()
@@ -250,5 +420,87 @@ pub(crate) async fn deliver(sink: Arc<Sink>, journal: Arc<Journal>, all: Arc<[Ar
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Event, Source, Target};
+
+    fn ev(action: &str, repo: &str) -> Event {
+        Event::new(
+            action,
+            Target {
+                digest: format!("sha256:{}", "b".repeat(64)),
+                repository: repo.into(),
+                tag: Some("v1".into()),
+                ..Target::default()
+            },
+            None,
+            Source {
+                addr: "r1".into(),
+                instance_id: "i".into(),
+            },
+        )
+    }
+
+    #[test]
+    fn an_events_file_names_its_mistakes_and_filters_what_it_asks() {
+        let sinks = parse_sinks(
+            r#"
+[[sinks]]
+name = "audit"
+kind = "cloudevents"
+url = "https://hooks.example/registry"
+timeout_secs = 2
+headers = { Authorization = "Bearer t" }
+actions = ["delete"]
+repositories = ["billing/**"]
+
+[[sinks]]
+name = "all"
+url = "http://127.0.0.1:9/hook"
+"#,
+        )
+        .unwrap();
+        assert_eq!(sinks.len(), 2);
+        let (audit, all) = (&sinks[0], &sinks[1]);
+        assert_eq!(audit.kind, Kind::CloudEvents);
+        assert_eq!(audit.timeout, Duration::from_secs(2));
+        assert_eq!(audit.headers, [("Authorization".into(), "Bearer t".into())]);
+        assert!(audit.wants(&ev("delete", "billing/api")));
+        assert!(!audit.wants(&ev("push", "billing/api")));
+        assert!(!audit.wants(&ev("delete", "shop/api")));
+        assert_eq!(all.kind, Kind::Distribution);
+        assert!(all.wants(&ev("push", "shop/api")));
+        for (bad, names) in [
+            ("[[sinks]]\nname = \"a\"\nurl = \"ftp://x\"", "ftp://x"),
+            ("[[sinks]]\nname = \"a\"\nurl = \"http://x/\"\nactions = [\"pull\"]", "pull"),
+            ("[[sinks]]\nname = \"a\"\nurl = \"http://x/\"\nkind = \"slack\"", "slack"),
+            ("[[sinks]]\nname = \"a\"\nurl = \"http://x/\"\nrepositories = [\"\"]", "empty"),
+            ("[[sinks]]\nname = \"a\"\nurl = \"http://x/\"\nurl2 = 1", "url2"),
+            ("[[sinks]]\nname=\"a\"\nurl=\"http://x/\"\n[[sinks]]\nname=\"a\"\nurl=\"http://y/\"", "two sinks"),
+        ] {
+            let e = parse_sinks(bad).unwrap_err();
+            assert!(e.contains(names), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn cloudevents_batches_carry_the_event_as_data() {
+        let e = ev("push", "billing/api");
+        let v: serde_json::Value =
+            serde_json::from_slice(&body(Kind::CloudEvents, vec![&e])).unwrap();
+        let c = &v[0];
+        assert_eq!(c["specversion"], "1.0");
+        assert_eq!(c["id"], e.id.as_str());
+        assert_eq!(c["type"], "io.flotilla.registry.manifest.push");
+        assert_eq!(c["source"], "flotilla://r1/i");
+        assert_eq!(c["subject"], "billing/api:v1");
+        assert_eq!(c["data"]["target"]["repository"], "billing/api");
+        let d: serde_json::Value =
+            serde_json::from_slice(&body(Kind::Distribution, vec![&e])).unwrap();
+        assert_eq!(d["events"][0]["id"], e.id.as_str());
     }
 }

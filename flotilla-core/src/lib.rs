@@ -13,6 +13,7 @@
 
 mod digest;
 mod errcode;
+pub mod glob;
 pub mod layout;
 pub mod media;
 mod names;

@@ -221,7 +221,7 @@ fn a_webhook_needs_an_events_dir_and_a_real_url() {
         "s",
     ];
     let e = refused(&[&router[..], &["--webhook", "http://127.0.0.1:1/hook"]].concat());
-    assert!(e.contains("--webhook needs --events-dir"), "{e}");
+    assert!(e.contains("--webhook/--events need --events-dir"), "{e}");
     let dir = tmp.path().join("events");
     let dir = dir.to_str().expect("utf-8 path");
     let e = refused(
@@ -243,4 +243,26 @@ fn a_webhook_needs_an_events_dir_and_a_real_url() {
         "not a url",
     ]);
     assert!(e.contains("--webhook") && e.contains("not a url"), "{e}");
+    let file = tmp.path().join("events.toml");
+    std::fs::write(
+        &file,
+        "[[sinks]]\nname = \"a\"\nurl = \"http://x/\"\nactions = [\"pull\"]\n",
+    )
+    .expect("events file");
+    let e = refused(
+        &[
+            &router[..],
+            &[
+                "--events",
+                file.to_str().expect("utf-8"),
+                "--events-dir",
+                dir,
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        e.contains("--events") && e.contains("unknown action \"pull\""),
+        "{e}"
+    );
 }
