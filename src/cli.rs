@@ -65,7 +65,12 @@ pub(crate) struct AgentPullArgs {
     #[arg(long, requires = "user")]
     pub password_file: Option<PathBuf>,
     /// A registry token (Bearer) for the routers instead of --user.
-    #[arg(long, env = "FLOTILLA_TOKEN", hide_env_values = true, conflicts_with = "user")]
+    #[arg(
+        long,
+        env = "FLOTILLA_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "user"
+    )]
     pub token: Option<String>,
     /// Where verified blobs wait for the engine (a temporary directory inside, removed after).
     #[arg(long, default_value_os_t = std::env::temp_dir().join("flotilla-agent"))]

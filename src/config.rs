@@ -107,7 +107,10 @@ fn agent_pull(a: &crate::cli::AgentPullArgs) -> anyhow::Result<deploy_agent::Pul
     };
     Ok(deploy_agent::PullConfig {
         routers: router_urls(&a.router)?,
-        image: a.image.parse().map_err(|e| anyhow::anyhow!("IMAGE {:?}: {e}", a.image))?,
+        image: a
+            .image
+            .parse()
+            .map_err(|e| anyhow::anyhow!("IMAGE {:?}: {e}", a.image))?,
         docker_socket: a.docker_socket.clone(),
         credentials,
         work_dir: a.work_dir.clone(),

@@ -81,11 +81,10 @@ impl Engine {
                 what: what.to_owned(),
                 source,
             };
-            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-                TokioIo::new(stream),
-            )
-            .await
-            .map_err(http)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .map_err(http)?;
             let req = Request::builder()
                 .method(method)
                 .uri(path_and_query)
@@ -185,9 +184,14 @@ impl Engine {
             encode(repo),
             encode(tag)
         );
-        self.ok(Method::POST, &q, &format!("tag {image} as {repo}:{tag}"), CALL)
-            .await
-            .map(|_| ())
+        self.ok(
+            Method::POST,
+            &q,
+            &format!("tag {image} as {repo}:{tag}"),
+            CALL,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// `GET /images/{name}/json`: the image id, or `None` when the engine has no such image.

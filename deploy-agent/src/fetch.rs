@@ -147,7 +147,7 @@ impl Registry {
         let resp = tokio::time::timeout(HEAD, rb.send())
             .await
             .map_err(|_| FetchError::Http(format!("no response within {HEAD:?}")))?
-            .map_err(|e| FetchError::Http(describe(&e)))?;
+            .map_err(|e| FetchError::Http(describe(e)))?;
         if !resp.status().is_success() {
             let status = resp.status();
             let body = tokio::time::timeout(IDLE, resp.text())
@@ -276,7 +276,7 @@ impl Registry {
             let chunk = match tokio::time::timeout(IDLE, body.next()).await {
                 Err(_) => return Err(FetchError::Http(format!("no body bytes for {IDLE:?}"))),
                 Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(FetchError::Http(describe(&e))),
+                Ok(Some(Err(e))) => return Err(FetchError::Http(describe(e))),
                 Ok(Some(Ok(c))) => c,
             };
             got += chunk.len() as u64;
@@ -307,7 +307,7 @@ async fn read_capped(resp: reqwest::Response, limit: usize) -> Result<bytes::Byt
         match tokio::time::timeout(IDLE, body.next()).await {
             Err(_) => return Err(FetchError::Http(format!("no body bytes for {IDLE:?}"))),
             Ok(None) => return Ok(out.into()),
-            Ok(Some(Err(e))) => return Err(FetchError::Http(describe(&e))),
+            Ok(Some(Err(e))) => return Err(FetchError::Http(describe(e))),
             Ok(Some(Ok(c))) => {
                 out.extend_from_slice(&c);
                 if out.len() > limit {
@@ -328,10 +328,12 @@ fn status_text(status: StatusCode, body: &str) -> String {
     }
 }
 
-/// reqwest's error with its causes (a bare "error sending request" says nothing).
-fn describe(e: &reqwest::Error) -> String {
+/// reqwest's error with its causes (a bare "error sending request" says nothing), without
+/// the URL: a signed URL is a read grant, not for logs.
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
     let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
+    let mut cur = std::error::Error::source(&e);
     while let Some(c) = cur {
         s.push_str(": ");
         s.push_str(&c.to_string());

@@ -89,7 +89,10 @@ pub struct Pulled {
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
     #[error("no router resolved {image}: {}", .failures.join("; "))]
-    Resolve { image: String, failures: Vec<String> },
+    Resolve {
+        image: String,
+        failures: Vec<String>,
+    },
     #[error("{image}: {message}")]
     Manifest { image: String, message: String },
     #[error("{image}: the index has no manifest for {os}/{architecture}")]
@@ -188,9 +191,9 @@ pub async fn pull(cfg: &PullConfig) -> Result<Pulled, PullError> {
             .manifests
             .iter()
             .find(|m| {
-                m.platform.as_ref().is_some_and(|p| {
-                    p.os == platform.os && p.architecture == platform.architecture
-                })
+                m.platform
+                    .as_ref()
+                    .is_some_and(|p| p.os == platform.os && p.architecture == platform.architecture)
             })
             .ok_or_else(|| PullError::NoPlatform {
                 image: image.clone(),
@@ -355,7 +358,10 @@ mod tests {
     fn image_references_parse_as_the_cli_takes_them() {
         let check = |s: &str, repo: &str, reference: &str| {
             let r: ImageRef = s.parse().unwrap_or_else(|e| panic!("{s}: {e}"));
-            assert_eq!((r.repo.as_str(), r.reference.to_string().as_str()), (repo, reference));
+            assert_eq!(
+                (r.repo.as_str(), r.reference.to_string().as_str()),
+                (repo, reference)
+            );
             assert_eq!(r.to_string().parse::<ImageRef>().unwrap(), r);
         };
         check("billing/api:v1", "billing/api", "v1");
@@ -368,8 +374,14 @@ mod tests {
 
     #[test]
     fn the_image_is_named_after_the_first_router() {
-        assert_eq!(router_host("http://127.0.0.1:5000/").unwrap(), "127.0.0.1:5000");
-        assert_eq!(router_host("https://reg.example:443").unwrap(), "reg.example:443");
+        assert_eq!(
+            router_host("http://127.0.0.1:5000/").unwrap(),
+            "127.0.0.1:5000"
+        );
+        assert_eq!(
+            router_host("https://reg.example:443").unwrap(),
+            "reg.example:443"
+        );
         assert!(router_host("http://").is_err());
     }
 }

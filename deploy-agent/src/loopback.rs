@@ -28,9 +28,7 @@ pub(crate) struct Served {
 }
 
 pub(crate) fn app(served: Arc<Served>) -> axum::Router {
-    axum::Router::new()
-        .fallback(handle)
-        .with_state(served)
+    axum::Router::new().fallback(handle).with_state(served)
 }
 
 fn not_found() -> Response {
@@ -86,7 +84,10 @@ async fn blob(s: &Served, digest: &Digest, head: bool) -> Response {
     let body = if head {
         Body::empty()
     } else {
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024))
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            256 * 1024,
+        ))
     };
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
