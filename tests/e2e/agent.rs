@@ -329,3 +329,62 @@ async fn agent_pull_loads_only_verified_bytes() {
     );
     task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_pull_picks_the_engines_platform_from_an_index() {
+    require_tool("docker");
+    let arch = blocking(|| {
+        run(Command::new("docker").args(["version", "--format", "{{.Server.Arch}}"]))
+            .trim()
+            .to_owned()
+    })
+    .await;
+    let cluster = ClusterProc::start(1).await;
+    let c = cluster.router(0);
+    let host = cluster.routers[0].host();
+    let repo = format!("agent-{}/multi/app", std::process::id());
+    let (mut entries, mut want) = (Vec::new(), None);
+    // The engine's own architecture last, so a pick of the first entry would be caught.
+    let mut arches = vec!["riscv64".to_owned(), "s390x".to_owned(), arch.clone()];
+    arches.dedup();
+    for a in &arches {
+        let layer = tar_bytes(&[("app/ARCH", format!("{a} {}\n", unique()).as_bytes())]);
+        let config = format!(
+            r#"{{"architecture":"{a}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{}"]}}}}"#,
+            sha256(&layer)
+        );
+        let cd = c.push_blob(&repo, config.as_bytes()).await;
+        let ld = c.push_blob(&repo, &layer).await;
+        let m = image_manifest(&cd, config.len(), &ld, layer.len());
+        let md = sha256(m.as_bytes());
+        let r = c.put_manifest(&repo, &md, OCI_MANIFEST, m.as_bytes()).await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+        entries.push(serde_json::json!({"mediaType": OCI_MANIFEST, "digest": md,
+            "size": m.len(), "platform": {"os": "linux", "architecture": a}}));
+        if *a == arch {
+            want = Some(cd);
+        }
+    }
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": entries})
+    .to_string();
+    let r = c
+        .put_manifest(&repo, "v1", OCI_INDEX, index.as_bytes())
+        .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+    let name = format!("{host}/{repo}:v1");
+    let guard = DockerImages(vec![name.clone()]);
+    let (out, _) = agent_pull(&[cluster.routers[0].url()], &format!("{repo}:v1"), &[]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha256(index.as_bytes()),
+        "stdout names the index the tag points at"
+    );
+    assert_eq!(
+        engine_image_id(&name).await,
+        want,
+        "the engine's platform ({arch})"
+    );
+    crate::clients::guard_cleanup(guard).await;
+}
