@@ -6,8 +6,9 @@
 # The cluster is real processes on loopback: three `flotilla node`s (n1, n2 in rack r1, n3 in
 # r2) with a file:// object store and the embedded metadata store, one `flotilla router`
 # (blobs proxied, its default). Each pull starts with the image removed from the engine;
-# the two kinds of pull alternate, BENCH_REPS times each, and the report gives every time
-# and the median. Everything started here is stopped on exit, the images removed.
+# the two kinds of pull alternate, BENCH_REPS times each (the agent first once the primary
+# is dead), and the report gives every time, the median and how many sources the agent
+# failed over. Everything started here is stopped on exit, the images removed.
 #
 # Environment (all optional):
 #   BENCH_SIZE=200        MiB of the image's layer
@@ -90,22 +91,29 @@ one() { # KIND -> seconds on stdout
 median() { python3 -c 'import statistics,sys; print(f"{statistics.median(map(float, sys.argv[1:])):.2f}")' "$@"; }
 
 declare -A TIMES
-measure() { # STATE
+measure() { # STATE KIND...  (the kinds in the order each repetition runs them)
+  local state=$1; shift
   for _ in $(seq "$REPS"); do
-    for kind in docker agent; do
-      TIMES[$1,$kind]+="$(one "$kind") "
+    for kind in "$@"; do
+      TIMES[$state,$kind]+="$(one "$kind") "
     done
   done
 }
 
-measure healthy
+failovers() { grep -c "source failed" "$WORK/agent.log" || true; }
+measure healthy docker agent
+HEALTHY_FAILOVERS=$(failovers)
 PRIMARY=$(curl -fs "http://$ROUTER/admin/v1/shards/agentbench/pull" \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["replicas"][0])')
 kill -9 "${NODE_PID[$PRIMARY]}"
-measure "primary-dead"
+# The agent first: right after the kill the router still lists the dead primary first
+# (a docker pull through the router then ejects it for 5 s, and the agent is told to try it last).
+measure "primary-dead" agent docker
+DEAD_FAILOVERS=$(( $(failovers) - HEALTHY_FAILOVERS ))
 
 echo "image: ${SIZE} MiB (one layer), $REPS pulls of each kind per state, seconds"
 echo "killed primary: $PRIMARY; work dir: $WORK"
+echo "agent sources that failed (and were failed over): healthy $HEALTHY_FAILOVERS, primary dead $DEAD_FAILOVERS"
 printf '%-14s %-7s %-8s %s\n' state kind median runs
 for state in healthy primary-dead; do
   for kind in docker agent; do
