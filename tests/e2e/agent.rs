@@ -113,6 +113,16 @@ async fn agent_pull_fails_over_past_a_dead_primary_and_a_corrupt_partner() {
     let layer = p.blobs[1].clone();
 
     assert_pulled(&routers, &host, &p, "healthy").await;
+    // A dead router first in --router: the next one resolves and hands out the sources (the
+    // image is still named after the first, as configured).
+    let dead = format!("127.0.0.1:{}", free_port());
+    let both = vec![format!("http://{dead}"), routers[0].clone()];
+    let took = assert_pulled(&both, &dead, &p, "first router dead").await;
+    assert!(
+        took < Duration::from_secs(10),
+        "first router dead: took {took:?}"
+    );
+    docker_rmi(&format!("{dead}/{}:{}", p.repo, p.tag)).await;
 
     let replicas = cluster.replicas(0, &key).await;
     let (primary, partner) = (replicas[0].clone(), replicas[1].clone());
