@@ -398,3 +398,47 @@ async fn agent_pull_picks_the_engines_platform_from_an_index() {
     );
     crate::clients::guard_cleanup(guard).await;
 }
+
+/// A frozen replica (SIGSTOP: it accepts connections and never answers), the one the router
+/// lists first, costs the pull seconds at most, never the engine's 30 s dial: either the
+/// router's manifest read hedges past it (300 ms) and ejects it, so the sources list it last
+/// (what happens here), or the agent's response-head deadline (`deploy_agent::fetch::HEAD`,
+/// 3 s, blobs in parallel) moves on from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_pull_moves_past_a_frozen_replica_within_seconds() {
+    require_tool("docker");
+    let cluster = ClusterProc::start(1).await;
+    let routers = vec![cluster.routers[0].url()];
+    let host = cluster.routers[0].host();
+    let key = format!("agent-{}/frozen", std::process::id());
+    let p = push_tar_image(&cluster.router(0), &format!("{key}/app"), "v1").await;
+    let guard = DockerImages(vec![format!("{host}/{}:{}", p.repo, p.tag)]);
+    let r = cluster
+        .router(0)
+        .get(&format!(
+            "/v2/{}/blobs/{}?flotilla-sources",
+            p.repo, p.blobs[1]
+        ))
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: serde_json::Value = r.json().await.expect("sources");
+    let first = v["sources"][0]["node"]
+        .as_str()
+        .expect("a source")
+        .to_owned();
+    let pid = cluster.node(&first).pid();
+    signal(pid, "-STOP");
+    let name = format!("{host}/{}:{}", p.repo, p.tag);
+    let (out, took) = agent_pull(&routers, &format!("{}:{}", p.repo, p.tag), &[]).await;
+    signal(pid, "-CONT");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        engine_image_id(&name).await.as_deref(),
+        Some(p.blobs[0].as_str())
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "frozen {first}: took {took:?}"
+    );
+    crate::clients::guard_cleanup(guard).await;
+}
