@@ -31,6 +31,51 @@ pub(crate) enum Cmd {
     /// Run a seeder: reseeds empty nodes from object storage, replaces dead nodes, rebalances.
     /// Any number may run; one (leader-elected through the metadata store) acts.
     Seeder(SeederArgs),
+    /// The deploy agent: `flotilla agent pull` pulls an image into the local Docker engine
+    /// from the key's replicas, verified, failing over to the partner and the routers.
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct AgentArgs {
+    #[command(subcommand)]
+    pub cmd: AgentCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AgentCmd {
+    /// Pull IMAGE (`service/mode/...:tag` or `...@sha256:...`) into the engine and print
+    /// its manifest digest; non-zero only when no source delivered verified bytes.
+    Pull(AgentPullArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct AgentPullArgs {
+    /// Router base URLs, comma-separated, tried in order (the image is named after the
+    /// first: `HOST:PORT/REPO:TAG`, as `docker pull` through it would name it).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub router: Vec<String>,
+    /// The Docker engine's API socket.
+    #[arg(long, default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+    /// User for the routers' Basic auth (with --password-file).
+    #[arg(long, requires = "password_file")]
+    pub user: Option<String>,
+    /// File holding the password (first line) for --user.
+    #[arg(long, requires = "user")]
+    pub password_file: Option<PathBuf>,
+    /// A registry token (Bearer) for the routers instead of --user.
+    #[arg(
+        long,
+        env = "FLOTILLA_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "user"
+    )]
+    pub token: Option<String>,
+    /// Where verified blobs wait for the engine (a temporary directory inside, removed after).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("flotilla-agent"))]
+    pub work_dir: PathBuf,
+    pub image: String,
 }
 
 #[derive(clap::Args, Debug)]

@@ -39,6 +39,7 @@ pub(crate) enum Run {
         metrics_listen: Option<SocketAddr>,
         cfg: SeederConfig,
     },
+    AgentPull(deploy_agent::PullConfig),
 }
 
 /// `flotilla dev`: the configs of every component it runs in one process.
@@ -72,6 +73,47 @@ pub(crate) fn validate(cli: &Cli, metrics: &PrometheusHandle) -> anyhow::Result<
             metrics_listen: a.metrics_listen,
             cfg: seeder(a)?,
         },
+        Cmd::Agent(a) => match &a.cmd {
+            crate::cli::AgentCmd::Pull(p) => Run::AgentPull(agent_pull(p)?),
+        },
+    })
+}
+
+fn router_urls(urls: &[String]) -> anyhow::Result<Vec<String>> {
+    for u in urls {
+        let rest = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"))
+            .ok_or_else(|| anyhow::anyhow!("--router: {u:?} is not an http:// or https:// URL"))?;
+        if rest.trim_end_matches('/').is_empty() || rest.trim_end_matches('/').contains('/') {
+            anyhow::bail!("--router: {u:?} must be a base URL (scheme, host and port)");
+        }
+    }
+    Ok(urls.to_vec())
+}
+
+fn agent_pull(a: &crate::cli::AgentPullArgs) -> anyhow::Result<deploy_agent::PullConfig> {
+    let credentials = match (&a.user, &a.password_file, &a.token) {
+        (Some(user), Some(file), _) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("--password-file: {}: {e}", file.display()))?;
+            deploy_agent::Credentials::Basic {
+                user: user.clone(),
+                password: text.lines().next().unwrap_or_default().to_owned(),
+            }
+        }
+        (_, _, Some(t)) => deploy_agent::Credentials::Bearer(t.clone()),
+        _ => deploy_agent::Credentials::None,
+    };
+    Ok(deploy_agent::PullConfig {
+        routers: router_urls(&a.router)?,
+        image: a
+            .image
+            .parse()
+            .map_err(|e| anyhow::anyhow!("IMAGE {:?}: {e}", a.image))?,
+        docker_socket: a.docker_socket.clone(),
+        credentials,
+        work_dir: a.work_dir.clone(),
     })
 }
 

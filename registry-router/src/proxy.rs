@@ -170,6 +170,11 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
         OciRoute::Blob { repo, .. } if method == Method::DELETE => {
             replicated_write(cluster, &repo, Unplaced::Check, None, None, req).await
         }
+        OciRoute::Blob { repo, digest }
+            if method == Method::GET && wants_sources(req.uri().query()) =>
+        {
+            blob_sources(cluster, &repo, &digest).await
+        }
         OciRoute::Tags { repo }
         | OciRoute::Manifest { repo, .. }
         | OciRoute::Blob { repo, .. }
@@ -244,6 +249,73 @@ async fn redirect_blob(
         .header(http::header::CONTENT_LENGTH, 0)
         .body(Body::empty())
         .map_err(ApiError::internal)
+}
+
+/// The query parameter that turns a blob GET into [`blob_sources`].
+pub const SOURCES_PARAM: &str = "flotilla-sources";
+
+fn wants_sources(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == SOURCES_PARAM || p.starts_with(&format!("{SOURCES_PARAM}=")))
+    })
+}
+
+/// One replica a client may read a blob from directly.
+#[derive(Debug, serde::Serialize)]
+struct BlobSource {
+    node: String,
+    url: String,
+}
+
+/// What `GET /v2/REPO/blobs/DIGEST?flotilla-sources` answers.
+#[derive(Debug, serde::Serialize)]
+struct BlobSources {
+    key: String,
+    digest: String,
+    expires_in_secs: u64,
+    sources: Vec<BlobSource>,
+}
+
+/// `GET /v2/REPO/blobs/DIGEST?flotilla-sources`: a signed URL for each in-sync replica of the
+/// key, primary first (live ones before the rest), so a client without the cluster secret
+/// (the deploy agent) can fetch the blob from the replicas itself, failing over on its own
+/// terms, and come back to the router last. It is the blob's own path, so the trust
+/// boundary (`auth::guard`) asks exactly the blob's pull permission; it grants no more than
+/// the `--blob-redirect` 307 would, for every replica instead of one. Nothing is probed: the
+/// client verifies what it reads, and a replica without the blob answers 404 by itself. An
+/// unplaced key has no sources (the router itself remains).
+async fn blob_sources(
+    cluster: &Cluster,
+    repo: &RepoName,
+    digest: &flotilla_core::Digest,
+) -> Result<Response, ApiError> {
+    let key = repo.shard_key(cluster.config().shard_key_depth);
+    let nodes = match cluster.shard(&key, Unplaced::Absent).await {
+        Ok(Some(rec)) => cluster.candidates(&rec, ReplicaOrder::PrimaryFirst),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(shard_error(e)),
+    };
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let ttl = registry_client::signed::REDIRECT_TTL;
+    let target = match &cluster.config().secret {
+        Some(secret) => registry_client::signed::sign(secret, &path, ttl),
+        None => path,
+    };
+    let body = BlobSources {
+        key: key.to_string(),
+        digest: digest.to_string(),
+        expires_in_secs: ttl.as_secs(),
+        sources: nodes
+            .iter()
+            .map(|n| BlobSource {
+                node: n.id.to_string(),
+                url: format!("{}{target}", n.url.trim_end_matches('/')),
+            })
+            .collect(),
+    };
+    metrics::counter!("flotilla_router_blob_sources_total").increment(1);
+    Ok(axum::Json(body).into_response())
 }
 
 /// Manifest GET/HEAD and tag/referrer listings through the router's cache (see

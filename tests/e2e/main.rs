@@ -8,6 +8,7 @@ mod etcdsupport;
 mod s3support;
 mod support;
 
+mod agent;
 mod auth;
 mod bench_smoke;
 mod clients;
