@@ -296,7 +296,7 @@ pub async fn token(State(cluster): State<Cluster>, req: Request) -> Response {
                 access_token: t.token.clone(),
                 token: t.token,
                 expires_in: t.expires_in,
-                issued_at: rfc3339_now(),
+                issued_at: flotilla_core::rfc3339(std::time::SystemTime::now()),
             })
             .into_response()
         }
@@ -304,40 +304,5 @@ pub async fn token(State(cluster): State<Cluster>, req: Request) -> Response {
             .with_status(StatusCode::BAD_REQUEST)
             .message(e.to_string())
             .into_response(),
-    }
-}
-
-/// `issued_at` in RFC 3339 (UTC), from the civil-from-days algorithm: one timestamp does not
-/// justify a date crate.
-fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_is_well_formed() {
-        let s = super::rfc3339_now();
-        assert_eq!(s.len(), 20, "{s}");
-        assert!(s.starts_with("20") && s.ends_with('Z'));
     }
 }

@@ -233,6 +233,18 @@ async fn hostile_blob(
     hostile_v2(State(h), AxPath(rest)).await
 }
 
+impl Hostile {
+    /// The image's config digest: the id the engine gives the image once loaded.
+    fn config_digest(&self) -> String {
+        let (_, config) = self
+            .blobs
+            .iter()
+            .find(|(_, b)| b.starts_with(b"{"))
+            .expect("a config blob");
+        sha256(config)
+    }
+}
+
 async fn start_hostile(
     seed: &str,
     honest: Option<usize>,
@@ -279,14 +291,7 @@ async fn agent_pull_loads_only_verified_bytes() {
     let router = format!("http://127.0.0.1:{}", h.port);
     let name = format!("127.0.0.1:{}/{}:{}", h.port, h.repo, h.tag);
     let guard = DockerImages(vec![name.clone()]);
-    let config_digest = sha256(
-        &h.blobs
-            .iter()
-            .find(|(_, b)| b.starts_with(b"{"))
-            .unwrap()
-            .1
-            .clone(),
-    );
+    let config_digest = h.config_digest();
     let (out, _) = agent_pull(
         std::slice::from_ref(&router),
         &format!("{}:{}", h.repo, h.tag),
@@ -310,14 +315,7 @@ async fn agent_pull_loads_only_verified_bytes() {
     let (h, task) = start_hostile("all-corrupt", None).await;
     let router = format!("http://127.0.0.1:{}", h.port);
     let name = format!("127.0.0.1:{}/{}:{}", h.port, h.repo, h.tag);
-    let config_digest = sha256(
-        &h.blobs
-            .iter()
-            .find(|(_, b)| b.starts_with(b"{"))
-            .unwrap()
-            .1
-            .clone(),
-    );
+    let config_digest = h.config_digest();
     let (out, took) = agent_pull(
         std::slice::from_ref(&router),
         &format!("{}:{}", h.repo, h.tag),
