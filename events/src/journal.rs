@@ -73,16 +73,26 @@ fn sync_dir(dir: &Path) -> Result<(), EventsError> {
 
 /// The complete, parseable lines of a segment and the byte length they span.
 fn parse_segment(path: &Path) -> Result<(Vec<(u64, Event)>, u64), EventsError> {
-    let bytes = std::fs::read(path).map_err(io(path))?;
+    let lines = parse_from(path, 0)?;
+    let len = lines.last().map_or(0, |l| l.2);
+    Ok((lines.into_iter().map(|(s, e, _)| (s, e)).collect(), len))
+}
+
+/// The complete lines of a segment from byte `offset` on, each with the offset just past it.
+fn parse_from(path: &Path, offset: u64) -> Result<Vec<(u64, Event, u64)>, EventsError> {
+    use std::io::{Read, Seek};
+    let mut f = File::open(path).map_err(io(path))?;
+    f.seek(std::io::SeekFrom::Start(offset)).map_err(io(path))?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).map_err(io(path))?;
     let mut out = Vec::new();
-    let mut good = 0u64;
     let mut start = 0usize;
     for (i, b) in bytes.iter().enumerate() {
         if *b != b'\n' {
             continue;
         }
         match serde_json::from_slice::<Line>(&bytes[start..i]) {
-            Ok(l) => out.push((l.seq, l.event)),
+            Ok(l) => out.push((l.seq, l.event, offset + i as u64 + 1)),
             Err(e) => {
                 return Err(EventsError::Corrupt(
                     path.to_path_buf(),
@@ -92,9 +102,20 @@ fn parse_segment(path: &Path) -> Result<(Vec<(u64, Event)>, u64), EventsError> {
             }
         }
         start = i + 1;
-        good = start as u64;
     }
-    Ok((out, good))
+    Ok(out)
+}
+
+/// An event and its sequence number.
+pub type Numbered = (u64, Event);
+
+/// Where a reader stopped: the segment, the byte just past the last line it took, and that
+/// line's sequence number. A sink passes it back so each read parses only what is new.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    segment: u64,
+    offset: u64,
+    seq: u64,
 }
 
 impl Journal {
@@ -182,31 +203,56 @@ impl Journal {
         limit: usize,
         upto: u64,
     ) -> Result<Vec<(u64, Event)>, EventsError> {
+        Ok(self.read_at(after, None, limit, upto)?.0)
+    }
+
+    /// [`Journal::read`] from where an earlier read stopped (`hint`, when it stopped at
+    /// `after`), and where this one stopped.
+    pub fn read_at(
+        &self,
+        after: u64,
+        hint: Option<Position>,
+        limit: usize,
+        upto: u64,
+    ) -> Result<(Vec<Numbered>, Option<Position>), EventsError> {
         let segs = segments(&self.dir)?;
-        // The last segment starting at or before the first wanted event, and the rest.
-        let from = segs
-            .iter()
-            .rposition(|(first, _)| *first <= after + 1)
-            .unwrap_or(0);
+        let resume = hint.filter(|h| h.seq == after).and_then(|h| {
+            segs.iter()
+                .position(|(f, _)| *f == h.segment)
+                .map(|i| (i, h.offset))
+        });
+        // Else the last segment starting at or before the first wanted event, from its start.
+        let (from, offset) = resume.unwrap_or_else(|| {
+            let i = segs
+                .iter()
+                .rposition(|(first, _)| *first <= after + 1)
+                .unwrap_or(0);
+            (i, 0)
+        });
         let mut out = Vec::new();
-        for (_, path) in &segs[from..] {
-            let (lines, _) = match parse_segment(path) {
+        let mut pos = hint.filter(|h| h.seq == after);
+        for (i, (first, path)) in segs.iter().enumerate().skip(from) {
+            let lines = match parse_from(path, if i == from { offset } else { 0 }) {
                 Ok(l) => l,
                 // Deleted under us (every sink had passed it): nothing wanted was in it.
                 Err(EventsError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            for (seq, ev) in lines {
-                if seq <= after {
-                    continue;
+            for (seq, ev, end) in lines {
+                if seq > after && (seq > upto || out.len() >= limit) {
+                    return Ok((out, pos));
                 }
-                if seq > upto || out.len() >= limit {
-                    return Ok(out);
+                if seq > after {
+                    out.push((seq, ev));
                 }
-                out.push((seq, ev));
+                pos = Some(Position {
+                    segment: *first,
+                    offset: end,
+                    seq,
+                });
             }
         }
-        Ok(out)
+        Ok((out, pos))
     }
 
     /// Deletes the segments whose every event is at or before `seq` (never the last one,
@@ -383,6 +429,23 @@ mod tests {
         // Reading from the middle starts in the right segment.
         let mid = j.read(n / 2, 5, j.last_durable()).unwrap();
         assert_eq!(mid[0].0, n / 2 + 1);
+        // Reading on from a position reads what follows it, across segments, as a full
+        // read would.
+        let mut after = 0;
+        let mut hint = None;
+        let mut stepped = Vec::new();
+        loop {
+            let (got, pos) = j.read_at(after, hint, 97, j.last_durable()).unwrap();
+            if got.is_empty() {
+                break;
+            }
+            after = got.last().unwrap().0;
+            stepped.extend(got.into_iter().map(|(s, e)| (s, e.id)));
+            hint = pos;
+            assert_eq!(hint.map(|h| h.seq), Some(after));
+        }
+        let full: Vec<_> = all.iter().map(|(s, e)| (*s, e.id.clone())).collect();
+        assert_eq!(stepped, full);
         // Dropping through the second segment's last event keeps the rest readable.
         let through = segs[2].0 - 1;
         assert_eq!(j.drop_through(through).unwrap(), 2);

@@ -17,6 +17,8 @@ use crate::{EventsError, MAX_BACKOFF, MIN_BACKOFF};
 pub const ENVELOPE: &str = "application/vnd.docker.distribution.events.v2+json";
 /// A CloudEvents 1.0 batch in the structured JSON format.
 pub const CLOUDEVENTS_BATCH: &str = "application/cloudevents-batch+json";
+/// How long a woken sink waits for more events before sending.
+const LINGER: Duration = Duration::from_millis(20);
 /// Events per request.
 const BATCH: usize = 100;
 
@@ -344,6 +346,8 @@ pub(crate) async fn deliver(sink: Arc<Sink>, journal: Arc<Journal>, all: Arc<[Ar
     let mut durable = journal.subscribe();
     let mut backoff = MIN_BACKOFF;
     let name = sink.cfg.name.clone();
+    // Where the last delivered batch ended in the journal: the next read starts there.
+    let mut hint = None;
     loop {
         let cursor = sink.cursor.load(Ordering::Acquire);
         let last = *durable.borrow_and_update();
@@ -353,10 +357,13 @@ pub(crate) async fn deliver(sink: Arc<Sink>, journal: Arc<Journal>, all: Arc<[Ar
             if durable.changed().await.is_err() {
                 return;
             }
+            // Events come in bursts (an image is several tags, CI pushes many): a moment's
+            // wait turns a request per event into a request per burst.
+            tokio::time::sleep(LINGER).await;
             continue;
         }
-        let batch = match journal.read(cursor, BATCH, last) {
-            Ok(b) if !b.is_empty() => b,
+        let (batch, pos) = match journal.read_at(cursor, hint, BATCH, last) {
+            Ok((b, pos)) if !b.is_empty() => (b, pos),
             Ok(_) => {
                 // The journal lost events the cursor had not passed (deleted by hand?):
                 // say so and move on rather than spin.
@@ -386,6 +393,7 @@ pub(crate) async fn deliver(sink: Arc<Sink>, journal: Arc<Journal>, all: Arc<[Ar
         };
         match delivered {
             Ok(()) => {
+                hint = pos;
                 sink.cursor.store(through, Ordering::Release);
                 if let Err(e) = write_cursor(&sink.cursor_path, through) {
                     tracing::error!(sink = %name, error = %e, "could not persist the sink's cursor (events may be delivered again)");

@@ -1061,19 +1061,20 @@ struct WriteEvent {
     reference: flotilla_core::Reference,
 }
 
-/// Records a committed manifest write in the events outbox before the client is answered,
-/// so a crash after the 201 cannot lose its event. A journal that cannot be written is
-/// logged and counted; the write itself stands (it is committed).
-async fn record_event(
+/// Starts recording a manifest write in the events outbox as soon as the primary replica has
+/// taken it (the write is then durable in object storage), alongside the partners' copies and
+/// the commit; the client's 201 waits for it, so a crash after the 201 cannot lose the event.
+/// A write that then fails to commit (503) keeps its event: the manifest is stored, and the
+/// client's retry is a second event with another id. A journal that cannot be written is
+/// logged and counted; the write itself stands.
+fn record_event(
     cluster: &Cluster,
     repo: &RepoName,
     write: &BufferedWrite,
     event: WriteEvent,
     resp: &reqwest::Response,
-) {
-    let Some(outbox) = cluster.events() else {
-        return;
-    };
+) -> Option<tokio::task::JoinHandle<()>> {
+    let outbox = cluster.events()?.clone();
     let tag = match &event.reference {
         flotilla_core::Reference::Tag(t) => Some(t.to_string()),
         flotilla_core::Reference::Digest(_) => None,
@@ -1112,10 +1113,13 @@ async fn record_event(
         event.actor.map(|a| a.to_string()),
         cluster.source().clone(),
     );
-    if let Err(e) = outbox.record(ev).await {
-        tracing::error!(%repo, error = %e, "the write's event could not be recorded");
-        metrics::counter!("flotilla_events_record_failures_total").increment(1);
-    }
+    let repo = repo.to_string();
+    Some(tokio::spawn(async move {
+        if let Err(e) = outbox.record(ev).await {
+            tracing::error!(%repo, error = %e, "the write's event could not be recorded");
+            metrics::counter!("flotilla_events_record_failures_total").increment(1);
+        }
+    }))
 }
 
 async fn replicated_write(
@@ -1178,6 +1182,7 @@ async fn replicated_write(
     }
     acks.missed.remove(&pnode.id);
     acks.acked.insert(pnode.id.clone());
+    let recording = event.and_then(|e| record_event(cluster, repo, &write, e, &resp));
     // The rest in parallel: every other live in-sync replica, and the nodes being seeded for
     // this key (joining, or a replica rebuilding its disk), so no write lands between the
     // seeder's last pass and the node taking traffic.
@@ -1214,8 +1219,8 @@ async fn replicated_write(
                 "the write could not be committed to every in-sync replica ({e}); retry"
             ))
         })?;
-    if let Some(event) = event {
-        record_event(cluster, repo, &write, event, &resp).await;
+    if let Some(r) = recording {
+        let _ = r.await;
     }
     Ok(with_epoch(downstream(resp, UpstreamBody::Stream), epoch))
 }
