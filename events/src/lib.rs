@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-pub use journal::Journal;
+pub use journal::{Journal, Numbered, Position};
 pub use sink::{check_url, parse_sinks, Kind, SinkConfig, SinkStatus, CLOUDEVENTS_BATCH, ENVELOPE};
 
 #[derive(Debug, thiserror::Error)]
