@@ -51,46 +51,9 @@ PASSWORD=bench-$RANDOM$RANDOM
 MANIFEST_ACCEPT='application/vnd.oci.image.manifest.v1+json'
 mkdir -p "$WORK/results"
 
-log() { printf '[auth-cost.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "$*"; exit 1; }
-
-# --- cleanup: kill exactly what we started, by pid -------------------------------------------
-PIDS=()
-stop_pid() {
-  local pid=$1
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 50); do
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Poll URL until it answers with a status matching ACCEPT (a regex); fail if PID dies or the
-# bounded timeout passes.
-wait_ready() {
-  local url=$1 pid=$2 what=$3 accept=${4:-'^(200|401)$'} deadline=$((SECONDS + READY_TIMEOUT)) code
-  while ((SECONDS < deadline)); do
-    kill -0 "$pid" 2>/dev/null || { log "$what exited during startup"; return 1; }
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)
-    [[ "$code" =~ $accept ]] && return 0
-    sleep 0.2
-  done
-  log "$what not ready at $url after ${READY_TIMEOUT}s (last status ${code:-none})"
-  return 1
-}
+BENCH_NAME=auth-cost.sh
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # utime + stime of a process, in clock ticks (the fields after the parenthesised name).
 cpu_ticks() {
@@ -120,7 +83,9 @@ declare -A URL PID
 for m in $MODES; do
   args=()
   case "$m" in
-    off | off2) ;; # off2: a second auth-off cluster, a control for cluster-to-cluster variance
+    # off2: a second auth-off cluster, a control for cluster-to-cluster variance; offtoken: an
+    # auth-off cluster sent the Bearer header anyway (what carrying a token costs, unchecked).
+    off | off2 | offtoken) ;;
     basic) args=(--htpasswd "$WORK/htpasswd") ;;
     bearer) args=(--htpasswd "$WORK/htpasswd" --token-key "$WORK/token-key.pem") ;;
     *) die "unknown mode $m" ;;
@@ -144,6 +109,13 @@ done
 authorization() {
   case "$1" in
     off | off2) echo "" ;;
+    offtoken)
+      if [[ -n "${URL[bearer]:-}" ]]; then
+        authorization bearer
+      else # a token-sized value when no bearer cluster runs
+        echo "Bearer $(head -c 400 /dev/urandom | base64 -w0 | tr '+/' '-_')"
+      fi
+      ;;
     basic) echo "$BASIC" ;;
     bearer)
       local t
@@ -172,6 +144,7 @@ for m in $MODES; do
   anon=$(curl -s -o /dev/null -w '%{http_code}' -H "Accept: $MANIFEST_ACCEPT" "$manifest")
   want=401
   [[ "$m" == off* ]] && want=200
+  [[ "$m" == offtoken ]] && a="" # ignored there: nothing to check
   [[ "$anon" == "$want" ]] || die "$m: GET without credentials gave $anon, want $want"
   if [[ -n "$a" ]]; then
     code=$(curl -s -o /dev/null -w '%{http_code}' -H "Accept: $MANIFEST_ACCEPT" -H "Authorization: $a" "$manifest")
@@ -228,9 +201,14 @@ pull_run() { # $1 = mode, $2 = rep
   jq -r '"\(.mib_per_sec | floor) MiB/s over \(.requests) pulls"' "$WORK/results/$m/r$r-pull.json" >&2
 }
 
+# The order rotates every round, so no mode always runs first (or right after another).
+read -ra MODE_LIST <<<"$MODES"
 for r in $(seq 1 "$REPS"); do
-  for m in $MODES; do measured wrk_run "$m" "$r"; done
-  for m in $MODES; do measured pull_run "$m" "$r"; done
+  n=${#MODE_LIST[@]}
+  order=()
+  for i in $(seq 0 $((n - 1))); do order+=("${MODE_LIST[$(((i + r - 1) % n))]}"); done
+  for m in "${order[@]}"; do measured wrk_run "$m" "$r"; done
+  for m in "${order[@]}"; do measured pull_run "$m" "$r"; done
 done
 
 # --- report -----------------------------------------------------------------------------------
@@ -259,17 +237,27 @@ R = range(1, reps + 1)
 rows = {m: ([wrk(m, r) for r in R], [cpu_us(m, r) for r in R], [pull(m, r) for r in R]) for m in modes}
 med = {m: tuple(statistics.median(x) for x in v) for m, v in rows.items()}
 base = med.get("off")
-def ratio(v, i):
-    return f"{v / base[i]:.3f}" if base else "-"
+# Paired ratios: within each round against that round's auth-off figure (the mean of off and
+# off2 when both run), then the median over rounds; drifts of the machine between rounds cancel.
+refs = [m for m in ("off", "off2") if m in modes]
+def paired(m, i):
+    xs = []
+    for k, r in enumerate(R):
+        ref = statistics.mean(rows[o][i][k] for o in refs)
+        xs.append(rows[m][i][k] / ref)
+    return statistics.median(xs)
+prat = {m: tuple(paired(m, i) for i in range(3)) for m in modes} if refs else {}
+def ratio(m, i):
+    return f"{prat[m][i]:.3f}" if prat else "-"
 idle_max = max(idle(m, r, f) for m in modes for r in R for f in ("wrk_run", "pull_run")) / hz
 # Cost as a fraction: less req/s or MiB/s, or more CPU per GET.
 costs = {}
-if base:
+if prat:
     for m in modes:
         if not m.startswith("off"):
-            costs[(m, "manifest GET req/s")] = 1 - med[m][0] / base[0]
-            costs[(m, "server CPU per GET")] = med[m][1] / base[1] - 1
-            costs[(m, "pull MiB/s")] = 1 - med[m][2] / base[2]
+            costs[(m, "manifest GET req/s")] = 1 - prat[m][0]
+            costs[(m, "server CPU per GET")] = prat[m][1] - 1
+            costs[(m, "pull MiB/s")] = 1 - prat[m][2]
 def spread(xs):
     return (max(xs) - min(xs)) / statistics.median(xs) * 100
 
@@ -291,9 +279,13 @@ lines = [
     "not to the node the signed URL names)",
     "- Basic: `--htpasswd` (bcrypt, successful checks cached 60 s); Bearer: `--htpasswd --token-key` "
     "(EC P-256), a token for `repository:REPO:pull,push` fetched before every measurement",
-    f"- modes interleaved ({', '.join(modes)}, ...), {reps} repetition(s) each; figures are medians, "
-    "ratio = mode / off" + ("; off2 is a second cluster with auth off, a control: its ratio is what "
-    "cluster-to-cluster variance and position in the round alone produce" if "off2" in modes else ""),
+    f"- modes interleaved ({', '.join(modes)}, the order rotated every round), {reps} round(s); figures are "
+    "medians; ratio = the median over rounds of mode / that round's auth-off figure "
+    f"({' and '.join(refs)}{', their mean' if len(refs) > 1 else ''})"
+    + ("; off2 is a second cluster with auth off, a control: its ratio is what cluster-to-cluster "
+       "variance alone produces" if "off2" in modes else "")
+    + ("; offtoken is an auth-off cluster sent the Bearer header: what carrying a token costs "
+       "before anything checks it" if "offtoken" in modes else ""),
     "- server CPU per GET: the measured `flotilla dev` process's user+system time during the wrk run "
     "over the requests wrk completed (router and nodes are one process; wrk is not counted)",
     f"- the idle clusters used at most {idle_max:.2f} CPU-s during any one measurement",
@@ -305,7 +297,7 @@ lines = [
 ]
 for m in modes:
     w, c, p = med[m]
-    lines.append(f"| {m} | {w:,.0f} | {ratio(w, 0)} | {c:.1f} | {ratio(c, 1)} | {p:,.0f} | {ratio(p, 2)} |")
+    lines.append(f"| {m} | {w:,.0f} | {ratio(m, 0)} | {c:.1f} | {ratio(m, 1)} | {p:,.0f} | {ratio(m, 2)} |")
 lines += ["", "Every repetition (req/s; µs/GET; MiB/s):", ""]
 for m in modes:
     w, c, p = rows[m]

@@ -52,45 +52,9 @@ DIST_BIN=${DIST_BIN:-/usr/bin/docker-registry}
 WORK=${BENCH_WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/flotilla-bench.XXXXXX")}
 mkdir -p "$WORK/results"
 
-log() { printf '[run.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-
-# --- cleanup: kill exactly what we started, by pid -------------------------------------------
-PIDS=()
-stop_pid() {
-  local pid=$1
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 50); do
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    sleep 0.1
-  done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# Poll URL until it answers with a status matching ACCEPT (a regex); fail if PID dies or the
-# bounded timeout passes.
-wait_ready() {
-  local url=$1 pid=$2 what=$3 accept=${4:-'^(200|401)$'} deadline=$((SECONDS + READY_TIMEOUT)) code
-  while ((SECONDS < deadline)); do
-    kill -0 "$pid" 2>/dev/null || { log "$what exited during startup"; return 1; }
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url" || true)
-    [[ "$code" =~ $accept ]] && return 0
-    sleep 0.2
-  done
-  log "$what not ready at $url after ${READY_TIMEOUT}s (last status ${code:-none})"
-  return 1
-}
+BENCH_NAME=run.sh
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 
 # Peak RSS (VmHWM, KiB) of a process and its descendants, summed: later `flotilla dev` may
 # spawn children, and the figure must cover everything serving requests.

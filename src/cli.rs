@@ -31,6 +31,51 @@ pub(crate) enum Cmd {
     /// Run a seeder: reseeds empty nodes from object storage, replaces dead nodes, rebalances.
     /// Any number may run; one (leader-elected through the metadata store) acts.
     Seeder(SeederArgs),
+    /// The deploy agent: `flotilla agent pull` pulls an image into the local Docker engine
+    /// from the key's replicas, verified, failing over to the partner and the routers.
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct AgentArgs {
+    #[command(subcommand)]
+    pub cmd: AgentCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum AgentCmd {
+    /// Pull IMAGE (`service/mode/...:tag` or `...@sha256:...`) into the engine and print
+    /// its manifest digest; non-zero only when no source delivered verified bytes.
+    Pull(AgentPullArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub(crate) struct AgentPullArgs {
+    /// Router base URLs, comma-separated, tried in order (the image is named after the
+    /// first: `HOST:PORT/REPO:TAG`, as `docker pull` through it would name it).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub router: Vec<String>,
+    /// The Docker engine's API socket.
+    #[arg(long, default_value = "/var/run/docker.sock")]
+    pub docker_socket: PathBuf,
+    /// User for the routers' Basic auth (with --password-file).
+    #[arg(long, requires = "password_file")]
+    pub user: Option<String>,
+    /// File holding the password (first line) for --user.
+    #[arg(long, requires = "user")]
+    pub password_file: Option<PathBuf>,
+    /// A registry token (Bearer) for the routers instead of --user.
+    #[arg(
+        long,
+        env = "FLOTILLA_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "user"
+    )]
+    pub token: Option<String>,
+    /// Where verified blobs wait for the engine (a temporary directory inside, removed after).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("flotilla-agent"))]
+    pub work_dir: PathBuf,
+    pub image: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -66,6 +111,26 @@ pub(crate) struct DevArgs {
     pub max_uploads_per_client: usize,
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// (The events journal lives under --data.)
+    #[command(flatten)]
+    pub events: EventsArgs,
+}
+
+/// Where the router sends its events (`router` and `dev`).
+#[derive(clap::Args, Debug)]
+pub(crate) struct EventsArgs {
+    /// Deliver every manifest push and delete to this URL (repeatable), in Distribution's
+    /// notification envelope, at least once and in order: recorded durably before the
+    /// client's 201, retried with backoff while the receiver is down.
+    #[arg(long = "webhook", value_name = "URL")]
+    pub webhooks: Vec<String>,
+    /// Per-delivery timeout, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub webhook_timeout_secs: u64,
+    /// Sinks from a TOML file (`[[sinks]]`: name, url, kind = "distribution" or
+    /// "cloudevents", timeout_secs, headers, actions, repositories globs), besides --webhook.
+    #[arg(long = "events", value_name = "FILE")]
+    pub events_file: Option<PathBuf>,
 }
 
 /// Who may do what at the router (`router` and `dev`). Without any of these the registry is
@@ -177,6 +242,12 @@ pub(crate) struct RouterArgs {
     pub max_uploads_per_client: usize,
     #[command(flatten)]
     pub auth: AuthArgs,
+    #[command(flatten)]
+    pub events: EventsArgs,
+    /// Where the events journal (the outbox) and each sink's cursor live: a local disk
+    /// that survives restarts, one directory per router. Required with --webhook.
+    #[arg(long)]
+    pub events_dir: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -18,7 +18,7 @@ use s3_seeder::SeederConfig;
 use shardmap::MetaUrl;
 
 use crate::cli::{
-    AuthArgs, Cli, Cmd, DevArgs, ListenArgs, NodeArgs, Redirect, RouterArgs, SeederArgs,
+    AuthArgs, Cli, Cmd, DevArgs, EventsArgs, ListenArgs, NodeArgs, Redirect, RouterArgs, SeederArgs,
 };
 use flotilla_serve::{ServeConfig, TlsFiles};
 
@@ -39,6 +39,7 @@ pub(crate) enum Run {
         metrics_listen: Option<SocketAddr>,
         cfg: SeederConfig,
     },
+    AgentPull(deploy_agent::PullConfig),
 }
 
 /// `flotilla dev`: the configs of every component it runs in one process.
@@ -72,6 +73,47 @@ pub(crate) fn validate(cli: &Cli, metrics: &PrometheusHandle) -> anyhow::Result<
             metrics_listen: a.metrics_listen,
             cfg: seeder(a)?,
         },
+        Cmd::Agent(a) => match &a.cmd {
+            crate::cli::AgentCmd::Pull(p) => Run::AgentPull(agent_pull(p)?),
+        },
+    })
+}
+
+fn router_urls(urls: &[String]) -> anyhow::Result<Vec<String>> {
+    for u in urls {
+        let rest = u
+            .strip_prefix("http://")
+            .or_else(|| u.strip_prefix("https://"))
+            .ok_or_else(|| anyhow::anyhow!("--router: {u:?} is not an http:// or https:// URL"))?;
+        if rest.trim_end_matches('/').is_empty() || rest.trim_end_matches('/').contains('/') {
+            anyhow::bail!("--router: {u:?} must be a base URL (scheme, host and port)");
+        }
+    }
+    Ok(urls.to_vec())
+}
+
+fn agent_pull(a: &crate::cli::AgentPullArgs) -> anyhow::Result<deploy_agent::PullConfig> {
+    let credentials = match (&a.user, &a.password_file, &a.token) {
+        (Some(user), Some(file), _) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow::anyhow!("--password-file: {}: {e}", file.display()))?;
+            deploy_agent::Credentials::Basic {
+                user: user.clone(),
+                password: text.lines().next().unwrap_or_default().to_owned(),
+            }
+        }
+        (_, _, Some(t)) => deploy_agent::Credentials::Bearer(t.clone()),
+        _ => deploy_agent::Credentials::None,
+    };
+    Ok(deploy_agent::PullConfig {
+        routers: router_urls(&a.router)?,
+        image: a
+            .image
+            .parse()
+            .map_err(|e| anyhow::anyhow!("IMAGE {:?}: {e}", a.image))?,
+        docker_socket: a.docker_socket.clone(),
+        credentials,
+        work_dir: a.work_dir.clone(),
     })
 }
 
@@ -221,8 +263,61 @@ fn router(a: &RouterArgs, metrics: &PrometheusHandle) -> anyhow::Result<RouterCo
         tls_ca: a.tls_ca.clone(),
         max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
         auth: auth(&a.auth)?,
+        events: events(&a.events, a.events_dir.as_deref())?,
         ..RouterConfig::new(meta)
     })
+}
+
+fn events(
+    a: &EventsArgs,
+    dir: Option<&std::path::Path>,
+) -> anyhow::Result<Option<flotilla_events::OutboxConfig>> {
+    if a.webhooks.is_empty() && a.events_file.is_none() {
+        return Ok(None);
+    }
+    let dir = dir.context(
+        "--webhook/--events need --events-dir: events are journaled on local disk before the client's 201",
+    )?;
+    anyhow::ensure!(
+        a.webhook_timeout_secs > 0,
+        "--webhook-timeout-secs: must be positive"
+    );
+    let sinks = a
+        .webhooks
+        .iter()
+        .enumerate()
+        .map(|(i, url)| {
+            flotilla_events::SinkConfig::webhook(
+                &format!("webhook-{}", i + 1),
+                url,
+                Duration::from_secs(a.webhook_timeout_secs),
+            )
+        })
+        .collect::<Vec<_>>();
+    let mut sinks = sinks;
+    if let Some(f) = &a.events_file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("--events {}", f.display()))?;
+        let more = flotilla_events::parse_sinks(&text)
+            .map_err(|m| anyhow::anyhow!("--events {}: {m}", f.display()))?;
+        for m in &more {
+            anyhow::ensure!(
+                !sinks.iter().any(|s| s.name == m.name),
+                "--events {}: sink {:?} clashes with a --webhook's name",
+                f.display(),
+                m.name
+            );
+        }
+        sinks.extend(more);
+    }
+    // The URLs are checked now, so a typo stops the start rather than the first delivery.
+    for s in &sinks {
+        flotilla_events::check_url(&s.url).map_err(|m| anyhow::anyhow!("--webhook: {m}"))?;
+    }
+    Ok(Some(flotilla_events::OutboxConfig {
+        dir: std::path::absolute(dir).map_err(flag("--events-dir"))?,
+        sinks,
+    }))
 }
 
 fn auth(a: &AuthArgs) -> anyhow::Result<flotilla_auth::AuthConfig> {
@@ -341,6 +436,7 @@ fn dev(a: &DevArgs, metrics: &PrometheusHandle) -> anyhow::Result<DevConfig> {
         tls_ca,
         max_uploads_per_client: uploads_per_client(a.max_uploads_per_client)?,
         auth: auth(&a.auth)?,
+        events: events(&a.events, Some(&data.join("events")))?,
         ..RouterConfig::new(meta.clone())
     };
     Ok(DevConfig {

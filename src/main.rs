@@ -40,6 +40,12 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Run::Node { listen, cfg } => serve_node(listen, cfg).await,
+            Run::AgentPull(cfg) => {
+                let pulled = deploy_agent::pull(&cfg).await?;
+                // stdout carries the digest alone, for scripts.
+                println!("{}", pulled.digest);
+                Ok(())
+            }
             Run::Seeder {
                 metrics_listen,
                 cfg,

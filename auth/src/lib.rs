@@ -11,14 +11,16 @@
 //! with 429 past the budget, so the slow hash cannot be used to burn the router's CPU or to
 //! guess passwords quickly, and one user's guesser does not lock out others behind its NAT.
 
-pub mod glob;
+/// Repository and tag patterns (`*`, `?`, `**`), shared with the events sinks' filters.
+pub use flotilla_core::glob;
 pub mod htpasswd;
 pub mod policy;
 pub mod token;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,7 +28,7 @@ use base64::Engine;
 use sha2::Digest as _;
 
 pub use htpasswd::Htpasswd;
-pub use policy::{Action, Policy};
+pub use policy::{Action, Actions, Policy};
 pub use token::{Access, Claims, Issuer, Verifier};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,13 +80,14 @@ impl AuthConfig {
     }
 }
 
-/// What a request needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Need {
+/// What a request needs. It borrows the repository name from the parsed route: deciding
+/// costs no allocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need<'a> {
     /// `GET /v2/`: any authenticated principal (it is how clients test their login).
     Base,
     Repo {
-        repo: String,
+        repo: &'a str,
         action: Action,
     },
     /// `/v2/_catalog`: lists every repository, so admins only.
@@ -93,7 +96,7 @@ pub enum Need {
     Admin,
 }
 
-impl Need {
+impl Need<'_> {
     /// The scope a token needs for this (the challenge's `scope`).
     pub fn scope(&self) -> Option<String> {
         match self {
@@ -113,8 +116,17 @@ impl Need {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Principal {
     Anonymous,
-    User(String),
-    Token(Arc<Claims>),
+    /// Shared with the Basic cache, so a cached login clones no string.
+    User(Arc<str>),
+    Token(Arc<Verified>),
+}
+
+/// A token that verified, as the token cache keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub claims: Claims,
+    /// `sub`, shared (`None` for an anonymous token).
+    pub user: Option<Arc<str>>,
 }
 
 impl Principal {
@@ -123,8 +135,16 @@ impl Principal {
         match self {
             Principal::Anonymous => None,
             Principal::User(u) => Some(u),
-            Principal::Token(c) if c.sub.is_empty() => None,
-            Principal::Token(c) => Some(&c.sub),
+            Principal::Token(v) => v.user.as_deref(),
+        }
+    }
+
+    /// The same, shared: what the router hands to the limits.
+    pub fn user_shared(&self) -> Option<Arc<str>> {
+        match self {
+            Principal::Anonymous => None,
+            Principal::User(u) => Some(Arc::clone(u)),
+            Principal::Token(v) => v.user.clone(),
         }
     }
 }
@@ -148,6 +168,11 @@ struct Watched<T> {
     path: PathBuf,
     parse: fn(&str, &Path) -> Result<T, AuthError>,
     state: RwLock<WatchState<T>>,
+    /// Lock-free copies for the hot path: a cached login needs only the generation, and
+    /// whether a second has passed since the file was last looked at.
+    born: Instant,
+    checked_ms: AtomicU64,
+    generation: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -179,7 +204,31 @@ impl<T> Watched<T> {
                 checked: Instant::now(),
                 generation: 0,
             }),
+            born: Instant::now(),
+            checked_ms: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// The current generation, without a lock while the file was looked at within the
+    /// last second (else this looks, as [`Watched::get`] does).
+    fn generation(&self) -> u64 {
+        if self.now_ms() < self.checked_ms.load(Ordering::Acquire) + 1000 {
+            return self.generation.load(Ordering::Acquire);
+        }
+        self.get().1
+    }
+
+    /// `f` on the current contents, under the read lock (no reference count touched).
+    fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
+        if self.now_ms() >= self.checked_ms.load(Ordering::Acquire) + 1000 {
+            self.get();
+        }
+        f(&self.state.read().expect("watch lock").value)
     }
 
     /// The current contents and their generation (bumped on every reload).
@@ -203,6 +252,7 @@ impl<T> Watched<T> {
                     Ok(v) => {
                         s.value = Arc::new(v);
                         s.generation += 1;
+                        self.generation.store(s.generation, Ordering::Release);
                         tracing::info!(path = %self.path.display(), "reloaded");
                         metrics::counter!("flotilla_auth_reloads_total", "result" => "ok")
                             .increment(1);
@@ -214,10 +264,18 @@ impl<T> Watched<T> {
                     }
                 }
             }
+            // After the new generation: the lock-free path never pairs a fresh check with
+            // the old contents' generation.
+            self.checked_ms.store(self.now_ms(), Ordering::Release);
         }
         (s.value.clone(), s.generation)
     }
 }
+
+/// A Basic login checked: the user, the htpasswd generation it was checked against, when.
+type BasicHit = (Arc<str>, u64, Instant);
+/// A token verified: the whole token (the key is only its tail) and what it says.
+type TokenHit = (Box<str>, Arc<Verified>);
 
 const BASIC_TTL: Duration = Duration::from_secs(60);
 const CACHE_MAX: usize = 10_000;
@@ -234,8 +292,11 @@ pub struct Auth {
     default_policy: Arc<Policy>,
     issuer: Option<Issuer>,
     verifier: Option<Verifier>,
-    basic_cache: RwLock<HashMap<[u8; 32], (String, u64, Instant)>>,
-    token_cache: RwLock<HashMap<String, Arc<Claims>>>,
+    basic_cache: RwLock<HashMap<[u8; 32], BasicHit>>,
+    /// Keyed by the token's last 32 bytes (its signature's tail: hashing a whole token of
+    /// half a kilobyte on every request costs more than the rest of the check); the entry
+    /// keeps the whole token, compared on every hit.
+    token_cache: RwLock<HashMap<[u8; 32], TokenHit>>,
     /// Failed Basic checks per (address, user name): guessing one user's password from one
     /// address locks only that pair, so users behind the same NAT are not locked out too.
     failures: Mutex<HashMap<(IpAddr, String), (Instant, u32)>>,
@@ -317,29 +378,39 @@ impl Auth {
         self.issuer.is_some()
     }
 
-    fn policy(&self) -> Arc<Policy> {
+    /// `f` on the current policy (the file's, or the default without `--access`).
+    fn with_policy<R>(&self, f: impl FnOnce(&Policy) -> R) -> R {
         match &self.policy {
-            Some(w) => w.get().0,
-            None => self.default_policy.clone(),
+            Some(w) => w.with(f),
+            None => f(&self.default_policy),
         }
     }
 
     /// `--admin` users and the policy's admins.
     pub fn is_admin(&self, user: &str) -> bool {
-        self.cfg.admins.iter().any(|a| a == user) || self.policy().is_admin(user)
+        self.with_policy(|p| self.is_admin_in(p, user))
+    }
+
+    fn is_admin_in(&self, policy: &Policy, user: &str) -> bool {
+        self.cfg.admins.iter().any(|a| a == user) || policy.is_admin(user)
     }
 
     /// What `user` may do to `repo` under the policy (admins: everything).
-    pub fn allowed(&self, user: Option<&str>, repo: &str) -> BTreeSet<Action> {
-        if user.is_some_and(|u| self.is_admin(u)) {
-            return Action::ALL.into();
+    pub fn allowed(&self, user: Option<&str>, repo: &str) -> Actions {
+        self.with_policy(|p| self.allowed_in(p, user, repo))
+    }
+
+    /// One snapshot of the policy per decision: a reload in between cannot mix two files.
+    fn allowed_in(&self, policy: &Policy, user: Option<&str>, repo: &str) -> Actions {
+        if user.is_some_and(|u| self.is_admin_in(policy, u)) {
+            return Actions::ALL;
         }
-        self.policy().allowed(user, repo)
+        policy.allowed(user, repo)
     }
 
     /// Whether moving `tag` of `repo` is refused.
     pub fn immutable(&self, repo: &str, tag: &str) -> bool {
-        self.policy().immutable(repo, tag)
+        self.with_policy(|p| p.immutable(repo, tag))
     }
 
     /// Who sent `authorization` (`None`: anonymous). `peer` meters failed Basic attempts.
@@ -363,13 +434,14 @@ impl Auth {
                 "Basic credentials are not accepted here: get a token from the realm".into(),
             ));
         };
-        let (file, generation) = users.get();
+        let generation = users.generation();
         let key: [u8; 32] = sha2::Sha256::digest(b64.as_bytes()).into();
         if let Some((user, g, at)) = self.basic_cache.read().expect("cache lock").get(&key) {
             if *g == generation && at.elapsed() < BASIC_TTL {
-                return Ok(Principal::User(user.clone()));
+                return Ok(Principal::User(Arc::clone(user)));
             }
         }
+        let (file, generation) = users.get();
         let (user, password) = decode_basic(b64)?;
         let (user, password) = (user.as_str(), password.as_str());
         if let Some(ip) = peer {
@@ -389,12 +461,13 @@ impl Auth {
             }
         }
         if file.verify(user, password) {
+            let user: Arc<str> = user.into();
             let mut cache = self.basic_cache.write().expect("cache lock");
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }
-            cache.insert(key, (user.to_string(), generation, Instant::now()));
-            Ok(Principal::User(user.to_string()))
+            cache.insert(key, (Arc::clone(&user), generation, Instant::now()));
+            Ok(Principal::User(user))
         } else {
             if let Some(ip) = peer {
                 let mut f = self.failures.lock().expect("failure lock");
@@ -433,23 +506,25 @@ impl Auth {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        if let Some(c) = self.token_cache.read().expect("cache lock").get(token) {
-            if c.exp > now {
-                return Ok(Principal::Token(c.clone()));
+        let key = token_key(token);
+        if let Some((t, v)) = self.token_cache.read().expect("cache lock").get(&key) {
+            if **t == *token && v.claims.exp > now {
+                return Ok(Principal::Token(Arc::clone(v)));
             }
         }
         match verifier.verify(token) {
             Ok(claims) => {
-                let claims = Arc::new(claims);
+                let user = (!claims.sub.is_empty()).then(|| Arc::from(claims.sub.as_str()));
+                let verified = Arc::new(Verified { claims, user });
                 let mut cache = self.token_cache.write().expect("cache lock");
                 if cache.len() >= CACHE_MAX {
-                    cache.retain(|_, c| c.exp > now);
+                    cache.retain(|_, (_, v)| v.claims.exp > now);
                     if cache.len() >= CACHE_MAX {
                         cache.clear();
                     }
                 }
-                cache.insert(token.to_string(), claims.clone());
-                Ok(Principal::Token(claims))
+                cache.insert(key, (token.into(), Arc::clone(&verified)));
+                Ok(Principal::Token(verified))
             }
             Err(token::Invalid(why)) => {
                 metrics::counter!("flotilla_auth_refused_total", "reason" => "invalid_token")
@@ -462,19 +537,19 @@ impl Auth {
     /// Whether `who` may do `need`.
     pub fn allows(&self, who: &Principal, need: &Need) -> bool {
         match who {
-            Principal::Token(c) => match need {
+            Principal::Token(v) => match need {
                 Need::Base => true,
-                Need::Repo { repo, action } => c.grants("repository", repo, action.as_str()),
-                Need::Catalog => c.grants("registry", "catalog", "*"),
-                Need::Admin => c.grants("registry", "admin", "*"),
+                Need::Repo { repo, action } => v.claims.grants("repository", repo, action.as_str()),
+                Need::Catalog => v.claims.grants("registry", "catalog", "*"),
+                Need::Admin => v.claims.grants("registry", "admin", "*"),
             },
             Principal::User(u) => match need {
                 Need::Base => true,
-                Need::Repo { repo, action } => self.allowed(Some(u), repo).contains(action),
+                Need::Repo { repo, action } => self.allowed(Some(u), repo).contains(*action),
                 Need::Catalog | Need::Admin => self.is_admin(u),
             },
             Principal::Anonymous => match need {
-                Need::Repo { repo, action } => self.policy().allows(None, repo, *action),
+                Need::Repo { repo, action } => self.with_policy(|p| p.allows(None, repo, *action)),
                 _ => false,
             },
         }
@@ -542,7 +617,7 @@ impl Auth {
                         .actions
                         .iter()
                         .flat_map(|a| Action::parse_list(a).unwrap_or_default())
-                        .filter(|a| allowed.contains(a))
+                        .filter(|a| allowed.contains(*a))
                         .map(|a| a.as_str().to_string())
                         .collect();
                     g.sort();
@@ -571,6 +646,15 @@ impl Auth {
             expires_in: issuer.ttl.as_secs(),
         })
     }
+}
+
+/// The token cache's key: the token's last 32 bytes (zero-padded when shorter).
+fn token_key(token: &str) -> [u8; 32] {
+    let b = token.as_bytes();
+    let tail = &b[b.len().saturating_sub(32)..];
+    let mut k = [0u8; 32];
+    k[..tail.len()].copy_from_slice(tail);
+    k
 }
 
 /// What an `Authorization` header carries, split but not checked.
@@ -629,6 +713,93 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
         )
         .into_bytes()
+    }
+
+    #[test]
+    fn the_token_cache_matches_whole_tokens_not_their_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &key,
+            pem::encode(&pem::Pem::new("PRIVATE KEY", pkcs8.as_ref().to_vec())),
+        )
+        .unwrap();
+        let auth = Auth::load(AuthConfig {
+            token_key: Some(key),
+            token_issuer: "flotilla".into(),
+            token_service: "flotilla".into(),
+            token_ttl: Duration::from_secs(60),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let scope = ["repository:a/b:pull".to_string()];
+        let alice = auth
+            .issue(&Principal::User("alice".into()), "flotilla", &scope)
+            .unwrap()
+            .token;
+        let bearer = |t: &str| format!("Bearer {t}").into_bytes();
+        let Ok(Principal::Token(v)) = auth.authenticate(Some(&bearer(&alice)), None) else {
+            panic!("alice's token refused");
+        };
+        assert_eq!(v.user.as_deref(), Some("alice"));
+        // Cached now. Another payload under alice's signature has the same last 32 bytes:
+        // it must be checked, and refused, not served from the cache.
+        let mallory = auth
+            .issue(&Principal::User("mallory".into()), "flotilla", &scope)
+            .unwrap()
+            .token;
+        let mut parts: Vec<&str> = alice.split('.').collect();
+        parts[1] = mallory.split('.').nth(1).unwrap();
+        let forged = parts.join(".");
+        assert_eq!(token_key(&forged), token_key(&alice));
+        assert!(matches!(
+            auth.authenticate(Some(&bearer(&forged)), None),
+            Err(Refusal::InvalidToken(_))
+        ));
+        // And the cached token still works.
+        assert!(auth.authenticate(Some(&bearer(&alice)), None).is_ok());
+    }
+
+    #[test]
+    fn a_cached_login_ends_when_the_file_drops_the_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("htpasswd");
+        let line = |u: &str| format!("{u}:{}\n", bcrypt::hash(format!("{u}-pw"), 4).unwrap());
+        std::fs::write(&file, line("alice") + &line("bob")).unwrap();
+        let auth = Auth::load(AuthConfig {
+            htpasswd: Some(file.clone()),
+            token_ttl: Duration::from_secs(60),
+            ..AuthConfig::default()
+        })
+        .unwrap();
+        let alice = header("alice", "alice-pw");
+        assert_eq!(
+            auth.authenticate(Some(&alice), None),
+            Ok(Principal::User("alice".into()))
+        );
+        std::fs::write(&file, line("bob")).unwrap();
+        // The file is looked at once a second; the cached login must not outlive that.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while auth.authenticate(Some(&alice), None).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "alice still accepted 5 s after removal"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(matches!(
+            auth.authenticate(Some(&alice), None),
+            Err(Refusal::BadCredentials(_))
+        ));
+        assert_eq!(
+            auth.authenticate(Some(&header("bob", "bob-pw")), None),
+            Ok(Principal::User("bob".into()))
+        );
     }
 
     #[test]

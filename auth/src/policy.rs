@@ -29,6 +29,10 @@ impl Action {
         }
     }
 
+    fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
     /// `*` is every action.
     pub fn parse_list(s: &str) -> Result<Vec<Action>, String> {
         match s {
@@ -40,6 +44,57 @@ impl Action {
                 "unknown action {other:?} (pull, push, delete or *)"
             )),
         }
+    }
+}
+
+/// A set of actions: a byte, because a decision is made on every request and a set that
+/// allocates would cost more than the rest of the decision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Actions(u8);
+
+impl Actions {
+    pub const NONE: Actions = Actions(0);
+    pub const ALL: Actions = Actions(0b111);
+
+    pub fn contains(self, a: Action) -> bool {
+        self.0 & a.bit() != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn is_subset(self, of: Actions) -> bool {
+        self.0 & !of.0 == 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Action> {
+        Action::ALL.into_iter().filter(move |a| self.contains(*a))
+    }
+}
+
+impl std::ops::BitOr for Actions {
+    type Output = Actions;
+    fn bitor(self, o: Actions) -> Actions {
+        Actions(self.0 | o.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Actions {
+    fn bitor_assign(&mut self, o: Actions) {
+        self.0 |= o.0;
+    }
+}
+
+impl FromIterator<Action> for Actions {
+    fn from_iter<I: IntoIterator<Item = Action>>(it: I) -> Actions {
+        Actions(it.into_iter().fold(0, |b, a| b | a.bit()))
+    }
+}
+
+impl<const N: usize> From<[Action; N]> for Actions {
+    fn from(a: [Action; N]) -> Actions {
+        a.into_iter().collect()
     }
 }
 
@@ -75,10 +130,10 @@ struct RawRule {
 #[derive(Debug, Clone)]
 struct Rule {
     glob: Glob,
-    users: HashMap<String, BTreeSet<Action>>,
-    groups: HashMap<String, BTreeSet<Action>>,
-    authenticated: BTreeSet<Action>,
-    anonymous: BTreeSet<Action>,
+    users: HashMap<String, Actions>,
+    groups: HashMap<String, Actions>,
+    authenticated: Actions,
+    anonymous: Actions,
     immutable: Vec<Glob>,
 }
 
@@ -92,10 +147,13 @@ pub struct Policy {
     rules: Vec<Rule>,
 }
 
-fn actions(list: &[String], at: &str) -> Result<BTreeSet<Action>, AuthError> {
-    let mut out = BTreeSet::new();
+fn actions(list: &[String], at: &str) -> Result<Actions, AuthError> {
+    let mut out = Actions::NONE;
     for a in list {
-        out.extend(Action::parse_list(a).map_err(|m| AuthError::Policy(format!("{at}: {m}")))?);
+        out |= Action::parse_list(a)
+            .map_err(|m| AuthError::Policy(format!("{at}: {m}")))?
+            .into_iter()
+            .collect();
     }
     Ok(out)
 }
@@ -112,7 +170,7 @@ impl Policy {
                 users: HashMap::new(),
                 groups: HashMap::new(),
                 authenticated: [Action::Pull, Action::Push].into(),
-                anonymous: BTreeSet::new(),
+                anonymous: Actions::NONE,
                 immutable: vec![],
             }],
         }
@@ -194,34 +252,30 @@ impl Policy {
     }
 
     /// What `user` (`None`: anonymous) may do to `repo`. Admins may do everything.
-    pub fn allowed(&self, user: Option<&str>, repo: &str) -> BTreeSet<Action> {
+    pub fn allowed(&self, user: Option<&str>, repo: &str) -> Actions {
         let Some(user) = user else {
-            return self
-                .rule(repo)
-                .map(|r| r.anonymous.clone())
-                .unwrap_or_default();
+            return self.rule(repo).map(|r| r.anonymous).unwrap_or_default();
         };
         if self.is_admin(user) {
-            return Action::ALL.into();
+            return Actions::ALL;
         }
         let Some(rule) = self.rule(repo) else {
-            return BTreeSet::new();
+            return Actions::NONE;
         };
-        let mut out = rule.authenticated.clone();
-        out.extend(rule.anonymous.iter().copied());
+        let mut out = rule.authenticated | rule.anonymous;
         if let Some(a) = rule.users.get(user) {
-            out.extend(a.iter().copied());
+            out |= *a;
         }
         for g in self.member_of.get(user).into_iter().flatten() {
             if let Some(a) = rule.groups.get(g) {
-                out.extend(a.iter().copied());
+                out |= *a;
             }
         }
         out
     }
 
     pub fn allows(&self, user: Option<&str>, repo: &str, action: Action) -> bool {
-        self.allowed(user, repo).contains(&action)
+        self.allowed(user, repo).contains(action)
     }
 
     /// Whether anonymous requests may do anything anywhere (then an unauthenticated request

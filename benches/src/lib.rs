@@ -31,6 +31,9 @@ pub enum Workload {
     ManifestGet,
     /// `HEAD` of the same manifest.
     ManifestHead,
+    /// `PUT /v2/<repo>/manifests/<new tag>` of one small image's manifest: the tag write path
+    /// (replication, commit, events).
+    ManifestPut,
     /// `GET /v2/<repo>/tags/list` on a repository with pre-seeded tags.
     TagsList,
     /// `GET /v2/_catalog`.
@@ -46,6 +49,7 @@ impl Workload {
             Workload::Pull => "pull",
             Workload::MixedPull => "mixed-pull",
             Workload::ManifestGet => "manifest-get",
+            Workload::ManifestPut => "manifest-put",
             Workload::ManifestHead => "manifest-head",
             Workload::TagsList => "tags-list",
             Workload::Catalog => "catalog",

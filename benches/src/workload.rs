@@ -51,6 +51,8 @@ enum Plan {
     MixedPull(Vec<(u32, Vec<Seeded>)>),
     ManifestGet,
     ManifestHead,
+    /// The seeded image's manifest, put under a new tag by every operation.
+    ManifestPut(Bytes),
     TagsList,
     Catalog,
 }
@@ -250,7 +252,8 @@ impl Ctx {
     }
 
     /// Push a small image (config + 5 layers of 1 KiB) to `repo` and tag it with each tag.
-    async fn seed_image(&self, repo: &str, tags: &[String]) -> Result<(), String> {
+    /// Pushes a small image under `tags`; returns its manifest.
+    async fn seed_image(&self, repo: &str, tags: &[String]) -> Result<Bytes, String> {
         let mut layers = Vec::new();
         for i in 0..5 {
             let b = self.gen.blob(
@@ -299,7 +302,7 @@ impl Ctx {
                 .map_err(|e| op_err("PUT manifest", e))?;
             Self::expect(resp, StatusCode::CREATED, "PUT manifest").await?;
         }
-        Ok(())
+        Ok(manifest)
     }
 
     /// Seed `count` blobs of `size` in the run's repository.
@@ -453,6 +456,14 @@ pub async fn run_workload(cfg: BenchConfig) -> Result<Report, BenchError> {
             } else {
                 Plan::ManifestHead
             }
+        }
+        Workload::ManifestPut => {
+            let m = ctx
+                .seed_image(&repo, &[TAG.to_owned()])
+                .await
+                .map_err(setup_err)?;
+            notes.push("each operation puts the seeded manifest under a new tag".into());
+            Plan::ManifestPut(m)
         }
         Workload::TagsList => {
             let tags: Vec<String> = (0..cfg.tags.max(1)).map(|i| format!("t{i:04}")).collect();
@@ -633,6 +644,19 @@ async fn one_op(ctx: &Ctx, plan: &Plan, iter: usize, rng: &mut u64) -> Result<u6
             )
             .await
             .map(|_| 0),
+        Plan::ManifestPut(m) => {
+            let tag = format!("p{}", ctx.next_id.fetch_add(1, Ordering::Relaxed));
+            let resp = ctx
+                .client
+                .put(ctx.url(&format!("/v2/{}/manifests/{tag}", ctx.repo)))
+                .header(header::CONTENT_TYPE, OCI_MANIFEST)
+                .body(m.clone())
+                .send()
+                .await
+                .map_err(|e| op_err("PUT manifest", e))?;
+            Ctx::expect(resp, StatusCode::CREATED, "PUT manifest").await?;
+            Ok(m.len() as u64)
+        }
         Plan::TagsList => ctx
             .simple(Method::GET, &format!("/v2/{}/tags/list", ctx.repo), None)
             .await

@@ -13,10 +13,13 @@
 
 mod digest;
 mod errcode;
+pub mod glob;
 pub mod layout;
 pub mod media;
 mod names;
+mod time;
 
 pub use digest::{Algorithm, Digest, DigestHasher};
 pub use errcode::ErrorCode;
 pub use names::{NodeId, ParseError, RackId, Reference, RepoName, ShardKey, Tag, UploadId};
+pub use time::rfc3339;

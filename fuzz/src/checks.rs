@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use base64::Engine;
-use flotilla_auth::{Action, Auth, AuthConfig, AuthError, Credentials, Htpasswd, Policy};
+use flotilla_auth::{Action, Actions, Auth, AuthConfig, AuthError, Credentials, Htpasswd, Policy};
 use flotilla_core::{Digest, Reference, RepoName, Tag, UploadId};
 use registry_client::OciRoute;
 
@@ -354,12 +354,12 @@ pub fn policy(data: &[u8]) {
         for repo in POLICY_REPOS {
             let anonymous = p.allowed(None, repo);
             assert!(anywhere || anonymous.is_empty(), "{repo:?}: {anonymous:?}");
-            assert_eq!(p.allowed(Some("fuzz-admin"), repo), Action::ALL.into());
+            assert_eq!(p.allowed(Some("fuzz-admin"), repo), Actions::ALL);
             for user in ["alice", "builder", ""] {
                 let allowed = p.allowed(Some(user), repo);
-                assert!(anonymous.is_subset(&allowed), "{user:?} on {repo:?}");
+                assert!(anonymous.is_subset(allowed), "{user:?} on {repo:?}");
                 for a in Action::ALL {
-                    assert_eq!(p.allows(Some(user), repo, a), allowed.contains(&a));
+                    assert_eq!(p.allows(Some(user), repo, a), allowed.contains(a));
                 }
             }
             for tag in ["latest", "v1.0", ""] {

@@ -111,6 +111,27 @@ impl OciRoute {
         }
     }
 
+    /// [`OciRoute::parse`] for a request with this method. A `GET`/`HEAD` of a manifest by a
+    /// reference that is neither a tag nor digest-shaped asks for something that cannot exist: 404
+    /// `MANIFEST_UNKNOWN`, as Distribution answers and conformance tools expect (a `PUT` to
+    /// it keeps its 400: the client tried to create an invalid name).
+    pub fn parse_for(method: &http::Method, path: &str) -> Result<OciRoute, ApiError> {
+        OciRoute::parse(path).map_err(|e| {
+            let read = *method == http::Method::GET || *method == http::Method::HEAD;
+            // A digest-shaped reference (`algo:hex`) that does not parse keeps its 400
+            // `DIGEST_INVALID`: the client meant a digest and got it wrong.
+            let bad_ref = e.code() == ErrorCode::ManifestInvalid;
+            let manifests = path.rsplit('/').nth(1) == Some("manifests");
+            if read && bad_ref && manifests {
+                ApiError::new(ErrorCode::ManifestUnknown).message(
+                    "no manifest can have this reference: it is neither a tag nor a digest",
+                )
+            } else {
+                e
+            }
+        })
+    }
+
     /// A short label for metrics and logs (never includes user-controlled text).
     pub fn label(&self) -> &'static str {
         match self {
@@ -129,6 +150,28 @@ impl OciRoute {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_of_impossible_manifest_references_are_unknown_and_writes_invalid() {
+        let code = |m: http::Method, p: &str| OciRoute::parse_for(&m, p).unwrap_err().code();
+        let p = "/v2/a/b/manifests/.INVALID_MANIFEST_NAME";
+        assert_eq!(code(http::Method::GET, p), ErrorCode::ManifestUnknown);
+        assert_eq!(code(http::Method::HEAD, p), ErrorCode::ManifestUnknown);
+        assert_eq!(code(http::Method::PUT, p), ErrorCode::ManifestInvalid);
+        let d = "/v2/a/b/manifests/sha256:nothex";
+        assert_eq!(code(http::Method::GET, d), ErrorCode::DigestInvalid);
+        assert_eq!(code(http::Method::PUT, d), ErrorCode::DigestInvalid);
+        // Other errors are untouched: a bad name is still NAME_INVALID, a bad blob digest
+        // still DIGEST_INVALID.
+        assert_eq!(
+            code(http::Method::GET, "/v2/A/manifests/latest"),
+            ErrorCode::NameInvalid
+        );
+        assert_eq!(
+            code(http::Method::GET, "/v2/a/blobs/sha256:nothex"),
+            ErrorCode::DigestInvalid
+        );
+    }
 
     fn check(path: &str, want: Result<&str, ErrorCode>) {
         match (OciRoute::parse(path), want) {

@@ -27,7 +27,7 @@ const CAS_ATTEMPTS: usize = 5;
 
 /// Every admin route (paths relative to `/admin/v1`) with its handlers. One table, so the
 /// OpenAPI test checks the document against exactly what [`routes`] registers.
-fn table() -> [(&'static str, MethodRouter<Cluster>); 7] {
+fn table() -> [(&'static str, MethodRouter<Cluster>); 11] {
     [
         ("/nodes", get(nodes)),
         ("/shards", get(shards)),
@@ -36,6 +36,15 @@ fn table() -> [(&'static str, MethodRouter<Cluster>); 7] {
         ("/nodes/{id}/drain", post(drain)),
         ("/nodes/{id}/undrain", post(undrain)),
         ("/reseed", get(reseed)),
+        ("/events", get(events)),
+        ("/events/sinks", get(event_sinks)),
+        ("/deployments", get(deployments)),
+        (
+            "/deployments/{*key}",
+            get(deployment)
+                .put(put_deployment)
+                .delete(delete_deployment),
+        ),
     ]
 }
 
@@ -116,6 +125,176 @@ impl<S: Send + Sync> FromRequest<S> for PinRequest {
             ),
         }
     }
+}
+
+/// Body of `PUT /deployments/{key}`: `tag` or `digest` (a digest pins it), the hosts, and
+/// how the container runs (`shardmap::ContainerSpec`, every field optional).
+#[derive(Debug, Serialize, Deserialize)]
+struct DeploymentRequest {
+    /// The repository under the key the image comes from (default: the key itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tag: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    digest: Option<String>,
+    hosts: Vec<String>,
+    #[serde(default)]
+    container: shardmap::ContainerSpec,
+}
+
+impl<S: Send + Sync> FromRequest<S> for DeploymentRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<DeploymentRequest>::from_request(req, state).await {
+            Ok(Json(body)) => Ok(body),
+            Err(e) => Err(invalid(
+                r#"body must be JSON: {"tag": "v1" | "digest": "sha256:...", "hosts": ["host", ...], "container": {...}}"#,
+            )
+            .detail(e.body_text())),
+        }
+    }
+}
+
+/// A deploy host's name: what `flotilla agent --host` takes and container names carry.
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn no_deployment(key: &ShardKey) -> ApiError {
+    ApiError::new(ErrorCode::NameUnknown)
+        .message("no deployment for this key")
+        .detail(key.as_str())
+}
+
+/// Every desired deployment, by key.
+async fn deployments(
+    State(c): State<Cluster>,
+) -> Result<Json<Vec<shardmap::DeploymentRecord>>, ApiError> {
+    let mut out: Vec<_> = c
+        .map()
+        .list_deployments()
+        .await
+        .map_err(unavailable)?
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(Json(out))
+}
+
+async fn deployment(
+    State(c): State<Cluster>,
+    PathParam(key): PathParam<ShardKey>,
+) -> Result<Json<shardmap::DeploymentRecord>, ApiError> {
+    match c.map().get_deployment(&key).await.map_err(unavailable)? {
+        Some((rec, _)) => Ok(Json(rec)),
+        None => Err(no_deployment(&key)),
+    }
+}
+
+/// Set what the deploy agents run for `key` (a whole key: `service/mode`), checked before it
+/// is stored: a tag or a digest, hosts named as agents name themselves, distinct host ports,
+/// a repository under the key.
+async fn put_deployment(
+    State(c): State<Cluster>,
+    PathParam(key): PathParam<ShardKey>,
+    req: DeploymentRequest,
+) -> Result<Json<shardmap::DeploymentRecord>, ApiError> {
+    let depth = c.config().shard_key_depth.get();
+    if key.as_str().split('/').count() != depth {
+        return Err(invalid(format!(
+            "{key} is not a shard key: deployments are per key ({depth} components)"
+        )));
+    }
+    let repository: flotilla_core::RepoName = req
+        .repository
+        .as_deref()
+        .unwrap_or(key.as_str())
+        .parse()
+        .map_err(|e| invalid(format!("repository: {e}")))?;
+    if repository.shard_key(c.config().shard_key_depth) != key {
+        return Err(invalid(format!(
+            "repository {repository} is not under {key}"
+        )));
+    }
+    let tag = req
+        .tag
+        .as_deref()
+        .map(str::parse::<flotilla_core::Tag>)
+        .transpose()
+        .map_err(|e| invalid(format!("tag: {e}")))?;
+    let digest = req
+        .digest
+        .as_deref()
+        .map(str::parse::<flotilla_core::Digest>)
+        .transpose()
+        .map_err(|e| invalid(format!("digest: {e}")))?;
+    if tag.is_none() && digest.is_none() {
+        return Err(invalid("a deployment needs a tag or a digest"));
+    }
+    if req.hosts.is_empty() {
+        return Err(invalid("hosts must name at least one host"));
+    }
+    let mut hosts = Vec::new();
+    for h in &req.hosts {
+        if !valid_host(h) {
+            return Err(invalid(format!("host {h:?}: 1 to 63 of A-Z a-z 0-9 . _ -")));
+        }
+        if hosts.contains(h) {
+            return Err(invalid(format!("host {h} is listed twice")));
+        }
+        hosts.push(h.clone());
+    }
+    let mut ports = HashSet::new();
+    for p in &req.container.ports {
+        if p.host == 0 || p.container == 0 || !ports.insert(p.host) {
+            return Err(invalid(format!(
+                "port {}:{}: ports are 1-65535, each host port once",
+                p.host, p.container
+            )));
+        }
+    }
+    if let Some(h) = &req.container.health {
+        if h.command.trim().is_empty() || h.interval_secs == 0 || h.timeout_secs == 0 {
+            return Err(invalid(
+                "health: a command, and interval_secs and timeout_secs above 0",
+            ));
+        }
+    }
+    let rec = shardmap::DeploymentRecord {
+        key,
+        repository,
+        tag,
+        digest,
+        hosts,
+        container: req.container,
+        updated_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    c.map().put_deployment(&rec).await.map_err(unavailable)?;
+    tracing::info!(key = %rec.key, tag = ?rec.tag.as_ref().map(|t| t.to_string()),
+        digest = ?rec.digest.as_ref().map(|d| d.to_string()), hosts = ?rec.hosts, "deployment set");
+    Ok(Json(rec))
+}
+
+/// Remove a key's deployment; the answer is what was removed.
+async fn delete_deployment(
+    State(c): State<Cluster>,
+    PathParam(key): PathParam<ShardKey>,
+) -> Result<Json<shardmap::DeploymentRecord>, ApiError> {
+    let Some((rec, _)) = c.map().get_deployment(&key).await.map_err(unavailable)? else {
+        return Err(no_deployment(&key));
+    };
+    c.map().delete_deployment(&key).await.map_err(unavailable)?;
+    tracing::info!(key = %key, "deployment removed");
+    Ok(Json(rec))
 }
 
 /// One entry of `GET /nodes`: the node record as routing sees it.
@@ -360,6 +539,51 @@ async fn stored<T: Record>(c: &Cluster, prefix: &str) -> Result<Vec<Versioned<T>
         .collect())
 }
 
+/// `?since=SEQ&limit=N` of `GET /events`.
+#[derive(serde::Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    since: u64,
+    limit: Option<usize>,
+}
+
+/// One entry of `GET /events`: an event and its place in the journal.
+#[derive(serde::Serialize)]
+struct TimelineEntry {
+    seq: u64,
+    event: flotilla_events::Event,
+}
+
+/// `GET /events?since=SEQ&limit=N`: the events recorded after `since`, oldest first (page
+/// by passing the last `seq` back). Without sinks there is no outbox and the list is empty.
+async fn events(
+    State(c): State<Cluster>,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> Result<Json<Vec<TimelineEntry>>, ApiError> {
+    let Some(outbox) = c.events() else {
+        return Ok(Json(Vec::new()));
+    };
+    let limit = q.limit.unwrap_or(100).min(1000);
+    let outbox = outbox.clone();
+    let got = tokio::task::spawn_blocking(move || outbox.since(q.since, limit))
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable).message(e.to_string()))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading the events journal");
+            ApiError::new(ErrorCode::Unavailable).message(e.to_string())
+        })?;
+    Ok(Json(
+        got.into_iter()
+            .map(|(seq, event)| TimelineEntry { seq, event })
+            .collect(),
+    ))
+}
+
+/// `GET /events/sinks`: each sink's queue depth, last success and last error.
+async fn event_sinks(State(c): State<Cluster>) -> Json<Vec<flotilla_events::SinkStatus>> {
+    Json(c.events().map(|o| o.sinks()).unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -471,6 +695,32 @@ mod tests {
         );
     }
 
+    /// A deployment with every optional field set, so the document must describe them all.
+    fn deployment_record() -> shardmap::DeploymentRecord {
+        shardmap::DeploymentRecord {
+            key: "billing/prod".parse().unwrap(),
+            repository: "billing/prod/api".parse().unwrap(),
+            tag: Some("v1".parse().unwrap()),
+            digest: Some(format!("sha256:{}", "a".repeat(64)).parse().unwrap()),
+            hosts: vec!["h1".into()],
+            container: shardmap::ContainerSpec {
+                command: vec!["/app".into()],
+                env: [("MODE".to_string(), "prod".to_string())].into(),
+                ports: vec![shardmap::PortSpec {
+                    host: 8080,
+                    container: 80,
+                }],
+                health: Some(shardmap::HealthSpec {
+                    command: "true".into(),
+                    interval_secs: 1,
+                    timeout_secs: 60,
+                }),
+                drain_secs: 30,
+            },
+            updated_ms: 1,
+        }
+    }
+
     fn node_record() -> NodeRecord {
         NodeRecord {
             id: "n1".parse().unwrap(),
@@ -566,6 +816,40 @@ mod tests {
                 key: "flotilla/shards/billing~prod".into(),
                 error: "record has format version 9".into(),
             }]),
+            ("get", "/admin/v1/events") => serde_json::to_value(vec![TimelineEntry {
+                seq: 7,
+                event: flotilla_events::Event::new(
+                    "push",
+                    flotilla_events::Target {
+                        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                        size: 528,
+                        digest: format!("sha256:{}", "a".repeat(64)),
+                        length: 528,
+                        repository: "billing/api".into(),
+                        tag: Some("v1".into()),
+                    },
+                    Some("bob".into()),
+                    flotilla_events::Source {
+                        addr: "router-1".into(),
+                        instance_id: "7f1c".into(),
+                    },
+                ),
+            }]),
+            ("get", "/admin/v1/events/sinks") => {
+                serde_json::to_value(vec![flotilla_events::SinkStatus {
+                    name: "hook".into(),
+                    url: "http://hooks.example:8080/registry".into(),
+                    pending: 3,
+                    delivered_through: 41,
+                    last_success: Some("2026-12-02T18:00:00.000Z".into()),
+                    last_error: Some("the receiver answered 500".into()),
+                    consecutive_failures: 2,
+                }])
+            }
+            ("get", "/admin/v1/deployments") => serde_json::to_value(vec![deployment_record()]),
+            ("get" | "put" | "delete", "/admin/v1/deployments/{key}") => {
+                serde_json::to_value(deployment_record())
+            }
             other => panic!("no sample for {other:?}: add one with the new endpoint"),
         };
         v.unwrap()
@@ -692,9 +976,19 @@ mod tests {
                     mismatches(&doc, schema, &sample, &format!("{at} {status}"), &mut out);
                 }
                 if op.get("requestBody").is_some() {
-                    let sample = serde_json::to_value(PinRequest {
-                        replicas: vec!["n1".into()],
-                    })
+                    let sample = if path.starts_with("/admin/v1/deployments") {
+                        serde_json::to_value(DeploymentRequest {
+                            repository: Some("billing/prod/api".into()),
+                            tag: Some("v1".into()),
+                            digest: Some(format!("sha256:{}", "a".repeat(64))),
+                            hosts: vec!["h1".into()],
+                            container: deployment_record().container,
+                        })
+                    } else {
+                        serde_json::to_value(PinRequest {
+                            replicas: vec!["n1".into()],
+                        })
+                    }
                     .unwrap();
                     let schema = json_schema(&op["requestBody"]);
                     mismatches(&doc, schema, &sample, &format!("{at} body"), &mut out);
@@ -820,5 +1114,62 @@ mod tests {
             v,
             serde_json::json!({"leader": null, "reseeds": [], "moves": []})
         );
+    }
+
+    #[tokio::test]
+    async fn deployments_are_set_read_listed_and_removed_and_bad_bodies_are_refused() {
+        let (_dir, c) = cluster().await;
+        let path = "/admin/v1/deployments/billing/prod";
+        let (s, v) = call(&c, "get", path, None).await;
+        assert_eq!(oci_error(s, &v).1, "NAME_UNKNOWN");
+
+        let body = r#"{"tag":"v1","hosts":["h1","h2"],"container":{"ports":[{"host":8080,"container":80}]}}"#;
+        let (s, v) = call(&c, "put", path, Some(body)).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["repository"], "billing/prod");
+        assert_eq!(v["container"]["drain_secs"], 30, "the default drain");
+        let (s, got) = call(&c, "get", path, None).await;
+        assert_eq!((s, &got), (200, &v));
+        let (s, list) = call(&c, "get", "/admin/v1/deployments", None).await;
+        assert_eq!((s, list), (200, Value::Array(vec![v.clone()])));
+
+        let check = |body: &'static str, want: &'static str| {
+            let c = c.clone();
+            async move {
+                let (s, v) = call(&c, "put", path, Some(body)).await;
+                let (status, code, message) = oci_error(s, &v);
+                assert_eq!((status, code.as_str()), (400, "UNSUPPORTED"), "{body}: {v}");
+                assert!(message.contains(want), "{body}: {message}");
+            }
+        };
+        check(r#"{"hosts":["h1"]}"#, "a tag or a digest").await;
+        check(r#"{"tag":"v1","hosts":[]}"#, "at least one host").await;
+        check(r#"{"tag":"v1","hosts":["h1","h1"]}"#, "listed twice").await;
+        check(r#"{"tag":"v1","hosts":["a b"]}"#, "host").await;
+        check(r#"{"tag":"Bad Tag","hosts":["h1"]}"#, "tag").await;
+        check(r#"{"digest":"sha256:xyz","hosts":["h1"]}"#, "digest").await;
+        check(
+            r#"{"tag":"v1","repository":"other/prod/api","hosts":["h1"]}"#,
+            "not under",
+        )
+        .await;
+        check(
+            r#"{"tag":"v1","hosts":["h1"],"container":{"ports":[{"host":1,"container":2},{"host":1,"container":3}]}}"#,
+            "each host port once",
+        )
+        .await;
+        check(r#"{"tag":1}"#, "body must be JSON").await;
+        let (s, v) = call(&c, "put", "/admin/v1/deployments/billing", Some(body)).await;
+        assert_eq!(oci_error(s, &v).1, "UNSUPPORTED", "not a whole key: {v}");
+        // A refused PUT left the stored deployment alone.
+        let (_, still) = call(&c, "get", path, None).await;
+        assert_eq!(still["hosts"], serde_json::json!(["h1", "h2"]));
+
+        let (s, gone) = call(&c, "delete", path, None).await;
+        assert_eq!((s, gone["key"].as_str()), (200, Some("billing/prod")));
+        let (s, v) = call(&c, "get", path, None).await;
+        assert_eq!(oci_error(s, &v).1, "NAME_UNKNOWN");
+        let (s, v) = call(&c, "delete", path, None).await;
+        assert_eq!(oci_error(s, &v).1, "NAME_UNKNOWN");
     }
 }

@@ -20,40 +20,44 @@ use crate::Cluster;
 /// Where the router serves tokens when it issues them (`--token-key`).
 pub const TOKEN_PATH: &str = "/auth/token";
 
-/// What a request needs, or `None` when it is not guarded (health, metrics, the token
-/// endpoint, which authenticates by itself).
-fn need(req: &Request) -> Option<Need> {
-    let path = req.uri().path();
-    if path == "/admin/v1" || path.starts_with("/admin/v1/") {
-        return Some(Need::Admin);
-    }
-    if !(path == "/v2" || path.starts_with("/v2/")) {
-        return None;
-    }
-    let method = req.method();
-    let write = |repo: &flotilla_core::RepoName, a: Action| Need::Repo {
-        repo: repo.to_string(),
-        action: a,
+/// What the guard established, handed on in one request extension (one insertion per
+/// request): the user, for the upload limits ([`user_of`]) and the handlers, and the route
+/// it parsed, so the proxy does not parse it again.
+#[derive(Clone, Debug)]
+pub struct Authorized {
+    pub user: Option<std::sync::Arc<str>>,
+    pub route: Option<OciRoute>,
+}
+
+/// Where the upload limiter finds the user.
+pub fn user_of(ext: &http::Extensions) -> Option<std::sync::Arc<str>> {
+    ext.get::<Authorized>().and_then(|a| a.user.clone())
+}
+
+/// What a `/v2` request needs (`route`: `None` when the path does not parse; such requests
+/// get the handler's error and touch no repository).
+fn need<'a>(method: &Method, route: Option<&'a OciRoute>) -> Need<'a> {
+    let repo = |repo: &'a flotilla_core::RepoName, action: Action| Need::Repo {
+        repo: repo.as_str(),
+        action,
     };
-    Some(match OciRoute::parse(path) {
-        // Unparseable paths get the handler's error; they touch no repository.
-        Err(_) => Need::Base,
-        Ok(OciRoute::Base) => Need::Base,
-        Ok(OciRoute::Catalog) => Need::Catalog,
-        Ok(OciRoute::UploadStart { repo } | OciRoute::Upload { repo, .. }) => {
-            write(&repo, Action::Push)
+    match route {
+        None | Some(OciRoute::Base) => Need::Base,
+        Some(OciRoute::Catalog) => Need::Catalog,
+        Some(OciRoute::UploadStart { repo: r } | OciRoute::Upload { repo: r, .. }) => {
+            repo(r, Action::Push)
         }
-        Ok(
-            OciRoute::Manifest { repo, .. }
-            | OciRoute::Blob { repo, .. }
-            | OciRoute::Tags { repo }
-            | OciRoute::Referrers { repo, .. },
+        Some(
+            OciRoute::Manifest { repo: r, .. }
+            | OciRoute::Blob { repo: r, .. }
+            | OciRoute::Tags { repo: r }
+            | OciRoute::Referrers { repo: r, .. },
         ) => match *method {
-            Method::GET | Method::HEAD => write(&repo, Action::Pull),
-            Method::DELETE => write(&repo, Action::Delete),
-            _ => write(&repo, Action::Push),
+            Method::GET | Method::HEAD => repo(r, Action::Pull),
+            Method::DELETE => repo(r, Action::Delete),
+            _ => repo(r, Action::Push),
         },
-    })
+    }
 }
 
 fn https(cluster: &Cluster) -> bool {
@@ -70,7 +74,7 @@ fn host(req: &Request) -> String {
 
 fn unauthorized(
     auth: &flotilla_auth::Auth,
-    need: &Need,
+    need: &Need<'_>,
     host: &str,
     https: bool,
     error: Option<&str>,
@@ -102,29 +106,66 @@ fn peer(req: &Request) -> Option<std::net::IpAddr> {
         .map(|ConnectInfo(a)| a.ip())
 }
 
-/// The middleware: authenticate, authorize, then hand the request on with the user set
-/// (`flotilla_serve::limits::AuthenticatedUser`, so limits follow users, not addresses).
+/// The middleware: authenticate, authorize, then hand the request on with the user and the
+/// parsed route ([`Authorized`]; limits then follow users, not addresses).
 pub async fn guard(State(cluster): State<Cluster>, mut req: Request, next: Next) -> Response {
-    let Some(auth) = cluster.auth().cloned() else {
+    let Some(auth) = cluster.auth() else {
         return next.run(req).await;
     };
-    let Some(need) = need(&req) else {
+    let path = req.uri().path();
+    let admin = path == "/admin/v1" || path.starts_with("/admin/v1/");
+    if !(admin || path == "/v2" || path.starts_with("/v2/")) {
+        // Health, metrics and the token endpoint (which authenticates by itself).
         return next.run(req).await;
+    }
+    let route = if admin {
+        None
+    } else {
+        OciRoute::parse(path).ok()
     };
+    let need = if admin {
+        Need::Admin
+    } else {
+        need(req.method(), route.as_ref())
+    };
+    let (user, uri) = match decide(auth, &cluster, &req, need) {
+        Ok(d) => d,
+        Err(refused) => return *refused,
+    };
+    if let Some(uri) = uri {
+        *req.uri_mut() = uri;
+    }
+    req.extensions_mut().insert(Authorized { user, route });
+    next.run(req).await
+}
+
+/// A request let through: its user, and the URI to use instead of its own (a mount turned
+/// into a plain upload).
+type Decision = (Option<std::sync::Arc<str>>, Option<http::Uri>);
+
+/// The decision for one request: the authenticated user (if any) and, for a mount from a
+/// repository the user may not pull, the request's URI turned into a plain upload; or the
+/// refusal to send.
+fn decide(
+    auth: &flotilla_auth::Auth,
+    cluster: &Cluster,
+    req: &Request,
+    need: Need<'_>,
+) -> Result<Decision, Box<Response>> {
     // Host and scheme only build a refusal's challenge: not computed on the success path.
-    let refuse = |req: &Request, error: Option<&str>, message: String| {
-        unauthorized(&auth, &need, &host(req), https(&cluster), error, message)
+    let refuse = |error: Option<&str>, message: String| {
+        unauthorized(auth, &need, &host(req), https(cluster), error, message)
     };
     let principal = match auth.authenticate(
         req.headers()
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes()),
-        peer(&req),
+        peer(req),
     ) {
         Ok(p) => p,
-        Err(Refusal::TooManyFailures(wait)) => return too_many(wait),
-        Err(Refusal::BadCredentials(m)) => return refuse(&req, None, m),
-        Err(Refusal::InvalidToken(m)) => return refuse(&req, Some("invalid_token"), m),
+        Err(Refusal::TooManyFailures(wait)) => return Err(Box::new(too_many(wait))),
+        Err(Refusal::BadCredentials(m)) => return Err(Box::new(refuse(None, m))),
+        Err(Refusal::InvalidToken(m)) => return Err(Box::new(refuse(Some("invalid_token"), m))),
     };
     if !auth.allows(&principal, &need) {
         metrics::counter!("flotilla_auth_refused_total", "reason" => "not_allowed").increment(1);
@@ -134,12 +175,9 @@ pub async fn guard(State(cluster): State<Cluster>, mut req: Request, next: Next)
             Need::Catalog => "the catalog".into(),
             Need::Admin => "the admin API".into(),
         };
-        return match &principal {
-            Principal::Anonymous => {
-                refuse(&req, None, format!("authentication required for {what}"))
-            }
+        return Err(Box::new(match &principal {
+            Principal::Anonymous => refuse(None, format!("authentication required for {what}")),
             Principal::Token(_) => refuse(
-                &req,
                 Some("insufficient_scope"),
                 format!("the token does not grant {what}"),
             ),
@@ -149,44 +187,49 @@ pub async fn guard(State(cluster): State<Cluster>, mut req: Request, next: Next)
                     .message(format!("user {u:?} may not use {what}"))
                     .into_response()
             }
-        };
+        }));
     }
-    // A cross-repository mount reads the source: without pull there, the spec's fallback
-    // (an ordinary upload session) instead of a mount.
-    if let (Need::Repo { .. }, Some(q)) = (&need, req.uri().query()) {
-        if q.contains("from=") && q.contains("mount=") {
-            let from = form_urlencoded::parse(q.as_bytes())
-                .find(|(k, _)| k == "from")
-                .map(|(_, v)| v.into_owned());
-            if let Some(from) = from {
-                let source = Need::Repo {
-                    repo: from,
-                    action: Action::Pull,
-                };
-                if !auth.allows(&principal, &source) {
-                    let rest: String = form_urlencoded::Serializer::new(String::new())
-                        .extend_pairs(
-                            form_urlencoded::parse(q.as_bytes())
-                                .filter(|(k, _)| k != "from" && k != "mount"),
-                        )
-                        .finish();
-                    let pq = if rest.is_empty() {
-                        req.uri().path().to_string()
-                    } else {
-                        format!("{}?{rest}", req.uri().path())
-                    };
-                    if let Ok(uri) = pq.parse() {
-                        *req.uri_mut() = uri;
-                    }
-                }
-            }
-        }
+    Ok((
+        principal.user_shared(),
+        mount_without_pull(auth, &principal, need, req),
+    ))
+}
+
+/// A cross-repository mount reads the source: without pull there, the spec's fallback (an
+/// ordinary upload session) instead of a mount, by dropping `from` and `mount`.
+fn mount_without_pull(
+    auth: &flotilla_auth::Auth,
+    principal: &Principal,
+    need: Need<'_>,
+    req: &Request,
+) -> Option<http::Uri> {
+    let (Need::Repo { .. }, Some(q)) = (need, req.uri().query()) else {
+        return None;
+    };
+    if !(q.contains("from=") && q.contains("mount=")) {
+        return None;
     }
-    if let Some(u) = principal.user() {
-        req.extensions_mut()
-            .insert(flotilla_serve::limits::AuthenticatedUser(u.to_string()));
+    let from = form_urlencoded::parse(q.as_bytes())
+        .find(|(k, _)| k == "from")
+        .map(|(_, v)| v.into_owned())?;
+    let source = Need::Repo {
+        repo: &from,
+        action: Action::Pull,
+    };
+    if auth.allows(principal, &source) {
+        return None;
     }
-    next.run(req).await
+    let rest: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(
+            form_urlencoded::parse(q.as_bytes()).filter(|(k, _)| k != "from" && k != "mount"),
+        )
+        .finish();
+    let pq = if rest.is_empty() {
+        req.uri().path().to_string()
+    } else {
+        format!("{}?{rest}", req.uri().path())
+    };
+    pq.parse().ok()
 }
 
 #[derive(serde::Serialize)]
@@ -200,7 +243,7 @@ struct TokenBody {
 /// `GET /auth/token?service=...&scope=...`: a token for the Basic user (or anonymous), with
 /// the scopes cut down to what the policy allows.
 pub async fn token(State(cluster): State<Cluster>, req: Request) -> Response {
-    let Some(auth) = cluster.auth().cloned().filter(|a| a.issues_tokens()) else {
+    let Some(auth) = cluster.auth().filter(|a| a.issues_tokens()) else {
         return ApiError::unknown_route().into_response();
     };
     if req.method() != Method::GET {
@@ -253,7 +296,7 @@ pub async fn token(State(cluster): State<Cluster>, req: Request) -> Response {
                 access_token: t.token.clone(),
                 token: t.token,
                 expires_in: t.expires_in,
-                issued_at: rfc3339_now(),
+                issued_at: flotilla_core::rfc3339(std::time::SystemTime::now()),
             })
             .into_response()
         }
@@ -261,40 +304,5 @@ pub async fn token(State(cluster): State<Cluster>, req: Request) -> Response {
             .with_status(StatusCode::BAD_REQUEST)
             .message(e.to_string())
             .into_response(),
-    }
-}
-
-/// `issued_at` in RFC 3339 (UTC), from the civil-from-days algorithm: one timestamp does not
-/// justify a date crate.
-fn rfc3339_now() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn rfc3339_is_well_formed() {
-        let s = super::rfc3339_now();
-        assert_eq!(s.len(), 20, "{s}");
-        assert!(s.starts_with("20") && s.ends_with('Z'));
     }
 }

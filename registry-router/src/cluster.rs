@@ -65,8 +65,15 @@ struct Inner {
     unreadable: Mutex<Vec<shardmap::Unreadable>>,
     /// Keys recently looked up and found unplaced (used only while the watch is down).
     absent: Mutex<HashMap<ShardKey, Instant>>,
+    /// One commit at a time per key in this router: concurrent tag writes to one repository
+    /// would otherwise race each other's compare-and-swap on the same record until they ran
+    /// out of attempts (8 concurrent PUTs to one repository got 503s); in line they each
+    /// take one read and one CAS, and only other routers' commits can still conflict.
+    commit_locks: Mutex<HashMap<ShardKey, std::sync::Weak<tokio::sync::Mutex<()>>>>,
     /// Authentication and the access policy (`None`: the registry is open).
     auth: Option<Arc<flotilla_auth::Auth>>,
+    events: Option<Arc<flotilla_events::Outbox>>,
+    source: flotilla_events::Source,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -134,6 +141,20 @@ impl Cluster {
         } else {
             None
         };
+        let events = match &cfg.events {
+            Some(e) if !e.sinks.is_empty() => {
+                Some(Arc::new(flotilla_events::Outbox::open(e.clone())?))
+            }
+            _ => None,
+        };
+        let source = flotilla_events::Source {
+            addr: std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            instance_id: uuid::Uuid::new_v4().to_string(),
+        };
         // Every request to a node carries the cluster secret: nodes take `/v2` writes (and
         // unsigned reads) only from routers.
         let mut node_headers = http::HeaderMap::new();
@@ -172,7 +193,10 @@ impl Cluster {
                 manifests,
                 unreadable: Mutex::default(),
                 absent: Mutex::default(),
+                commit_locks: Mutex::default(),
                 auth,
+                events,
+                source,
                 cancel: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
@@ -190,6 +214,16 @@ impl Cluster {
     /// The authentication state, when auth is on.
     pub fn auth(&self) -> Option<&Arc<flotilla_auth::Auth>> {
         self.inner.auth.as_ref()
+    }
+
+    /// The events outbox, when sinks are configured.
+    pub fn events(&self) -> Option<&Arc<flotilla_events::Outbox>> {
+        self.inner.events.as_ref()
+    }
+
+    /// This router, as events name their source.
+    pub fn source(&self) -> &flotilla_events::Source {
+        &self.inner.source
     }
 
     pub fn http(&self) -> &reqwest::Client {
@@ -669,6 +703,23 @@ impl Cluster {
     /// older record sees its cached manifests for the key invalidated by the bump. A lost
     /// race re-reads and repeats (another write, a move's swap or a replica's rejoin landed
     /// in between). Returns the committed epoch.
+    fn commit_lock(&self, key: &ShardKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .inner
+            .commit_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = locks.get(key).and_then(std::sync::Weak::upgrade) {
+            return l;
+        }
+        if locks.len() >= 1024 {
+            locks.retain(|_, w| w.strong_count() > 0);
+        }
+        let l = Arc::new(tokio::sync::Mutex::new(()));
+        locks.insert(key.clone(), Arc::downgrade(&l));
+        l
+    }
+
     pub async fn commit<F, Fut>(
         &self,
         key: &ShardKey,
@@ -679,7 +730,9 @@ impl Cluster {
         F: Fn(NodeRecord) -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
+        let lock = self.commit_lock(key);
         let work = async {
+            let _turn = lock.lock().await;
             for _ in 0..COMMIT_ATTEMPTS {
                 let Some((cur, version)) = self.inner.map.get_shard(key).await? else {
                     // The record is gone (an operator deleted it): nothing left to keep in

@@ -60,6 +60,8 @@ pub struct RouterConfig {
     pub tls_ca: Option<std::path::PathBuf>,
     /// Who may do what (off unless a flag asks for it: the first `flotilla dev` stays open).
     pub auth: flotilla_auth::AuthConfig,
+    /// The events outbox and its sinks (`--webhook`, `--events-dir`).
+    pub events: Option<flotilla_events::OutboxConfig>,
 }
 
 impl RouterConfig {
@@ -82,6 +84,7 @@ impl RouterConfig {
             max_uploads_per_client: 16,
             tls_ca: None,
             auth: flotilla_auth::AuthConfig::default(),
+            events: None,
         }
     }
 }
@@ -100,6 +103,8 @@ pub enum RouterError {
     Ca(#[from] registry_client::tls::CaError),
     #[error("authentication: {0}")]
     Auth(#[from] flotilla_auth::AuthError),
+    #[error("events: {0}")]
+    Events(#[from] flotilla_events::EventsError),
     #[error("{0}")]
     Config(String),
 }
@@ -109,7 +114,8 @@ pub fn app(cluster: Cluster) -> Router {
     let uploads = flotilla_serve::limits::UploadLimiter::new(
         cluster.config().max_uploads_per_client,
         "router",
-    );
+    )
+    .with_user_of(auth::user_of);
     Router::new()
         .route("/v2", any(proxy::handle))
         .route("/v2/", any(proxy::handle))
@@ -121,7 +127,7 @@ pub fn app(cluster: Cluster) -> Router {
         .route(auth::TOKEN_PATH, any(auth::token))
         .with_state(cluster.clone())
         // The limit holds whatever the route; authentication runs outside it and inserts
-        // `flotilla_serve::limits::AuthenticatedUser`.
+        // the user (`auth::Authorized`).
         .layer(axum::middleware::from_fn_with_state(
             uploads,
             flotilla_serve::limits::UploadLimiter::middleware,

@@ -65,9 +65,17 @@ fn finish(mut resp: Response) -> Response {
     resp
 }
 
-pub async fn handle(State(cluster): State<Cluster>, req: Request) -> Response {
+pub async fn handle(State(cluster): State<Cluster>, mut req: Request) -> Response {
     let started = Instant::now();
-    let route = OciRoute::parse(req.uri().path());
+    // The guard has parsed it when authentication is on.
+    let route = match req
+        .extensions_mut()
+        .get_mut::<crate::auth::Authorized>()
+        .and_then(|a| a.route.take())
+    {
+        Some(route) => Ok(route),
+        None => OciRoute::parse_for(req.method(), req.uri().path()),
+    };
     let label = route.as_ref().map(OciRoute::label).unwrap_or("invalid");
     let method = req.method().clone();
     let resp = match route {
@@ -141,7 +149,14 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
                 }
                 _ => None,
             };
-            replicated_write(cluster, &repo, unplaced, immutable, req).await
+            let event = WriteEvent {
+                actor: req
+                    .extensions()
+                    .get::<crate::auth::Authorized>()
+                    .and_then(|a| a.user.clone()),
+                reference,
+            };
+            replicated_write(cluster, &repo, unplaced, immutable, Some(event), req).await
         }
         OciRoute::Manifest { repo, reference } if cluster.manifests().enabled() => {
             read_cached(cluster, &repo, Cacheable::Manifest(&repo, &reference), req).await
@@ -153,7 +168,12 @@ async fn dispatch(cluster: &Cluster, route: OciRoute, req: Request) -> Result<Re
             read_cached(cluster, &repo, Cacheable::Listing(&pq), req).await
         }
         OciRoute::Blob { repo, .. } if method == Method::DELETE => {
-            replicated_write(cluster, &repo, Unplaced::Check, None, req).await
+            replicated_write(cluster, &repo, Unplaced::Check, None, None, req).await
+        }
+        OciRoute::Blob { repo, digest }
+            if method == Method::GET && wants_sources(req.uri().query()) =>
+        {
+            blob_sources(cluster, &repo, &digest).await
         }
         OciRoute::Tags { repo }
         | OciRoute::Manifest { repo, .. }
@@ -229,6 +249,73 @@ async fn redirect_blob(
         .header(http::header::CONTENT_LENGTH, 0)
         .body(Body::empty())
         .map_err(ApiError::internal)
+}
+
+/// The query parameter that turns a blob GET into [`blob_sources`].
+pub const SOURCES_PARAM: &str = "flotilla-sources";
+
+fn wants_sources(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&')
+            .any(|p| p == SOURCES_PARAM || p.starts_with(&format!("{SOURCES_PARAM}=")))
+    })
+}
+
+/// One replica a client may read a blob from directly.
+#[derive(Debug, serde::Serialize)]
+struct BlobSource {
+    node: String,
+    url: String,
+}
+
+/// What `GET /v2/REPO/blobs/DIGEST?flotilla-sources` answers.
+#[derive(Debug, serde::Serialize)]
+struct BlobSources {
+    key: String,
+    digest: String,
+    expires_in_secs: u64,
+    sources: Vec<BlobSource>,
+}
+
+/// `GET /v2/REPO/blobs/DIGEST?flotilla-sources`: a signed URL for each in-sync replica of the
+/// key, primary first (live ones before the rest), so a client without the cluster secret
+/// (the deploy agent) can fetch the blob from the replicas itself, failing over on its own
+/// terms, and come back to the router last. It is the blob's own path, so the trust
+/// boundary (`auth::guard`) asks exactly the blob's pull permission; it grants no more than
+/// the `--blob-redirect` 307 would, for every replica instead of one. Nothing is probed: the
+/// client verifies what it reads, and a replica without the blob answers 404 by itself. An
+/// unplaced key has no sources (the router itself remains).
+async fn blob_sources(
+    cluster: &Cluster,
+    repo: &RepoName,
+    digest: &flotilla_core::Digest,
+) -> Result<Response, ApiError> {
+    let key = repo.shard_key(cluster.config().shard_key_depth);
+    let nodes = match cluster.shard(&key, Unplaced::Absent).await {
+        Ok(Some(rec)) => cluster.candidates(&rec, ReplicaOrder::PrimaryFirst),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(shard_error(e)),
+    };
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    let ttl = registry_client::signed::REDIRECT_TTL;
+    let target = match &cluster.config().secret {
+        Some(secret) => registry_client::signed::sign(secret, &path, ttl),
+        None => path,
+    };
+    let body = BlobSources {
+        key: key.to_string(),
+        digest: digest.to_string(),
+        expires_in_secs: ttl.as_secs(),
+        sources: nodes
+            .iter()
+            .map(|n| BlobSource {
+                node: n.id.to_string(),
+                url: format!("{}{target}", n.url.trim_end_matches('/')),
+            })
+            .collect(),
+    };
+    metrics::counter!("flotilla_router_blob_sources_total").increment(1);
+    Ok(axum::Json(body).into_response())
 }
 
 /// Manifest GET/HEAD and tag/referrer listings through the router's cache (see
@@ -984,11 +1071,79 @@ fn after_blob_write(
 /// past unreachable ones), then committed in the shard record ([`Cluster::commit`]): a
 /// replica that missed the write is marked lagging there before the client hears 2xx, so no
 /// replica any router reads from can contradict an acknowledged write.
+/// What a manifest write's event names besides the write itself.
+struct WriteEvent {
+    actor: Option<std::sync::Arc<str>>,
+    reference: flotilla_core::Reference,
+}
+
+/// Starts recording a manifest write in the events outbox as soon as the primary replica has
+/// taken it (the write is then durable in object storage), alongside the partners' copies and
+/// the commit; the client's 201 waits for it, so a crash after the 201 cannot lose the event.
+/// A write that then fails to commit (503) keeps its event: the manifest is stored, and the
+/// client's retry is a second event with another id. A journal that cannot be written is
+/// logged and counted; the write itself stands.
+fn record_event(
+    cluster: &Cluster,
+    repo: &RepoName,
+    write: &BufferedWrite,
+    event: WriteEvent,
+    resp: &reqwest::Response,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let outbox = cluster.events()?.clone();
+    let tag = match &event.reference {
+        flotilla_core::Reference::Tag(t) => Some(t.to_string()),
+        flotilla_core::Reference::Digest(_) => None,
+    };
+    let push = write.method != Method::DELETE;
+    let digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| match &event.reference {
+            flotilla_core::Reference::Digest(d) => Some(d.to_string()),
+            flotilla_core::Reference::Tag(_) => None,
+        })
+        .unwrap_or_default();
+    let target = flotilla_events::Target {
+        media_type: if push {
+            write
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            String::new()
+        },
+        size: if push { write.bytes.len() as u64 } else { 0 },
+        length: if push { write.bytes.len() as u64 } else { 0 },
+        digest,
+        repository: repo.to_string(),
+        tag,
+    };
+    let ev = flotilla_events::Event::new(
+        if push { "push" } else { "delete" },
+        target,
+        event.actor.map(|a| a.to_string()),
+        cluster.source().clone(),
+    );
+    let repo = repo.to_string();
+    Some(tokio::spawn(async move {
+        if let Err(e) = outbox.record(ev).await {
+            tracing::error!(%repo, error = %e, "the write's event could not be recorded");
+            metrics::counter!("flotilla_events_record_failures_total").increment(1);
+        }
+    }))
+}
+
 async fn replicated_write(
     cluster: &Cluster,
     repo: &RepoName,
     unplaced: Unplaced,
     immutable: Option<flotilla_core::Tag>,
+    event: Option<WriteEvent>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let depth = cluster.config().shard_key_depth;
@@ -1043,6 +1198,7 @@ async fn replicated_write(
     }
     acks.missed.remove(&pnode.id);
     acks.acked.insert(pnode.id.clone());
+    let recording = event.and_then(|e| record_event(cluster, repo, &write, e, &resp));
     // The rest in parallel: every other live in-sync replica, and the nodes being seeded for
     // this key (joining, or a replica rebuilding its disk), so no write lands between the
     // seeder's last pass and the node taking traffic.
@@ -1079,6 +1235,9 @@ async fn replicated_write(
                 "the write could not be committed to every in-sync replica ({e}); retry"
             ))
         })?;
+    if let Some(r) = recording {
+        let _ = r.await;
+    }
     Ok(with_epoch(downstream(resp, UpstreamBody::Stream), epoch))
 }
 

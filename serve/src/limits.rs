@@ -16,20 +16,32 @@ use registry_client::OciRoute;
 /// authentication plugs in: insert it as a request extension before the limiter runs and
 /// limits follow the user instead of the address.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct AuthenticatedUser(pub String);
+pub struct AuthenticatedUser(pub std::sync::Arc<str>);
 
 /// Who a request counts against.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ClientId {
-    User(String),
+    User(Arc<str>),
     Peer(IpAddr),
+}
+
+/// Where a limiter finds the authenticated user among a request's extensions.
+pub type UserOf = fn(&http::Extensions) -> Option<Arc<str>>;
+
+fn authenticated_user(ext: &http::Extensions) -> Option<Arc<str>> {
+    ext.get::<AuthenticatedUser>()
+        .map(|AuthenticatedUser(u)| u.clone())
 }
 
 /// The request's client: its user if authenticated, else its peer address (set by
 /// [`crate::serve`]); `None` only for requests that did not come through a listener.
 pub fn client_id<B>(req: &http::Request<B>) -> Option<ClientId> {
-    if let Some(AuthenticatedUser(u)) = req.extensions().get::<AuthenticatedUser>() {
-        return Some(ClientId::User(u.clone()));
+    client_id_with(req, authenticated_user)
+}
+
+fn client_id_with<B>(req: &http::Request<B>, user_of: UserOf) -> Option<ClientId> {
+    if let Some(u) = user_of(req.extensions()) {
+        return Some(ClientId::User(u));
     }
     req.extensions()
         .get::<ConnectInfo<SocketAddr>>()
@@ -53,6 +65,7 @@ fn is_upload<B>(req: &http::Request<B>) -> bool {
 pub struct UploadLimiter {
     max: usize,
     role: &'static str,
+    user_of: UserOf,
     inflight: Arc<Mutex<HashMap<ClientId, usize>>>,
 }
 
@@ -90,8 +103,17 @@ impl UploadLimiter {
         UploadLimiter {
             max: max.max(1),
             role,
+            user_of: authenticated_user,
             inflight: Arc::default(),
         }
+    }
+
+    /// Read the user from another extension than [`AuthenticatedUser`]: a server whose
+    /// authentication hands on more than the user (the router's route and user travel in
+    /// one extension, one insertion per request) says where.
+    pub fn with_user_of(mut self, user_of: UserOf) -> Self {
+        self.user_of = user_of;
+        self
     }
 
     /// A permit, or `None` when `id` already has `max` uploads in flight.
@@ -119,7 +141,7 @@ impl UploadLimiter {
         if !is_upload(&req) {
             return next.run(req).await;
         }
-        let Some(id) = client_id(&req) else {
+        let Some(id) = client_id_with(&req, lim.user_of) else {
             return next.run(req).await;
         };
         let Some(_permit) = lim.try_acquire(id.clone()) else {

@@ -15,6 +15,7 @@
 //!   [`ShardMap`], typed helpers every backend shares.
 //! - `testsuite` (feature `testsuite`): the conformance suite every backend runs.
 
+pub mod deploy;
 pub mod model;
 pub mod placement;
 pub mod seeder;
@@ -32,6 +33,7 @@ pub const DEFAULT_KEY_DEPTH: std::num::NonZeroUsize = match std::num::NonZeroUsi
     None => std::num::NonZeroUsize::MIN,
 };
 
+pub use deploy::{ContainerSpec, DeploymentRecord, HealthSpec, PortSpec};
 pub use model::{Keyspace, NodeRecord, NodeState, Record, RecordError, ShardRecord, Versioned};
 pub use placement::{
     place, plan_add_node, plan_remove_node, rendezvous, Loads, Move, NodeInfo, Placement,

@@ -248,6 +248,16 @@ impl Keyspace {
         format!("{}{}", self.deployments(key), host.replace('/', "~"))
     }
 
+    /// Every key's desired deployment.
+    pub fn desired_deployments(&self) -> String {
+        format!("{}desired/", self.prefix)
+    }
+
+    /// A key's desired deployment (`deploy::DeploymentRecord`).
+    pub fn desired_deployment(&self, key: &ShardKey) -> String {
+        format!("{}{}", self.desired_deployments(), encode_shard_key(key))
+    }
+
     /// The digest an immutable tag is bound to (`/` in the repository encoded as `~`).
     pub fn immutable_tag(&self, repo: &str, tag: &str) -> String {
         format!(
@@ -364,6 +374,7 @@ mod tests {
             ks.deployment(&key, "h1"),
             "flotilla/deployments/billing~api/h1"
         );
+        assert_eq!(ks.desired_deployment(&key), "flotilla/desired/billing~api");
         assert_eq!(ks.config("drain_seconds"), "flotilla/config/drain_seconds");
         assert_eq!(ks.seeder_lock(), "flotilla/locks/seeder");
         assert_eq!(Keyspace::new("x").shards(), "x/shards/");

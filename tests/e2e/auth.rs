@@ -917,3 +917,79 @@ async fn racing_pushes_to_an_immutable_tag_through_two_routers_have_one_winner()
         }
     }
 }
+
+/// The deploy agent's sources endpoint sits behind the blob's own pull permission: anonymous
+/// and wrong-password requests get the 401 and no signed URL; a user who may pull gets a URL
+/// per replica that a node honours without the cluster secret. `flotilla agent pull` signs
+/// in with `--user`/`--password-file`, and without them is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agents_blob_sources_need_the_blobs_pull_permission() {
+    require_tool("docker");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (users, policy) = auth_files(tmp.path());
+    let dev = Dev::start(
+        tmp.path(),
+        &[
+            "--htpasswd",
+            users.to_str().unwrap(),
+            "--access",
+            policy.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let url = dev.url();
+    let bob = authed(&url, &basic("bob", "bob-pw"));
+    let p = crate::agent::push_tar_image(&bob, "team/agent", "v1").await;
+    let sources = format!("/v2/team/agent/blobs/{}?flotilla-sources", p.blobs[1]);
+    for c in [&anonymous(&url), &authed(&url, &basic("carol", "wrong"))] {
+        let r = c.get(&sources).await;
+        assert_eq!(r.status(), 401);
+        let body = r.text().await.expect("body");
+        assert!(!body.contains("flotilla-signature"), "{body}");
+    }
+    let r = authed(&url, &basic("carol", "carol-pw"))
+        .get(&sources)
+        .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.expect("sources JSON");
+    assert_eq!(v["key"], "team/agent");
+    let list = v["sources"].as_array().expect("sources");
+    assert_eq!(list.len(), 2, "{v}");
+    for s in list {
+        let signed = s["url"].as_str().expect("url");
+        let got = anonymous(&url).http.get(signed).send().await.expect("GET");
+        assert_eq!(got.status(), 200, "{signed}");
+        assert_eq!(sha256(&got.bytes().await.expect("bytes")), p.blobs[1]);
+        // The same path without the signature is refused.
+        let bare = signed.split_once('?').expect("query").0;
+        let got = anonymous(&url).http.get(bare).send().await.expect("GET");
+        assert_eq!(got.status(), 401, "{bare}");
+    }
+
+    let name = format!("{}/team/agent:v1", dev.host());
+    let guard = DockerImages(vec![name.clone()]);
+    let image = "team/agent:v1";
+    let (out, _) = crate::agent::agent_pull(std::slice::from_ref(&url), image, &[]).await;
+    assert!(!out.status.success(), "anonymous agent pull must fail");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    assert_eq!(crate::agent::engine_image_id(&name).await, None);
+    let pw = tmp.path().join("carol.pw");
+    std::fs::write(&pw, "carol-pw\n").expect("password file");
+    let pw = pw.to_str().unwrap();
+    let (out, _) = crate::agent::agent_pull(
+        std::slice::from_ref(&url),
+        image,
+        &["--user", "carol", "--password-file", pw],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        crate::agent::engine_image_id(&name).await.as_deref(),
+        Some(p.blobs[0].as_str())
+    );
+    crate::clients::guard_cleanup(guard).await;
+}

@@ -206,3 +206,63 @@ fn listener_flags_are_checked_before_start() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_webhook_needs_an_events_dir_and_a_real_url() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let meta = format!("file://{}", tmp.path().join("meta").display());
+    let router = [
+        "router",
+        "--listen",
+        "127.0.0.1:0",
+        "--meta",
+        &meta,
+        "--secret",
+        "s",
+    ];
+    let e = refused(&[&router[..], &["--webhook", "http://127.0.0.1:1/hook"]].concat());
+    assert!(e.contains("--webhook/--events need --events-dir"), "{e}");
+    let dir = tmp.path().join("events");
+    let dir = dir.to_str().expect("utf-8 path");
+    let e = refused(
+        &[
+            &router[..],
+            &["--webhook", "ftp://x/hook", "--events-dir", dir],
+        ]
+        .concat(),
+    );
+    assert!(e.contains("--webhook") && e.contains("ftp://x/hook"), "{e}");
+    let data = tmp.path().join("dev");
+    let e = refused(&[
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data.to_str().expect("utf-8 path"),
+        "--webhook",
+        "not a url",
+    ]);
+    assert!(e.contains("--webhook") && e.contains("not a url"), "{e}");
+    let file = tmp.path().join("events.toml");
+    std::fs::write(
+        &file,
+        "[[sinks]]\nname = \"a\"\nurl = \"http://x/\"\nactions = [\"pull\"]\n",
+    )
+    .expect("events file");
+    let e = refused(
+        &[
+            &router[..],
+            &[
+                "--events",
+                file.to_str().expect("utf-8"),
+                "--events-dir",
+                dir,
+            ],
+        ]
+        .concat(),
+    );
+    assert!(
+        e.contains("--events") && e.contains("unknown action \"pull\""),
+        "{e}"
+    );
+}

@@ -214,6 +214,9 @@ async fn hostile_requests_refused_with_oci_errors() {
         case("PUT", "/v2/h/ok/manifests/..", 400, "MANIFEST_INVALID")
             .header("content-type", OCI_MANIFEST)
             .body("{}"),
+        // A read of a reference no manifest can have is unknown, not invalid (Distribution's
+        // answer, and what conformance tools expect).
+        case("GET", "/v2/h/ok/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
         case("PUT", format!("/v2/h/ok/manifests/{unknown}"), 400, "DIGEST_INVALID")
             .header("content-type", OCI_MANIFEST)
             .body(image_manifest(&layer_digest, good_layer.len(), &layer_digest, good_layer.len())),

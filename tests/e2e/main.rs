@@ -10,6 +10,7 @@ mod etcdsupport;
 mod s3support;
 mod support;
 
+mod agent;
 mod auth;
 mod bench_smoke;
 mod clients;
@@ -20,6 +21,7 @@ mod control;
 mod crash;
 mod dev;
 mod drills;
+mod events;
 mod faults;
 mod history;
 mod hostile;

@@ -85,7 +85,7 @@ pub(crate) struct Req {
 
 async fn dispatch(State(node): State<NodeService>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let route = OciRoute::parse(parts.uri.path());
+    let route = OciRoute::parse_for(&parts.method, parts.uri.path());
     let query = RawQuery::of(&parts.uri);
     let req = Req {
         method: parts.method,

@@ -324,6 +324,36 @@ impl ShardMap {
         Ok(split(entries, "shard"))
     }
 
+    /// A key's desired deployment.
+    pub async fn get_deployment(
+        &self,
+        key: &ShardKey,
+    ) -> Result<Option<(crate::DeploymentRecord, Version)>, StoreError> {
+        let k = self.keys.desired_deployment(key);
+        decode_opt(&k, self.store.get(&k).await?)
+    }
+
+    /// Set a key's desired deployment (last writer wins: an operator's intent, not a race).
+    pub async fn put_deployment(
+        &self,
+        rec: &crate::DeploymentRecord,
+    ) -> Result<Version, StoreError> {
+        let k = self.keys.desired_deployment(&rec.key);
+        self.store.put(&k, rec.encode().into()).await
+    }
+
+    pub async fn delete_deployment(&self, key: &ShardKey) -> Result<(), StoreError> {
+        self.store.delete(&self.keys.desired_deployment(key)).await
+    }
+
+    /// Every readable desired deployment (unreadable ones skipped and counted, as shards).
+    pub async fn list_deployments(
+        &self,
+    ) -> Result<Vec<(crate::DeploymentRecord, Version)>, StoreError> {
+        let entries = self.store.list(&self.keys.desired_deployments()).await?;
+        Ok(split(entries, "deployment").0)
+    }
+
     pub async fn get_node(&self, id: &NodeId) -> Result<Option<(NodeRecord, Version)>, StoreError> {
         let k = self.keys.node(id);
         decode_opt(&k, self.store.get(&k).await?)

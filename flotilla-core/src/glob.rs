@@ -6,6 +6,18 @@
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Glob {
     pattern: String,
+    /// Compiled once: matching runs on every request, against the request's repository.
+    form: Form,
+}
+
+/// The shapes policies are made of get a test without the general matcher: `**`, a literal
+/// prefix then `**` (`billing/**`), a plain name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Form {
+    Everything,
+    Prefix(String),
+    Exact(String),
+    General(Vec<Token>),
 }
 
 impl Glob {
@@ -18,8 +30,31 @@ impl Glob {
                 "{pattern:?}: \"***\" is not a pattern (use \"**\")"
             ));
         }
+        let t = tokens(pattern.as_bytes());
+        let literal = |t: &[Token]| {
+            t.iter()
+                .map(|t| match t {
+                    Token::Lit(c) => Some(*c),
+                    _ => None,
+                })
+                .collect::<Option<Vec<u8>>>()
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        let form = match t.split_last() {
+            Some((Token::Any, [])) => Form::Everything,
+            // `a/**`: `**` matches any bytes, none included, so exactly the names starting `a/`.
+            Some((Token::Any, rest)) => match literal(rest) {
+                Some(prefix) => Form::Prefix(prefix),
+                None => Form::General(t),
+            },
+            _ => match literal(&t) {
+                Some(exact) => Form::Exact(exact),
+                None => Form::General(t),
+            },
+        };
         Ok(Glob {
             pattern: pattern.to_string(),
+            form,
         })
     }
 
@@ -37,11 +72,16 @@ impl Glob {
     }
 
     pub fn matches(&self, s: &str) -> bool {
-        matches(self.pattern.as_bytes(), s.as_bytes())
+        match &self.form {
+            Form::Everything => true,
+            Form::Prefix(p) => s.starts_with(p.as_str()),
+            Form::Exact(e) => s == e,
+            Form::General(t) => matches(t, s.as_bytes()),
+        }
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Token {
     /// `**`: any bytes, `/` included.
     Any,
@@ -75,8 +115,7 @@ fn tokens(p: &[u8]) -> Vec<Token> {
 /// O(pattern × name) time whatever the pattern. The backtracking matcher this replaces was
 /// exponential in the number of stars (`*a*a*a*a*a*a*a*a*a*a*b` against thirty `a`s took
 /// seconds), and it runs on every request against the request's repository name.
-fn matches(p: &[u8], s: &[u8]) -> bool {
-    let t = tokens(p);
+fn matches(t: &[Token], s: &[u8]) -> bool {
     let m = s.len();
     // next[j]: tokens i+1.. match s[j..]; after[j]: tokens i+2.. match s[j..].
     let mut next: Vec<bool> = (0..=m).map(|j| j == m).collect();
