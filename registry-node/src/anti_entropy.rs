@@ -14,8 +14,9 @@ impl NodeService {
     /// Anti-entropy: bring local tags and links in line with object storage, which every
     /// acknowledged write reached first. Catches what this node missed while it was down or
     /// unreachable: re-pointed or deleted tags, deleted manifests and blob links. What it
-    /// merely lacks needs no work here; reads fetch it through on demand. Returns how many
-    /// local entries changed.
+    /// merely lacks needs no work here; reads fetch it through on demand. A repository the
+    /// store has lost altogether is not taken for deleted (`catch_up_repo`). Returns how
+    /// many local entries changed.
     pub(crate) async fn catch_up(&self) -> Result<usize> {
         let Some(r) = &self.inner.remote else {
             self.inner
@@ -66,6 +67,16 @@ impl NodeService {
         let store = &self.inner.store;
         let repo = repo.clone();
         let mut changed = 0;
+        // An absence is a deletion only where object storage still knows the repository.
+        // Its catalog entry is written before the repository's first object and removed by
+        // no delete, so without it the store lost the repository (emptied, recreated, a bad
+        // restore) and deleted nothing: only re-pointed tags are taken from it then, and
+        // what this node holds is kept, for reads and for pushes to restore from.
+        let known = r
+            .head(&layout::remote_catalog_entry(&repo))
+            .await?
+            .is_some();
+        let mut kept = 0;
         // Per tag, under its lock, against what object storage holds now: a write on this
         // node cannot slip between the look and the change (see `TagLocks`).
         for tag in store.list_tags(&repo).await.unwrap_or_default() {
@@ -80,12 +91,20 @@ impl NodeService {
                     store.put_tag(&repo, &tag, &d).await?;
                     changed += 1;
                 }
-                None => {
+                None if known => {
                     store.delete_tag(&repo, &tag).await?;
                     changed += 1;
                 }
+                None => kept += 1,
                 _ => {}
             }
+        }
+        if !known {
+            if kept > 0 {
+                tracing::warn!(%repo, tags = kept, "object storage has lost this repository (no catalog entry); keeping the local tags and links instead of deleting them");
+                metrics::counter!("flotilla_node_catch_up_kept_total").increment(kept as u64);
+            }
+            return Ok(changed);
         }
         for kind in [LinkKind::Manifest, LinkKind::Blob] {
             let mut remote_links = std::collections::HashSet::new();

@@ -608,6 +608,11 @@ fn path_and_query(req: &Request) -> String {
 /// A metadata read sent to `nodes` in order, the next one joining whenever no answer came
 /// within [`HEDGE_AFTER`] (or the last attempt failed); the first good answer wins and the
 /// others are dropped. A replica beaten by a hedge is ejected, as a failed one is.
+///
+/// A 404 is an answer only once every replica gave it: an in-sync replica may lack a tag
+/// written while it lagged (its catch-up takes deletions and re-points, and reads the rest
+/// through object storage on demand), and when object storage has lost that tag the
+/// partner holds the only copy. Found by the compose S3 kill drill (`tests/e2e/drills.rs`).
 async fn read_hedged(
     cluster: &Cluster,
     nodes: &[NodeRecord],
@@ -636,6 +641,7 @@ async fn read_hedged(
     // Attempts launched and not answered yet.
     let mut waiting = vec![0usize];
     let mut last: Option<(Response, usize)> = None;
+    let mut not_found: Option<(Response, usize)> = None;
     loop {
         let hedge = tokio::time::sleep(HEDGE_AFTER);
         tokio::select! {
@@ -644,6 +650,13 @@ async fn read_hedged(
                 waiting.retain(|&w| w != i);
                 let node = &nodes[i];
                 match result {
+                    Ok(Ok(r)) if r.status() == StatusCode::NOT_FOUND => {
+                        if not_found.is_none() && (next < nodes.len() || !waiting.is_empty()) {
+                            metrics::counter!("flotilla_router_metadata_404_retries_total").increment(1);
+                            tracing::debug!(node = %node.id, path = pq, "a replica answered 404; asking the partner");
+                        }
+                        not_found.get_or_insert((downstream(r, body), i));
+                    }
                     Ok(Ok(r)) if !r.status().is_server_error() => {
                         // Whoever is still waiting was slower than a whole answer.
                         for &slow in &waiting {
@@ -673,7 +686,9 @@ async fn read_hedged(
             }
         }
     }
-    last.ok_or_else(|| unavailable("no replica of this repository is reachable"))
+    not_found
+        .or(last)
+        .ok_or_else(|| unavailable("no replica of this repository is reachable"))
 }
 
 /// One read attempt that did not give a usable answer: a 5xx is kept as the answer of last
@@ -705,7 +720,8 @@ fn failed_read(
 /// What a read fetches, which decides how hard the router tries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReadKind {
-    /// Manifests, tags, listings: the first replica's answer stands (404 included).
+    /// Manifests, tags, listings: the first good answer stands; a 404 asks the partner
+    /// first (see [`read_hedged`]).
     Metadata,
     /// Blob bytes: a 404 asks the partner too (one replica's hole must never reach a client),
     /// and a whole-blob body cut mid-stream is resumed from another replica.

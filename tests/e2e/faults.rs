@@ -803,3 +803,122 @@ async fn a_frozen_replica_costs_reads_well_under_a_second_and_writes_a_bounded_t
     assert!(slowest_read < Duration::from_secs(1), "{slowest_read:?}");
     signal(frozen, "-CONT");
 }
+
+/// Object storage that lost a repository (a bucket emptied or recreated, a bad restore: the
+/// compose S3 kill drill's moto restarts empty) deleted nothing: a replica's catch-up keeps
+/// that repository's tags. It used to delete every one of them, after which the replica,
+/// back in sync, answered 404 for acknowledged images. A tag really deleted (the catalog
+/// entry still there) is still caught up.
+#[tokio::test(flavor = "multi_thread")]
+async fn catch_up_keeps_what_object_storage_lost() {
+    let c = ClusterProc::start(1).await;
+    let oci = c.router(0);
+    let lost = crate::cluster_support::push_image(&oci, "lost/prod", "v1").await;
+    crate::cluster_support::push_image(&oci, "kept/prod", "v1").await;
+    crate::cluster_support::push_image(&oci, "kept/prod", "v2").await;
+    // An untag this node missed, as object storage shows it; and the loss of lost/prod.
+    c.s3_delete("repos/kept/prod/tags/v2").await;
+    let keys = c.s3_shard_keys("lost/prod").await;
+    assert!(keys.iter().any(|k| k.contains("/tags/v1")), "{keys:?}");
+    for k in &keys {
+        c.s3_delete(k).await;
+    }
+    c.s3_delete("catalog/lost/prod/_repo").await;
+    let http = reqwest::Client::new();
+    for id in ["n1", "n2", "n3"] {
+        let r = http
+            .post(format!("{}/internal/v1/catch-up", c.node(id).url()))
+            .header(
+                registry_client::internal::SECRET_HEADER,
+                crate::cluster_support::CLUSTER_SECRET,
+            )
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("catch-up");
+        assert_eq!(r.status(), 200, "catch-up on {id}");
+    }
+    let tag = |repo: &str, t: &str| format!("/v2/{repo}/manifests/{t}");
+    for id in c.replicas(0, "lost/prod").await {
+        let r = c
+            .node(&id)
+            .client()
+            .http
+            .get(c.node(&id).client().url(&tag("lost/prod", "v1")))
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), 200, "lost/prod:v1 on {id} after the catch-up");
+        let body = r.bytes().await.expect("body");
+        assert_eq!(crate::support::sha256(&body), lost.manifest, "on {id}");
+    }
+    for id in c.replicas(0, "kept/prod").await {
+        let n = c.node(&id).client();
+        assert_eq!(n.get(&tag("kept/prod", "v1")).await.status(), 200, "{id}");
+        assert_eq!(
+            n.get(&tag("kept/prod", "v2")).await.status(),
+            404,
+            "the untag reached {id}"
+        );
+    }
+}
+
+/// A tag one replica lacks (it was written while the replica lagged, and object storage has
+/// since lost it: the compose S3 kill drill) is served from the partner, never a 404:
+/// routers ask every replica before a manifest 404, as they do for blobs.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_replicas_missing_tag_never_reaches_a_client() {
+    let mut c = ClusterProc::start(1).await;
+    // No manifest cache on this router: every round must reach a replica.
+    let uncached = c.add_router(&["--manifest-cache-mib", "0"]).await;
+    let oci = c.router(uncached);
+    let pushed = try_push_image(&oci, "tagholes/prod", "v1", &layer_for("tagholes", 4096))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let replicas = c.replicas(0, "tagholes/prod").await;
+    let holed = c.node(&replicas[0]);
+    std::fs::remove_file(holed.data.join("repos/tagholes/prod/_manifests/tags/v1"))
+        .expect("remove the replica's tag");
+    c.s3_delete("repos/tagholes/prod/tags/v1").await;
+    let path = "/v2/tagholes/prod/manifests/v1";
+    let direct = holed
+        .client()
+        .http
+        .get(holed.client().url(path))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(direct.status(), 404, "the hole is real");
+    let mut served_by = std::collections::BTreeSet::new();
+    for round in 0..6 {
+        let r = oci
+            .http
+            .get(oci.url(path))
+            .header("accept", OCI_MANIFEST)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), 200, "round {round}");
+        if let Some(n) = r.headers().get("x-flotilla-node") {
+            served_by.insert(n.to_str().unwrap_or_default().to_owned());
+        }
+        let body = r.bytes().await.expect("body");
+        assert_eq!(crate::support::sha256(&body), pushed.manifest);
+    }
+    assert_eq!(
+        served_by.into_iter().collect::<Vec<_>>(),
+        vec![replicas[1].clone()],
+        "only the partner holds the tag"
+    );
+    // A tag no replica has is still a 404.
+    let r = oci
+        .http
+        .get(oci.url("/v2/tagholes/prod/manifests/none"))
+        .header("accept", OCI_MANIFEST)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 404);
+}

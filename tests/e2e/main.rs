@@ -2,6 +2,8 @@
 //! real `flotilla` processes (and real clients: skopeo, podman, the Docker engine).
 
 mod cluster_support;
+mod compose_load;
+mod compose_support;
 #[path = "../../shardmap/tests/consul_standin/mod.rs"]
 mod consul_standin;
 mod etcdsupport;
@@ -18,6 +20,7 @@ mod config;
 mod control;
 mod crash;
 mod dev;
+mod drills;
 mod events;
 mod faults;
 mod history;
