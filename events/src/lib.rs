@@ -42,12 +42,18 @@ pub struct Event {
     pub id: String,
     /// RFC 3339, UTC.
     pub timestamp: String,
-    /// `push`, `delete`.
+    /// Registry events use Distribution's actions (`push`, `delete`, `mount`, `pull`); the
+    /// cluster's and the deploy side's are dotted (`node.died`, `deploy.converged`, ...), so a
+    /// receiver written for Distribution passes them by.
     pub action: String,
     pub target: Target,
     #[serde(default)]
     pub actor: Actor,
     pub source: Source,
+    /// What the action needs beyond the target: a moved tag's previous digest, a reseed's
+    /// figures, the host of a deploy. Absent when empty, so the envelope stays Distribution's.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub detail: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,7 +97,31 @@ impl Event {
             target,
             actor: Actor { name: actor },
             source,
+            detail: serde_json::Map::new(),
         }
+    }
+
+    /// Adds `key: value` to the event's detail.
+    pub fn with_detail(mut self, key: &str, value: impl Into<serde_json::Value>) -> Event {
+        self.detail.insert(key.to_string(), value.into());
+        self
+    }
+
+    /// Gives the event an id made from `what` (UUID-shaped, from its SHA-256), for events that
+    /// several components observe (two routers watching a node die): the same change gets the
+    /// same id from each, and receivers deduplicate it as a retry.
+    pub fn with_stable_id(mut self, what: &str) -> Event {
+        let h = flotilla_core::Digest::sha256_of(what.as_bytes()).to_string();
+        let x = &h["sha256:".len()..];
+        self.id = format!(
+            "{}-{}-{}-{}-{}",
+            &x[0..8],
+            &x[8..12],
+            &x[12..16],
+            &x[16..20],
+            &x[20..32]
+        );
+        self
     }
 }
 
